@@ -1,0 +1,781 @@
+//! Bundles: a directory of Flyway-named SQL scripts, loaded, validated and identified.
+//!
+//! This module owns everything PRODUCT.md §2 says about a bundle: file naming
+//! (`V<version>__<description>.sql`, `R__<description>.sql`), version order, directives
+//! (`-- flotilla:…` header lines), SHA-256 checksums, the bundle id, and the rule that a
+//! statement PostgreSQL refuses inside a transaction block needs `no-transaction`. A
+//! [`Bundle`] is immutable once built and is only ever built valid: every problem found
+//! is reported at once, with file and line. It never touches a database; the same
+//! validation runs on a directory ([`Bundle::load_dir`]) and on uploaded bytes
+//! ([`Bundle::from_files`]), so the daemon and the CLI cannot disagree.
+
+pub mod rules;
+pub mod sql;
+pub mod version;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+pub use sql::{LineIndex, Statement};
+pub use version::Version;
+
+/// The largest script a bundle accepts.
+pub const MAX_SCRIPT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Whether a script is applied once, or again whenever it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ScriptKind {
+    /// `V<version>__…`: applied once, in version order.
+    Versioned(Version),
+    /// `R__…`: applied after every versioned script, and again when its checksum changes.
+    Repeatable,
+}
+
+impl ScriptKind {
+    /// `versioned` or `repeatable`, as the execution log's `kind` column stores it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ScriptKind::Versioned(_) => "versioned",
+            ScriptKind::Repeatable => "repeatable",
+        }
+    }
+
+    /// The version, for a versioned script.
+    pub fn version(&self) -> Option<&Version> {
+        match self {
+            ScriptKind::Versioned(v) => Some(v),
+            ScriptKind::Repeatable => None,
+        }
+    }
+}
+
+/// How a script relates to transactions, from its directives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransactionUse {
+    /// The script and its log row commit in one transaction (the default).
+    Transactional,
+    /// `-- flotilla:no-transaction`: statements run one by one, outside a transaction.
+    NoTransaction,
+}
+
+/// A script's `-- flotilla:` header directives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Directives {
+    /// `no-transaction` or not.
+    pub transaction: TransactionUse,
+    /// `lock-timeout <duration>`: overrides the wave's for this script.
+    pub lock_timeout: Option<Duration>,
+    /// `statement-timeout <duration>`: overrides the wave's for this script.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl Default for Directives {
+    fn default() -> Self {
+        Self {
+            transaction: TransactionUse::Transactional,
+            lock_timeout: None,
+            statement_timeout: None,
+        }
+    }
+}
+
+/// The canonical text that enters the bundle id, e.g. `no-transaction,lock-timeout=10000ms`.
+impl fmt::Display for Directives {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if self.transaction == TransactionUse::NoTransaction {
+            parts.push("no-transaction".to_string());
+        }
+        if let Some(d) = self.lock_timeout {
+            parts.push(format!("lock-timeout={}ms", d.as_millis()));
+        }
+        if let Some(d) = self.statement_timeout {
+            parts.push(format!("statement-timeout={}ms", d.as_millis()));
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// One script of a bundle.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// The file name, e.g. `V2__add_email.sql`: what the execution log's `script` holds.
+    pub name: String,
+    /// Versioned or repeatable.
+    pub kind: ScriptKind,
+    /// The description part of the name, underscores shown as spaces.
+    pub description: String,
+    /// SHA-256 of the script's bytes, lowercase hex.
+    pub checksum: String,
+    /// Header directives.
+    pub directives: Directives,
+    /// The script text.
+    pub sql: String,
+    /// The script split into pieces; blank pieces (only comments) included.
+    pub statements: Vec<Statement>,
+}
+
+impl Script {
+    /// Pieces that hold SQL, in order.
+    pub fn executable_statements(&self) -> impl Iterator<Item = &Statement> {
+        self.statements.iter().filter(|s| !s.is_blank())
+    }
+
+    /// The version as the log stores it, `None` for a repeatable.
+    pub fn version(&self) -> Option<&Version> {
+        self.kind.version()
+    }
+}
+
+/// A validated bundle: versioned scripts in version order, then repeatables by name.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    id: String,
+    scripts: Vec<Script>,
+}
+
+/// One thing wrong with a bundle, located as precisely as it can be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file, relative to the bundle.
+    pub file: String,
+    /// 1-based line, where it applies.
+    pub line: Option<u32>,
+    /// What is wrong and, where possible, what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file, line, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Why a bundle could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The directory itself is missing or unreadable.
+    #[error("cannot read bundle directory {}: {source}", path.display())]
+    Directory {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No script at all.
+    #[error(
+        "bundle {location} has no scripts (expected files named V<version>__<description>.sql or R__<description>.sql)"
+    )]
+    Empty { location: String },
+    /// One or more scripts are invalid; every problem found is listed.
+    #[error("{}", list_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn list_problems(problems: &[Problem]) -> String {
+    let mut out = format!(
+        "bundle has {} problem{}:",
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        out.push_str("\n  ");
+        out.push_str(&p.to_string());
+    }
+    out
+}
+
+/// A file of a bundle, as bytes: what travels from the CLI to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleFile {
+    /// The file name inside the bundle.
+    pub name: String,
+    /// Its bytes.
+    pub content: Vec<u8>,
+}
+
+impl Bundle {
+    /// Loads and validates the `.sql` files directly inside `dir`. Other files and
+    /// subdirectories are not part of the bundle; a symlink must stay inside `dir`.
+    pub fn load_dir(dir: &Path) -> Result<Self, BundleError> {
+        Self::from_files(read_dir_files(dir)?, &dir.display().to_string())
+    }
+
+    /// Builds a bundle from file names and bytes; `location` names it in errors.
+    pub fn from_files(files: Vec<BundleFile>, location: &str) -> Result<Self, BundleError> {
+        let mut problems = Vec::new();
+        let mut scripts = Vec::new();
+        for file in files {
+            match parse_script(file) {
+                Ok(script) => scripts.push(script),
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        scripts.sort_by(|a, b| a.kind.cmp(&b.kind).then_with(|| a.name.cmp(&b.name)));
+        for pair in scripts.windows(2) {
+            if let (ScriptKind::Versioned(a), ScriptKind::Versioned(b)) =
+                (&pair[0].kind, &pair[1].kind)
+                && a == b
+            {
+                problems.push(Problem {
+                    file: pair[1].name.clone(),
+                    line: None,
+                    message: format!(
+                        "version {a} is also used by {}: two scripts cannot share a version",
+                        pair[0].name
+                    ),
+                });
+            }
+        }
+        if !problems.is_empty() {
+            problems.sort_by(|a, b| a.file.cmp(&b.file).then(a.line.cmp(&b.line)));
+            return Err(BundleError::Invalid(problems));
+        }
+        if scripts.is_empty() {
+            return Err(BundleError::Empty {
+                location: location.to_string(),
+            });
+        }
+        let id = bundle_id(&scripts);
+        Ok(Self { id, scripts })
+    }
+
+    /// The bundle id: SHA-256, lowercase hex, over one line per script in order,
+    /// `kind \t version \t name \t checksum \t directives \n`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The scripts in the order they apply.
+    pub fn scripts(&self) -> &[Script] {
+        &self.scripts
+    }
+
+    /// The bundle's files as bytes, to upload or store.
+    pub fn files(&self) -> Vec<BundleFile> {
+        self.scripts
+            .iter()
+            .map(|s| BundleFile {
+                name: s.name.clone(),
+                content: s.sql.clone().into_bytes(),
+            })
+            .collect()
+    }
+
+    /// Advice that does not make the bundle invalid.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for script in &self.scripts {
+            if script.directives.transaction == TransactionUse::NoTransaction {
+                let needs = script
+                    .executable_statements()
+                    .any(|s| rules::refused_in_transaction(&s.leading).is_some());
+                if !needs {
+                    out.push(Problem {
+                        file: script.name.clone(),
+                        line: None,
+                        message: "no-transaction is set but no statement needs it: a failure \
+                                  part-way leaves earlier statements applied"
+                            .to_string(),
+                    });
+                }
+            }
+        }
+        out
+    }
+}
+
+fn bundle_id(scripts: &[Script]) -> String {
+    let mut h = Sha256::new();
+    for s in scripts {
+        let version = s.version().map(|v| v.to_string()).unwrap_or_default();
+        h.update(
+            format!(
+                "{}\t{}\t{}\t{}\t{}\n",
+                s.kind.as_str(),
+                version,
+                s.name,
+                s.checksum,
+                s.directives
+            )
+            .as_bytes(),
+        );
+    }
+    hex::encode(h.finalize())
+}
+
+/// SHA-256 of `bytes`, lowercase hex: the checksum of a script.
+pub fn checksum(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn read_dir_files(dir: &Path) -> Result<Vec<BundleFile>, BundleError> {
+    let dir_error = |source| BundleError::Directory {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let root = dir.canonicalize().map_err(dir_error)?;
+    let entries = std::fs::read_dir(&root).map_err(dir_error)?;
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(dir_error)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".sql") || name.starts_with('.') {
+            continue;
+        }
+        let problem = |message: String| Problem {
+            file: name.clone(),
+            line: None,
+            message,
+        };
+        let path = entry.path();
+        let target = match path.canonicalize() {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(problem(format!("cannot resolve: {e}")));
+                continue;
+            }
+        };
+        if !target.starts_with(&root) {
+            problems.push(problem(format!(
+                "symlink points outside the bundle, to {}",
+                target.display()
+            )));
+            continue;
+        }
+        let meta = match std::fs::metadata(&target) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(problem(format!("cannot read: {e}")));
+                continue;
+            }
+        };
+        if meta.is_dir() {
+            continue;
+        }
+        if meta.len() > MAX_SCRIPT_BYTES {
+            problems.push(problem(format!(
+                "script is {} bytes, over the limit of {MAX_SCRIPT_BYTES} (16 MiB)",
+                meta.len()
+            )));
+            continue;
+        }
+        match std::fs::read(&target) {
+            Ok(content) => files.push(BundleFile { name, content }),
+            Err(e) => problems.push(problem(format!("cannot read: {e}"))),
+        }
+    }
+    if problems.is_empty() {
+        Ok(files)
+    } else {
+        Err(BundleError::Invalid(problems))
+    }
+}
+
+/// Parses a file name into its kind and description.
+fn parse_name(name: &str) -> Result<(ScriptKind, String), String> {
+    let stem = name
+        .strip_suffix(".sql")
+        .ok_or_else(|| "not a .sql file".to_string())?;
+    let describe = |d: &str| -> Result<String, String> {
+        if d.trim().is_empty() {
+            Err("the description after `__` is empty".to_string())
+        } else {
+            Ok(d.replace('_', " "))
+        }
+    };
+    if let Some(desc) = stem.strip_prefix("R__") {
+        return Ok((ScriptKind::Repeatable, describe(desc)?));
+    }
+    if let Some(rest) = stem.strip_prefix('V')
+        && let Some((version, desc)) = rest.split_once("__")
+    {
+        let version: Version = version
+            .parse()
+            .map_err(|e| format!("malformed version {version:?}: {e}"))?;
+        return Ok((ScriptKind::Versioned(version), describe(desc)?));
+    }
+    Err(
+        "the name matches neither V<version>__<description>.sql nor R__<description>.sql"
+            .to_string(),
+    )
+}
+
+fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
+    let name = file.name;
+    let problem = |line: Option<u32>, message: String| Problem {
+        file: name.clone(),
+        line,
+        message,
+    };
+    if name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(vec![problem(
+            None,
+            "a script name cannot contain a path".to_string(),
+        )]);
+    }
+    let (kind, description) = parse_name(&name).map_err(|m| vec![problem(None, m)])?;
+    if file.content.len() as u64 > MAX_SCRIPT_BYTES {
+        return Err(vec![problem(
+            None,
+            format!(
+                "script is {} bytes, over the limit of {MAX_SCRIPT_BYTES} (16 MiB)",
+                file.content.len()
+            ),
+        )]);
+    }
+    let checksum = checksum(&file.content);
+    let sql = match String::from_utf8(file.content) {
+        Ok(s) => s,
+        Err(e) => {
+            let valid = e.utf8_error().valid_up_to();
+            let line = LineIndex::new(&String::from_utf8_lossy(&e.as_bytes()[..valid])).line(valid);
+            return Err(vec![problem(
+                Some(line),
+                format!("not valid UTF-8 (byte {valid}): scripts must be UTF-8 text"),
+            )]);
+        }
+    };
+    let lines = LineIndex::new(&sql);
+    let mut problems = Vec::new();
+    // With unreadable directives the script's intent is unknown, so the transaction
+    // rules below are not checked: one clear error instead of a cascade.
+    let directives = match parse_directives(&sql) {
+        Ok(d) => Some(d),
+        Err((line, message)) => {
+            problems.push(problem(Some(line), message));
+            None
+        }
+    };
+    let statements = match sql::split(&sql) {
+        Ok(s) => s,
+        Err(e) => {
+            problems.push(problem(Some(lines.line(e.offset)), e.to_string()));
+            Vec::new()
+        }
+    };
+    if let Some(d) = &directives
+        && d.transaction == TransactionUse::Transactional
+    {
+        for stmt in statements.iter().filter(|s| !s.is_blank()) {
+            let line = stmt.first_token.map(|o| lines.line(o));
+            if let Some(what) = rules::refused_in_transaction(&stmt.leading) {
+                problems.push(problem(
+                    line,
+                    format!(
+                        "{what} cannot run inside a transaction block; add \
+                         `-- flotilla:no-transaction` at the top of the script"
+                    ),
+                ));
+            } else if let Some(what) = rules::transaction_control(&stmt.leading) {
+                problems.push(problem(
+                    line,
+                    format!(
+                        "{what} in a transactional script would commit it apart from its log \
+                         row; remove it (Flotilla wraps each script in a transaction) or mark \
+                         the script `-- flotilla:no-transaction`"
+                    ),
+                ));
+            }
+        }
+    }
+    let Some(directives) = directives.filter(|_| problems.is_empty()) else {
+        return Err(problems);
+    };
+    Ok(Script {
+        name: name.clone(),
+        kind,
+        description,
+        checksum,
+        directives,
+        sql,
+        statements,
+    })
+}
+
+/// Reads `-- flotilla:` directives from the comment lines at the top of a script.
+fn parse_directives(sql: &str) -> Result<Directives, (u32, String)> {
+    let mut d = Directives::default();
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in sql.lines().enumerate() {
+        let line_no = u32::try_from(n + 1).unwrap_or(u32::MAX);
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        let Some(comment) = trimmed.strip_prefix("--") else {
+            break;
+        };
+        let Some(directive) = comment.trim().strip_prefix("flotilla:") else {
+            continue;
+        };
+        let mut words = directive.split_whitespace();
+        let key = words.next().unwrap_or("");
+        let arg: Vec<&str> = words.collect();
+        if !seen.insert(key.to_string()) {
+            return Err((line_no, format!("directive flotilla:{key} is given twice")));
+        }
+        let duration = || -> Result<Duration, (u32, String)> {
+            let text = arg.join(" ");
+            if text.is_empty() {
+                return Err((
+                    line_no,
+                    format!("flotilla:{key} needs a duration, e.g. `-- flotilla:{key} 10s`"),
+                ));
+            }
+            humantime::parse_duration(&text).map_err(|e| {
+                (
+                    line_no,
+                    format!("flotilla:{key}: bad duration {text:?}: {e}"),
+                )
+            })
+        };
+        match key {
+            "no-transaction" => {
+                if !arg.is_empty() {
+                    return Err((
+                        line_no,
+                        "flotilla:no-transaction takes no argument".to_string(),
+                    ));
+                }
+                d.transaction = TransactionUse::NoTransaction;
+            }
+            "lock-timeout" => d.lock_timeout = Some(duration()?),
+            "statement-timeout" => d.statement_timeout = Some(duration()?),
+            other => {
+                return Err((
+                    line_no,
+                    format!(
+                        "unknown directive flotilla:{other} (known: no-transaction, \
+                         lock-timeout, statement-timeout)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, sql: &str) -> BundleFile {
+        BundleFile {
+            name: name.to_string(),
+            content: sql.as_bytes().to_vec(),
+        }
+    }
+
+    fn bundle(files: &[(&str, &str)]) -> Result<Bundle, BundleError> {
+        Bundle::from_files(files.iter().map(|(n, s)| file(n, s)).collect(), "test")
+    }
+
+    fn problems(files: &[(&str, &str)]) -> Vec<String> {
+        match bundle(files) {
+            Err(BundleError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn orders_versioned_numerically_then_repeatables() {
+        let b = bundle(&[
+            ("R__views.sql", "select 1;"),
+            ("V10__ten.sql", "select 1;"),
+            ("V2__two.sql", "select 1;"),
+            ("V1_1__one_one.sql", "select 1;"),
+            ("V1__one.sql", "select 1;"),
+            ("R__a_grants.sql", "select 1;"),
+            ("V1.2__one_two.sql", "select 1;"),
+        ])
+        .expect("valid");
+        let names: Vec<_> = b.scripts().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "V1__one.sql",
+                "V1_1__one_one.sql",
+                "V1.2__one_two.sql",
+                "V2__two.sql",
+                "V10__ten.sql",
+                "R__a_grants.sql",
+                "R__views.sql"
+            ]
+        );
+        assert_eq!(b.scripts()[1].description, "one one");
+    }
+
+    #[test]
+    fn checksum_and_id_are_stable_and_sensitive() {
+        let a = bundle(&[("V1__a.sql", "select 1;")]).expect("valid");
+        assert_eq!(
+            a.scripts()[0].checksum,
+            // sha256("select 1;")
+            checksum(b"select 1;")
+        );
+        assert_eq!(a.scripts()[0].checksum.len(), 64);
+        let same = bundle(&[("V1__a.sql", "select 1;")]).expect("valid");
+        assert_eq!(a.id(), same.id());
+        let other_bytes = bundle(&[("V1__a.sql", "select 2;")]).expect("valid");
+        assert_ne!(a.id(), other_bytes.id());
+        let other_directive =
+            bundle(&[("V1__a.sql", "-- flotilla:lock-timeout 1s\nselect 1;")]).expect("valid");
+        assert_ne!(a.id(), other_directive.id());
+    }
+
+    #[test]
+    fn known_checksum() {
+        assert_eq!(
+            checksum(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn directives() {
+        let b = bundle(&[(
+            "V1__idx.sql",
+            "-- a comment\n-- flotilla:no-transaction\n--flotilla:lock-timeout 10s\n-- flotilla:statement-timeout 1min\n\nCREATE INDEX CONCURRENTLY i ON t (a);\n",
+        )])
+        .expect("valid");
+        let d = &b.scripts()[0].directives;
+        assert_eq!(d.transaction, TransactionUse::NoTransaction);
+        assert_eq!(d.lock_timeout, Some(Duration::from_secs(10)));
+        assert_eq!(d.statement_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(
+            d.to_string(),
+            "no-transaction,lock-timeout=10000ms,statement-timeout=60000ms"
+        );
+    }
+
+    #[test]
+    fn directives_after_sql_are_ordinary_comments() {
+        let b = bundle(&[("V1__a.sql", "select 1;\n-- flotilla:bogus\n")]).expect("valid");
+        assert_eq!(b.scripts()[0].directives, Directives::default());
+    }
+
+    #[test]
+    fn bad_directives() {
+        assert_eq!(
+            problems(&[("V1__a.sql", "\n-- flotilla:no-transactoin\nselect 1;")]),
+            [
+                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout)"
+            ]
+        );
+        let p = problems(&[("V1__a.sql", "-- flotilla:lock-timeout soon\nselect 1;")]);
+        assert!(
+            p[0].starts_with("V1__a.sql:1: flotilla:lock-timeout: bad duration \"soon\""),
+            "{p:?}"
+        );
+        let p = problems(&[("V1__a.sql", "-- flotilla:lock-timeout\nselect 1;")]);
+        assert!(p[0].contains("needs a duration"), "{p:?}");
+        let p = problems(&[(
+            "V1__a.sql",
+            "-- flotilla:no-transaction\n-- flotilla:no-transaction\nvacuum;",
+        )]);
+        assert_eq!(
+            p,
+            ["V1__a.sql:2: directive flotilla:no-transaction is given twice"]
+        );
+    }
+
+    #[test]
+    fn transaction_incompatible_statement_is_reported_with_line() {
+        let p = problems(&[(
+            "V3__index.sql",
+            "create table t (a int);\n\n/* build it */\nCREATE INDEX CONCURRENTLY i\n  ON t (a);\n",
+        )]);
+        assert_eq!(
+            p,
+            [
+                "V3__index.sql:4: CREATE INDEX CONCURRENTLY cannot run inside a transaction block; add `-- flotilla:no-transaction` at the top of the script"
+            ]
+        );
+    }
+
+    #[test]
+    fn transaction_control_in_transactional_script() {
+        let p = problems(&[("V1__a.sql", "BEGIN;\ncreate table t();\nCOMMIT;\n")]);
+        assert_eq!(p.len(), 2);
+        assert!(
+            p[0].starts_with("V1__a.sql:1: BEGIN in a transactional script"),
+            "{p:?}"
+        );
+        assert!(p[1].starts_with("V1__a.sql:3: COMMIT"), "{p:?}");
+        bundle(&[("V1__a.sql", "-- flotilla:no-transaction\nBEGIN;\nvacuum;\n")]).expect("allowed");
+    }
+
+    #[test]
+    fn bad_names_and_duplicates() {
+        let p = problems(&[
+            ("V1__a.sql", "select 1;"),
+            ("V1.0__b.sql", "select 1;"),
+            ("Vx__c.sql", "select 1;"),
+            ("V2__.sql", "select 1;"),
+            ("migrate.sql", "select 1;"),
+            ("V3_d.sql", "select 1;"),
+        ]);
+        assert_eq!(
+            p,
+            [
+                "V1__a.sql: version 1 is also used by V1.0__b.sql: two scripts cannot share a version",
+                "V2__.sql: the description after `__` is empty",
+                "V3_d.sql: the name matches neither V<version>__<description>.sql nor R__<description>.sql",
+                "Vx__c.sql: malformed version \"x\": version part \"x\" is not a whole number (versions look like 1, 1_1, 2.3 or 20261122_01)",
+                "migrate.sql: the name matches neither V<version>__<description>.sql nor R__<description>.sql",
+            ]
+        );
+    }
+
+    #[test]
+    fn not_utf8_names_the_line() {
+        let files = vec![BundleFile {
+            name: "V1__a.sql".into(),
+            content: b"select 1;\nselect '\xff';\n".to_vec(),
+        }];
+        match Bundle::from_files(files, "t") {
+            Err(BundleError::Invalid(p)) => {
+                assert_eq!(p[0].line, Some(2));
+                assert!(p[0].message.contains("not valid UTF-8"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unterminated_quote_names_the_line() {
+        let p = problems(&[("V1__a.sql", "select 1;\nselect $x$ oops;\n")]);
+        assert_eq!(
+            p,
+            ["V1__a.sql:2: unterminated dollar quote $x$ starting here"]
+        );
+    }
+
+    #[test]
+    fn empty_bundle() {
+        assert!(matches!(bundle(&[]), Err(BundleError::Empty { .. })));
+    }
+
+    #[test]
+    fn oversized_script() {
+        let big = "x".repeat(MAX_SCRIPT_BYTES as usize + 1);
+        let p = problems(&[("V1__a.sql", &big)]);
+        assert!(p[0].contains("over the limit"), "{p:?}");
+    }
+
+    #[test]
+    fn needless_no_transaction_is_a_warning() {
+        let b = bundle(&[("V1__a.sql", "-- flotilla:no-transaction\ncreate table t();")])
+            .expect("valid");
+        assert_eq!(b.warnings().len(), 1);
+        let b = bundle(&[("V1__a.sql", "-- flotilla:no-transaction\nvacuum;")]).expect("valid");
+        assert!(b.warnings().is_empty());
+    }
+}

@@ -1,0 +1,244 @@
+//! What a statement's leading tokens say about how it may run: statements PostgreSQL
+//! refuses inside a transaction block, statements that would break the atomicity of a
+//! transactional script with its log row, and the index an interrupted
+//! `CREATE INDEX CONCURRENTLY` may have left behind. Pure functions over tokens from
+//! `bundle::sql`; this module never reads files or talks to a database.
+
+use super::sql::Token;
+
+/// Top-level words of a statement: identifiers outside parentheses, in order.
+fn words(tokens: &[Token]) -> Vec<&str> {
+    let mut depth = 0usize;
+    let mut out = Vec::new();
+    for t in tokens {
+        match t {
+            Token::Punct(b'(') => depth += 1,
+            Token::Punct(b')') => depth = depth.saturating_sub(1),
+            Token::Word(w) if depth == 0 => out.push(w.as_str()),
+            // A quoted name is never a keyword.
+            Token::Quoted(_) if depth == 0 => out.push("\""),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// If PostgreSQL refuses this statement inside a transaction block, a short name of it
+/// (for example `CREATE INDEX CONCURRENTLY`).
+pub fn refused_in_transaction(tokens: &[Token]) -> Option<&'static str> {
+    let w = words(tokens);
+    let at = |i: usize| w.get(i).copied().unwrap_or("");
+    match (at(0), at(1)) {
+        ("create", "index") if at(2) == "concurrently" => Some("CREATE INDEX CONCURRENTLY"),
+        ("create", "unique") if at(2) == "index" && at(3) == "concurrently" => {
+            Some("CREATE UNIQUE INDEX CONCURRENTLY")
+        }
+        ("drop", "index") if at(2) == "concurrently" => Some("DROP INDEX CONCURRENTLY"),
+        ("reindex", "index" | "table") if at(2) == "concurrently" => Some("REINDEX CONCURRENTLY"),
+        ("reindex", "schema" | "database" | "system") => Some("REINDEX SCHEMA/DATABASE/SYSTEM"),
+        ("vacuum", _) => Some("VACUUM"),
+        ("create", "database") => Some("CREATE DATABASE"),
+        ("drop", "database") => Some("DROP DATABASE"),
+        ("alter", "system") => Some("ALTER SYSTEM"),
+        ("create", "tablespace") => Some("CREATE TABLESPACE"),
+        ("drop", "tablespace") => Some("DROP TABLESPACE"),
+        ("alter", "database") if w.windows(2).any(|p| p == ["set", "tablespace"]) => {
+            Some("ALTER DATABASE SET TABLESPACE")
+        }
+        ("alter", "table") if w.contains(&"detach") && w.last() == Some(&"concurrently") => {
+            Some("ALTER TABLE DETACH PARTITION CONCURRENTLY")
+        }
+        // CLUSTER with no table re-clusters the whole database.
+        ("cluster", "") => Some("CLUSTER without a table"),
+        _ => None,
+    }
+}
+
+/// If this statement ends or starts a transaction itself, its name. Inside a
+/// transactional script it would commit the script apart from its log row.
+pub fn transaction_control(tokens: &[Token]) -> Option<&'static str> {
+    let w = words(tokens);
+    let at = |i: usize| w.get(i).copied().unwrap_or("");
+    match (at(0), at(1)) {
+        ("begin", _) => Some("BEGIN"),
+        ("start", "transaction") => Some("START TRANSACTION"),
+        ("commit", _) | ("end", _) => Some("COMMIT"),
+        ("abort", _) => Some("ROLLBACK"),
+        // ROLLBACK TO SAVEPOINT stays inside the transaction and is fine.
+        ("rollback", second) if second != "to" && at(2) != "to" => Some("ROLLBACK"),
+        ("prepare", "transaction") => Some("PREPARE TRANSACTION"),
+        _ => None,
+    }
+}
+
+/// The index that `CREATE [UNIQUE] INDEX CONCURRENTLY [IF NOT EXISTS] name ON …` builds,
+/// with the table it is on (as written, possibly schema-qualified), if this is one.
+pub fn concurrent_index(tokens: &[Token]) -> Option<ConcurrentIndex> {
+    let name = |t: &Token| match t {
+        Token::Word(w) => Some(w.clone()),
+        Token::Quoted(q) => Some(q.clone()),
+        _ => None,
+    };
+    let word = |i: usize, w: &str| matches!(tokens.get(i), Some(Token::Word(x)) if x == w);
+    let mut i = 0;
+    if !word(i, "create") {
+        return None;
+    }
+    i += 1;
+    if word(i, "unique") {
+        i += 1;
+    }
+    if !(word(i, "index") && word(i + 1, "concurrently")) {
+        return None;
+    }
+    i += 2;
+    if word(i, "if") && word(i + 1, "not") && word(i + 2, "exists") {
+        i += 3;
+    }
+    // An unnamed index gets a generated name we cannot know from the text.
+    if word(i, "on") {
+        return None;
+    }
+    let index = name(tokens.get(i)?)?;
+    i += 1;
+    if !word(i, "on") {
+        return None;
+    }
+    i += 1;
+    if word(i, "only") {
+        i += 1;
+    }
+    let mut table = vec![name(tokens.get(i)?)?];
+    i += 1;
+    while matches!(tokens.get(i), Some(Token::Punct(b'.'))) {
+        table.push(name(tokens.get(i + 1)?)?);
+        i += 2;
+    }
+    Some(ConcurrentIndex { index, table })
+}
+
+/// An index built concurrently, named in its script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConcurrentIndex {
+    /// The index name, as PostgreSQL stores it (unquoted names folded to lower case).
+    pub index: String,
+    /// The table's name parts: `[table]` or `[schema, table]`.
+    pub table: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::sql::split;
+
+    fn first(sql: &str) -> Vec<Token> {
+        split(sql).expect("lexes").remove(0).leading
+    }
+
+    #[test]
+    fn statements_refused_in_a_transaction_block() {
+        for (sql, name) in [
+            (
+                "CREATE INDEX CONCURRENTLY i ON t (a)",
+                "CREATE INDEX CONCURRENTLY",
+            ),
+            (
+                "create unique index concurrently if not exists i on t(a)",
+                "CREATE UNIQUE INDEX CONCURRENTLY",
+            ),
+            (
+                "DROP INDEX CONCURRENTLY IF EXISTS i",
+                "DROP INDEX CONCURRENTLY",
+            ),
+            (
+                "REINDEX (VERBOSE) INDEX CONCURRENTLY i",
+                "REINDEX CONCURRENTLY",
+            ),
+            ("reindex table concurrently t", "REINDEX CONCURRENTLY"),
+            ("REINDEX DATABASE app", "REINDEX SCHEMA/DATABASE/SYSTEM"),
+            ("VACUUM (ANALYZE) t", "VACUUM"),
+            ("vacuum", "VACUUM"),
+            ("CREATE DATABASE x", "CREATE DATABASE"),
+            ("DROP DATABASE x", "DROP DATABASE"),
+            ("ALTER SYSTEM SET work_mem = '1MB'", "ALTER SYSTEM"),
+            ("CREATE TABLESPACE ts LOCATION '/x'", "CREATE TABLESPACE"),
+            (
+                "ALTER DATABASE d SET TABLESPACE ts",
+                "ALTER DATABASE SET TABLESPACE",
+            ),
+            (
+                "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+                "ALTER TABLE DETACH PARTITION CONCURRENTLY",
+            ),
+            ("CLUSTER", "CLUSTER without a table"),
+        ] {
+            assert_eq!(refused_in_transaction(&first(sql)), Some(name), "{sql}");
+        }
+    }
+
+    #[test]
+    fn statements_fine_in_a_transaction_block() {
+        for sql in [
+            "CREATE INDEX i ON t (a)",
+            "CREATE INDEX \"concurrently\" ON t (a)",
+            "REINDEX INDEX i",
+            "ALTER DATABASE d SET work_mem = '1MB'",
+            "ALTER TABLE p DETACH PARTITION c",
+            "CLUSTER t USING i",
+            "ALTER TYPE mood ADD VALUE 'meh'",
+            "select 'vacuum'",
+            "create table vacuum_log (id int)",
+        ] {
+            assert_eq!(refused_in_transaction(&first(sql)), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn transaction_control_statements() {
+        for (sql, want) in [
+            ("BEGIN", Some("BEGIN")),
+            (
+                "begin transaction isolation level serializable",
+                Some("BEGIN"),
+            ),
+            ("START TRANSACTION", Some("START TRANSACTION")),
+            ("COMMIT", Some("COMMIT")),
+            ("END", Some("COMMIT")),
+            ("ROLLBACK", Some("ROLLBACK")),
+            ("ROLLBACK TO SAVEPOINT a", None),
+            ("ROLLBACK WORK TO a", None),
+            ("SAVEPOINT a", None),
+            ("DO $$ BEGIN COMMIT; END $$", None),
+            ("select 1", None),
+        ] {
+            assert_eq!(transaction_control(&first(sql)), want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn concurrent_index_names() {
+        assert_eq!(
+            concurrent_index(&first(
+                "CREATE INDEX CONCURRENTLY Idx_A ON app.\"Users\" (a)"
+            )),
+            Some(ConcurrentIndex {
+                index: "idx_a".into(),
+                table: vec!["app".into(), "Users".into()]
+            })
+        );
+        assert_eq!(
+            concurrent_index(&first(
+                "create unique index concurrently if not exists \"I\" on only t (a)"
+            )),
+            Some(ConcurrentIndex {
+                index: "I".into(),
+                table: vec!["t".into()]
+            })
+        );
+        assert_eq!(
+            concurrent_index(&first("create index concurrently on t (a)")),
+            None
+        );
+        assert_eq!(concurrent_index(&first("create index i on t (a)")), None);
+    }
+}
