@@ -203,12 +203,22 @@ impl Bundle {
     /// Loads and validates the `.sql` files directly inside `dir`. Other files and
     /// subdirectories are not part of the bundle; a symlink must stay inside `dir`.
     pub fn load_dir(dir: &Path) -> Result<Self, BundleError> {
-        Self::from_files(read_dir_files(dir)?, &dir.display().to_string())
+        let (files, problems) = read_dir_files(dir)?;
+        Self::build(files, problems, &dir.display().to_string())
     }
 
     /// Builds a bundle from file names and bytes; `location` names it in errors.
     pub fn from_files(files: Vec<BundleFile>, location: &str) -> Result<Self, BundleError> {
-        let mut problems = Vec::new();
+        Self::build(files, Vec::new(), location)
+    }
+
+    /// Validates `files`, reporting `problems` already found while reading them together
+    /// with its own, so one run shows everything that is wrong.
+    fn build(
+        files: Vec<BundleFile>,
+        mut problems: Vec<Problem>,
+        location: &str,
+    ) -> Result<Self, BundleError> {
         let mut scripts = Vec::new();
         for file in files {
             match parse_script(file) {
@@ -314,7 +324,8 @@ pub fn checksum(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn read_dir_files(dir: &Path) -> Result<Vec<BundleFile>, BundleError> {
+/// The `.sql` files of `dir`, and the problems of those that could not be read.
+fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleError> {
     let dir_error = |source| BundleError::Directory {
         path: dir.to_path_buf(),
         source,
@@ -371,11 +382,7 @@ fn read_dir_files(dir: &Path) -> Result<Vec<BundleFile>, BundleError> {
             Err(e) => problems.push(problem(format!("cannot read: {e}"))),
         }
     }
-    if problems.is_empty() {
-        Ok(files)
-    } else {
-        Err(BundleError::Invalid(problems))
-    }
+    Ok((files, problems))
 }
 
 /// Parses a file name into its kind and description.

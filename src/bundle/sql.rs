@@ -126,7 +126,7 @@ pub fn split(sql: &str) -> Result<Vec<Statement>, LexError> {
     let mut body = BodyTracker::default();
     let mut i = 0;
 
-    let mut push = |leading: &mut Vec<Token>, first: &mut Option<usize>, at: usize, t: Token| {
+    let push = |leading: &mut Vec<Token>, first: &mut Option<usize>, at: usize, t: Token| {
         if first.is_none() {
             *first = Some(at);
         }
