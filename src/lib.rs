@@ -2,6 +2,10 @@
 //!
 //! # Layout
 //! - [`bundle`]: a directory of Flyway-named scripts, validated and identified.
+//! - [`dsn`]: tenant connection strings, parsed and redacted.
+//! - [`connect`]: sessions to tenants (TLS, timeouts, cancel).
+//! - [`failure`]: database errors and the one retryable/permanent classification.
+//! - [`apply`]: the tenant applier and its pure planner; the execution log.
 //! - [`api`]: the gRPC types generated from `proto/`; only the API layer and the CLI use
 //!   them, the core never does.
 //!
@@ -9,4 +13,8 @@
 //! crate under `cli/`.
 
 pub mod api;
+pub mod apply;
 pub mod bundle;
+pub mod connect;
+pub mod dsn;
+pub mod failure;

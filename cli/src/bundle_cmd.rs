@@ -77,7 +77,9 @@ fn inspect(bundle: &Bundle, output: Output) {
                     vec![
                         (i + 1).to_string(),
                         s.kind.as_str().to_string(),
-                        s.version().map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                        s.version()
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         s.name.clone(),
                         transaction_label(s).to_string(),
                         s.executable_statements().count().to_string(),
@@ -86,7 +88,15 @@ fn inspect(bundle: &Bundle, output: Output) {
                 })
                 .collect();
             print_table(
-                &["#", "KIND", "VERSION", "NAME", "MODE", "STATEMENTS", "CHECKSUM"],
+                &[
+                    "#",
+                    "KIND",
+                    "VERSION",
+                    "NAME",
+                    "MODE",
+                    "STATEMENTS",
+                    "CHECKSUM",
+                ],
                 &rows,
             );
         }

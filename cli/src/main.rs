@@ -17,7 +17,12 @@ use crate::output::Output;
 #[command(name = "flotilla", version, about, propagate_version = true)]
 struct Cli {
     /// The daemon's gRPC address.
-    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     /// Bearer token for the daemon.
     #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
@@ -56,8 +61,10 @@ mod tests {
 
     #[test]
     fn global_flags_parse_before_and_after_the_subcommand() {
-        let cli = Cli::try_parse_from(["flotilla", "--token", "t", "bundle", "lint", "x", "--output", "json"])
-            .expect("parses");
+        let cli = Cli::try_parse_from([
+            "flotilla", "--token", "t", "bundle", "lint", "x", "--output", "json",
+        ])
+        .expect("parses");
         assert_eq!(cli.token.as_deref(), Some("t"));
         assert_eq!(cli.server, "http://127.0.0.1:50051");
         assert_eq!(cli.output, Output::Json);

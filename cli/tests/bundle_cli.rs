@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bundles").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/bundles")
+        .join(name)
 }
 
 fn flotilla(args: &[&str]) -> Output {
@@ -46,7 +48,13 @@ fn inspect_orders_a_flyway_folder_and_prints_the_id() {
 #[test]
 fn inspect_json() {
     let dir = fixture("good");
-    let out = flotilla(&["bundle", "inspect", dir.to_str().expect("utf-8 path"), "--output", "json"]);
+    let out = flotilla(&[
+        "bundle",
+        "inspect",
+        dir.to_str().expect("utf-8 path"),
+        "--output",
+        "json",
+    ]);
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let id = v["bundle_id"].as_str().expect("bundle_id");
@@ -56,10 +64,16 @@ fn inspect_json() {
     assert_eq!(scripts[2]["version"], "1.2");
     assert_eq!(scripts[3]["transaction"], "no-transaction");
     assert_eq!(scripts[3]["lock_timeout_ms"], 2000);
-    assert_eq!(scripts[4]["statements"], 2, "function body semicolons stay inside");
+    assert_eq!(
+        scripts[4]["statements"], 2,
+        "function body semicolons stay inside"
+    );
     assert_eq!(scripts[5]["kind"], "repeatable");
     assert!(scripts[5]["version"].is_null());
-    let recomputed = flotilla::bundle::Bundle::load_dir(&dir).expect("load").id().to_string();
+    let recomputed = flotilla::bundle::Bundle::load_dir(&dir)
+        .expect("load")
+        .id()
+        .to_string();
     assert_eq!(id, recomputed);
 }
 
@@ -101,12 +115,21 @@ fn bad_fixture_bundles_get_clear_errors() {
         &["create_users.sql: the name matches neither"],
     );
     assert_invalid(&["bundle", "lint", &path("empty")], &["has no scripts"]);
-    assert_invalid(&["bundle", "lint", "/nonexistent/bundle"], &["cannot read bundle directory /nonexistent/bundle"]);
+    assert_invalid(
+        &["bundle", "lint", "/nonexistent/bundle"],
+        &["cannot read bundle directory /nonexistent/bundle"],
+    );
 }
 
 #[test]
 fn lint_errors_as_json() {
-    let out = flotilla(&["bundle", "lint", &fixture("needs_no_transaction").to_string_lossy(), "--output", "json"]);
+    let out = flotilla(&[
+        "bundle",
+        "lint",
+        &fixture("needs_no_transaction").to_string_lossy(),
+        "--output",
+        "json",
+    ]);
     assert_eq!(out.status.code(), Some(6));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["ok"], false);
@@ -121,7 +144,8 @@ fn bad_files_made_on_the_spot() {
     let d = dir.path();
     std::fs::write(d.join("V1__latin1.sql"), b"select 'caf\xe9';\n").expect("write");
     std::fs::write(outside.path().join("secret.sql"), "select 1;").expect("write");
-    std::os::unix::fs::symlink(outside.path().join("secret.sql"), d.join("V2__link.sql")).expect("symlink");
+    std::os::unix::fs::symlink(outside.path().join("secret.sql"), d.join("V2__link.sql"))
+        .expect("symlink");
     let big = vec![b'-'; 16 * 1024 * 1024 + 1];
     std::fs::write(d.join("V3__huge.sql"), big).expect("write");
     std::fs::write(d.join("V4.x__bad_version.sql"), "select 1;").expect("write");

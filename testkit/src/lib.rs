@@ -130,17 +130,26 @@ impl Cluster {
         };
         cluster.spawn_reaper()?;
         if run_as_postgres {
-            run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&cluster.root))?;
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&cluster.root))?;
         }
         std::fs::create_dir_all(cluster.socket_dir())?;
         if run_as_postgres {
-            run(Command::new("chown").args(["postgres:postgres"]).arg(cluster.socket_dir()))?;
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(cluster.socket_dir()))?;
         }
         let mut initdb = cluster.command("initdb");
-        initdb
-            .arg("-D")
-            .arg(cluster.data_dir())
-            .args(["-U", SUPERUSER, "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"]);
+        initdb.arg("-D").arg(cluster.data_dir()).args([
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         run(&mut initdb).context("initdb")?;
         std::fs::write(
             cluster.data_dir().join("pg_hba.conf"),
@@ -189,7 +198,10 @@ impl Cluster {
             .spawn()
             .context("spawn the cluster reaper")?;
         let stdin = child.stdin.take().context("reaper stdin")?;
-        *self.reaper.lock().map_err(|_| anyhow!("reaper lock poisoned"))? = Some((child, stdin));
+        *self
+            .reaper
+            .lock()
+            .map_err(|_| anyhow!("reaper lock poisoned"))? = Some((child, stdin));
         Ok(())
     }
 
@@ -274,7 +286,10 @@ impl Cluster {
 
     /// A libpq URL for `db` as `user` with `password` (scram-sha-256 on 127.0.0.1).
     pub fn url_with_password(&self, db: &str, user: &str, password: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/{db}", self.port)
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/{db}",
+            self.port
+        )
     }
 
     /// Connects to `db` as the superuser, driving the connection on the current runtime.
@@ -291,7 +306,9 @@ impl Cluster {
     /// Stops the server cleanly (`pg_ctl stop -m fast`).
     pub fn stop(&self) -> Result<()> {
         let mut cmd = self.command("pg_ctl");
-        cmd.arg("-D").arg(self.data_dir()).args(["-w", "-m", "fast", "stop"]);
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-m", "fast", "stop"]);
         run(&mut cmd).context("pg_ctl stop")
     }
 
@@ -326,14 +343,18 @@ impl Cluster {
     pub fn restart(&self) -> Result<()> {
         let pid_file = self.data_dir().join("postmaster.pid");
         if let Ok(text) = std::fs::read_to_string(&pid_file)
-            && let Some(pid) = text.lines().next().and_then(|l| l.trim().parse::<u32>().ok())
+            && let Some(pid) = text
+                .lines()
+                .next()
+                .and_then(|l| l.trim().parse::<u32>().ok())
             && !alive(pid)
         {
             // A killed postmaster's pid may linger as a zombie where nothing reaps
             // orphans; postgres would take it for a live server.
             let _ = std::fs::remove_file(&pid_file);
             let _ = std::fs::remove_file(
-                self.socket_dir().join(format!(".s.PGSQL.{}.lock", self.port)),
+                self.socket_dir()
+                    .join(format!(".s.PGSQL.{}.lock", self.port)),
             );
         }
         self.pg_ctl_start()
@@ -342,7 +363,12 @@ impl Cluster {
     /// Creates `count` tenant databases named `{prefix}{n:05}` (n from 1), each a copy
     /// of a template seeded with `seed_sql`, using `STRATEGY FILE_COPY` from several
     /// sessions at once. Returns their names in order.
-    pub async fn create_tenants(&self, prefix: &str, count: usize, seed_sql: &str) -> Result<Vec<String>> {
+    pub async fn create_tenants(
+        &self,
+        prefix: &str,
+        count: usize,
+        seed_sql: &str,
+    ) -> Result<Vec<String>> {
         let template = format!("tpl_{prefix}");
         let admin = self.connect("postgres").await?;
         admin
@@ -351,7 +377,9 @@ impl Cluster {
             .with_context(|| format!("create template {template}"))?;
         if !seed_sql.is_empty() {
             let t = self.connect(&template).await?;
-            t.batch_execute(seed_sql).await.context("seed the tenant template")?;
+            t.batch_execute(seed_sql)
+                .await
+                .context("seed the tenant template")?;
         }
         let names: Vec<String> = (1..=count).map(|n| format!("{prefix}{n:05}")).collect();
         let sessions = 4.min(count.max(1));

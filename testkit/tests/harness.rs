@@ -9,7 +9,11 @@ async fn select_one_everywhere(cluster: &Cluster, dbs: &[String]) {
             .query_one("SELECT count(*) FROM seeded", &[])
             .await
             .expect("query the seeded table");
-        assert_eq!(row.get::<_, i64>(0), 1, "{db} was cloned from the seeded template");
+        assert_eq!(
+            row.get::<_, i64>(0),
+            1,
+            "{db} was cloned from the seeded template"
+        );
     }
 }
 
@@ -20,8 +24,14 @@ async fn two_clusters_fifty_tenants_each_survive_kill_and_restart() {
     assert_ne!(a.port(), b.port());
     let seed = "CREATE TABLE seeded (id int); INSERT INTO seeded VALUES (1);";
     let started = std::time::Instant::now();
-    let a_dbs = a.create_tenants("tenant_", 50, seed).await.expect("tenants on a");
-    let b_dbs = b.create_tenants("tenant_", 50, seed).await.expect("tenants on b");
+    let a_dbs = a
+        .create_tenants("tenant_", 50, seed)
+        .await
+        .expect("tenants on a");
+    let b_dbs = b
+        .create_tenants("tenant_", 50, seed)
+        .await
+        .expect("tenants on b");
     eprintln!("created 100 tenant databases in {:?}", started.elapsed());
     assert_eq!(a_dbs.len(), 50);
     select_one_everywhere(&a, &a_dbs).await;
@@ -29,7 +39,10 @@ async fn two_clusters_fifty_tenants_each_survive_kill_and_restart() {
 
     let port = a.port();
     a.kill9().expect("kill -9 cluster a");
-    assert!(a.connect(&a_dbs[0]).await.is_err(), "a killed server refuses connections");
+    assert!(
+        a.connect(&a_dbs[0]).await.is_err(),
+        "a killed server refuses connections"
+    );
     select_one_everywhere(&b, &b_dbs).await;
 
     a.restart().expect("restart cluster a");
@@ -72,7 +85,11 @@ fn panicking_test_process_leaves_nothing_behind() {
     }
     let exe = std::env::current_exe().expect("test exe");
     let out = std::process::Command::new(exe)
-        .args(["panicking_test_process_leaves_nothing_behind", "--exact", "--nocapture"])
+        .args([
+            "panicking_test_process_leaves_nothing_behind",
+            "--exact",
+            "--nocapture",
+        ])
         .env("FLOTILLA_HARNESS_PANIC_CHILD", "1")
         .output()
         .expect("run child");
@@ -87,5 +104,9 @@ fn panicking_test_process_leaves_nothing_behind() {
     while data.exists() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(!data.exists(), "reaper removed {} after the panic", data.display());
+    assert!(
+        !data.exists(),
+        "reaper removed {} after the panic",
+        data.display()
+    );
 }

@@ -1,0 +1,201 @@
+//! `flotilla.execution_log`: its DDL, how it is read, and the SQL text of every row
+//! Flotilla writes. The tenant's log is the source of truth (PRODUCT.md §1.1); this module
+//! owns its shape and never decides what to apply (that is `plan`).
+//!
+//! Rows are written with literals in simple-protocol batches so that a script and its
+//! log row travel in one round trip and commit in one transaction. Every literal goes
+//! through [`quote_literal`].
+
+use tokio_postgres::SimpleQueryMessage;
+
+use super::plan::{LogRow, LogStatus};
+
+/// The session advisory lock key every Flotilla runner takes: "Flotilla" in ASCII.
+pub const LOCK_KEY: i64 = 0x466c_6f74_696c_6c61;
+
+/// Creates the schema and table if missing. Run only while holding [`LOCK_KEY`].
+///
+/// Beyond PRODUCT.md §5.3's required columns: `statements_done` (progress of a
+/// non-transactional script, for resume) and `started_at`. The unique index makes
+/// "each version at most once" a property of the tenant database itself.
+pub const ENSURE_SQL: &str = "\
+CREATE SCHEMA IF NOT EXISTS flotilla;
+CREATE TABLE IF NOT EXISTS flotilla.execution_log (
+    id bigserial PRIMARY KEY,
+    version text,
+    script text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('versioned', 'repeatable')),
+    checksum text NOT NULL,
+    bundle_id text NOT NULL,
+    wave_id text NOT NULL,
+    status text NOT NULL CHECK (status IN ('applied', 'started')),
+    applied_at timestamptz,
+    applied_by text NOT NULL DEFAULT current_user,
+    xact_id text,
+    duration_ms bigint,
+    statements_done integer,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once
+    ON flotilla.execution_log (version) WHERE kind = 'versioned';
+";
+
+/// Reads what the planner needs, oldest first.
+pub const READ_SQL: &str = "SELECT id, version, script, kind, checksum, status, statements_done \
+                            FROM flotilla.execution_log ORDER BY id";
+
+/// Takes the lock without waiting.
+pub fn try_lock_sql() -> String {
+    format!("SELECT pg_try_advisory_lock({LOCK_KEY})")
+}
+
+/// SQLSTATEs meaning the log does not exist yet (undefined table, invalid schema).
+pub fn is_missing_log(sqlstate: Option<&str>) -> bool {
+    matches!(sqlstate, Some("42P01" | "3F000"))
+}
+
+/// A SQL string literal, safe whatever `standard_conforming_strings` is.
+pub fn quote_literal(s: &str) -> String {
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+}
+
+/// `NULL` or a literal.
+pub fn quote_optional(s: Option<&str>) -> String {
+    s.map(quote_literal).unwrap_or_else(|| "NULL".to_string())
+}
+
+/// A quoted identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The identity of a script's log row.
+pub struct RowIdentity<'a> {
+    pub version: Option<&'a str>,
+    pub script: &'a str,
+    pub kind: &'a str,
+    pub checksum: &'a str,
+    pub bundle_id: &'a str,
+    pub wave_id: &'a str,
+}
+
+/// Name of the transaction-local setting that marks when the current script started,
+/// so `duration_ms` is measured by the server inside the batch.
+const STARTED_SETTING: &str = "flotilla.script_started";
+
+/// Marks the start of a script inside a transaction.
+pub fn mark_start_sql() -> String {
+    format!("SELECT set_config('{STARTED_SETTING}', clock_timestamp()::text, true);")
+}
+
+fn duration_since_mark() -> String {
+    format!(
+        "(extract(epoch FROM clock_timestamp() - current_setting('{STARTED_SETTING}')::timestamptz) * 1000)::bigint"
+    )
+}
+
+/// The `applied` row of a transactional script, inserted in the script's transaction.
+pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
+    format!(
+        "INSERT INTO flotilla.execution_log \
+         (version, script, kind, checksum, bundle_id, wave_id, status, applied_at, applied_by, xact_id, duration_ms) \
+         VALUES ({}, {}, {}, {}, {}, {}, 'applied', clock_timestamp(), current_user, txid_current()::text, {});",
+        quote_optional(row.version),
+        quote_literal(row.script),
+        quote_literal(row.kind),
+        quote_literal(row.checksum),
+        quote_literal(row.bundle_id),
+        quote_literal(row.wave_id),
+        duration_since_mark(),
+    )
+}
+
+/// The `started` row of a non-transactional script, committed before it runs.
+pub fn insert_started_sql(row: &RowIdentity<'_>) -> String {
+    format!(
+        "INSERT INTO flotilla.execution_log \
+         (version, script, kind, checksum, bundle_id, wave_id, status, statements_done) \
+         VALUES ({}, {}, {}, {}, {}, {}, 'started', 0) RETURNING id;",
+        quote_optional(row.version),
+        quote_literal(row.script),
+        quote_literal(row.kind),
+        quote_literal(row.checksum),
+        quote_literal(row.bundle_id),
+        quote_literal(row.wave_id),
+    )
+}
+
+/// Records that `done` statements of a started script finished.
+pub fn progress_sql(log_id: i64, done: usize) -> String {
+    format!("UPDATE flotilla.execution_log SET statements_done = {done} WHERE id = {log_id};")
+}
+
+/// Turns a `started` row into `applied`.
+pub fn finish_started_sql(log_id: i64, row: &RowIdentity<'_>, duration_ms: u128) -> String {
+    format!(
+        "UPDATE flotilla.execution_log SET status = 'applied', applied_at = clock_timestamp(), \
+         applied_by = current_user, xact_id = txid_current()::text, duration_ms = {duration_ms}, \
+         bundle_id = {}, wave_id = {} WHERE id = {log_id};",
+        quote_literal(row.bundle_id),
+        quote_literal(row.wave_id),
+    )
+}
+
+/// Why a log row could not be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("flotilla.execution_log: {0}")]
+pub struct DecodeError(pub String);
+
+/// Parses [`READ_SQL`]'s result.
+pub fn parse_rows(messages: &[SimpleQueryMessage]) -> Result<Vec<LogRow>, DecodeError> {
+    let mut rows = Vec::new();
+    for m in messages {
+        let SimpleQueryMessage::Row(r) = m else {
+            continue;
+        };
+        let text = |i: usize| r.get(i).map(str::to_string);
+        let id: i64 = text(0)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| DecodeError("a row without a numeric id".into()))?;
+        let status = match r.get(5) {
+            Some("applied") => LogStatus::Applied,
+            Some("started") => LogStatus::Started,
+            other => {
+                return Err(DecodeError(format!(
+                    "row {id} has unknown status {other:?}"
+                )));
+            }
+        };
+        let kind = text(3).unwrap_or_default();
+        if kind != "versioned" && kind != "repeatable" {
+            return Err(DecodeError(format!("row {id} has unknown kind {kind:?}")));
+        }
+        rows.push(LogRow {
+            id,
+            version: text(1),
+            script: text(2).unwrap_or_default(),
+            kind,
+            checksum: text(4).unwrap_or_default(),
+            status,
+            statements_done: text(6).and_then(|s| s.parse().ok()),
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_and_identifiers() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b'c"), r"E'a\\b''c'");
+        assert_eq!(quote_optional(None), "NULL");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+    }
+}

@@ -1,0 +1,599 @@
+//! The tenant applier: brings one tenant database up to a bundle, exactly once, with its
+//! execution log as the source of truth (PRODUCT.md §5).
+//!
+//! A run connects, takes the Flotilla advisory lock without waiting (held elsewhere →
+//! [`Outcome::Busy`]), reads or creates `flotilla.execution_log`, plans with the pure
+//! [`plan`] function, and runs the steps. A transactional script and its log row go in
+//! one batch, `BEGIN; script; INSERT log row; COMMIT` — one round trip, one transaction.
+//! In `per-tenant` mode a run of consecutive transactional scripts shares one
+//! transaction. A `no-transaction` script commits a `started` row, runs statement by
+//! statement recording progress, then marks the row `applied`; a run that finds a
+//! `started` row resumes at the recorded statement, first dropping an index left
+//! `INVALID` by an interrupted `CREATE INDEX CONCURRENTLY`.
+//!
+//! This module never retries and never sleeps: it reports an [`Outcome`] and leaves the
+//! decision to the scheduler. It never trusts anything but the tenant's own log.
+
+pub mod log;
+pub mod plan;
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::SimpleQueryMessage;
+use tokio_util::sync::CancellationToken;
+
+use crate::bundle::{Bundle, Script, TransactionUse, rules};
+use crate::connect::{Session, SessionSettings};
+use crate::dsn::Dsn;
+use crate::failure::{DbFailure, Retryability};
+use log::RowIdentity;
+pub use plan::{DriftPolicy, OrderPolicy, Plan, PlanError, PlanOptions, StepAction};
+
+/// How transactional scripts are grouped into transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransactionMode {
+    /// Each script commits with its log row.
+    #[default]
+    PerScript,
+    /// All transactional scripts of a tenant commit together (split only around
+    /// `no-transaction` scripts).
+    PerTenant,
+}
+
+/// Asks a running tenant to stop: at the next script boundary, or at once.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal {
+    boundary: CancellationToken,
+    now: CancellationToken,
+}
+
+impl StopSignal {
+    /// A signal nobody has raised yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stop before the next script starts; the running one finishes.
+    pub fn stop_at_boundary(&self) {
+        self.boundary.cancel();
+    }
+
+    /// Stop now: also send PostgreSQL's cancel request for the running statement.
+    pub fn stop_now(&self) {
+        self.boundary.cancel();
+        self.now.cancel();
+    }
+
+    /// True once any stop was asked for.
+    pub fn is_stopping(&self) -> bool {
+        self.boundary.is_cancelled()
+    }
+}
+
+/// One script that committed during the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedScript {
+    pub script: String,
+    pub version: Option<String>,
+    pub duration: Duration,
+}
+
+/// Why a tenant run failed. `retryability` says whether the scheduler may try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The session could not be opened.
+    #[error("{0}")]
+    Connect(DbFailure),
+    /// Locking, reading or creating the execution log failed.
+    #[error("execution log: {0}")]
+    Log(DbFailure),
+    /// The log has a row Flotilla cannot interpret.
+    #[error(transparent)]
+    Decode(#[from] log::DecodeError),
+    /// The tenant's state forbids applying (drift, out of order, changed interrupted script).
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A script failed.
+    #[error("{script}{}: {failure}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Script {
+        script: String,
+        /// 1-based line in the script, where the server or the statement tells.
+        line: Option<u32>,
+        failure: DbFailure,
+    },
+}
+
+impl ApplyError {
+    /// Retryable or permanent: the single answer the scheduler acts on.
+    pub fn retryability(&self) -> Retryability {
+        match self {
+            ApplyError::Connect(f) | ApplyError::Log(f) | ApplyError::Script { failure: f, .. } => {
+                f.retryability
+            }
+            ApplyError::Decode(_) | ApplyError::Plan(_) => Retryability::Permanent,
+        }
+    }
+
+    /// The SQLSTATE, when the failure came from the server.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ApplyError::Connect(f) | ApplyError::Log(f) | ApplyError::Script { failure: f, .. } => {
+                f.sqlstate.as_deref()
+            }
+            _ => None,
+        }
+    }
+
+    /// The script that failed, if a script did.
+    pub fn script(&self) -> Option<&str> {
+        match self {
+            ApplyError::Script { script, .. } => Some(script),
+            _ => None,
+        }
+    }
+}
+
+/// How a tenant run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to do.
+    UpToDate { notes: Vec<String> },
+    /// Every pending script applied.
+    Applied {
+        scripts: Vec<AppliedScript>,
+        notes: Vec<String>,
+    },
+    /// Another runner holds the tenant's lock; try later.
+    Busy,
+    /// Stopped by a [`StopSignal`]; `scripts` committed before it.
+    Cancelled { scripts: Vec<AppliedScript> },
+    /// Failed; `scripts` committed before the failure.
+    Failed {
+        scripts: Vec<AppliedScript>,
+        error: ApplyError,
+    },
+}
+
+/// Everything one tenant run needs.
+#[derive(Debug, Clone)]
+pub struct TenantRun<'a> {
+    pub bundle: &'a Bundle,
+    pub wave_id: &'a str,
+    pub dsn: &'a Dsn,
+    pub settings: SessionSettings,
+    pub mode: TransactionMode,
+    pub plan_options: PlanOptions,
+}
+
+/// Brings the tenant of `run.dsn` up to `run.bundle`.
+pub async fn apply_tenant(run: &TenantRun<'_>, stop: &StopSignal) -> Outcome {
+    let session = match Session::connect(run.dsn, &run.settings).await {
+        Ok(s) => s,
+        Err(f) => {
+            return Outcome::Failed {
+                scripts: Vec::new(),
+                error: ApplyError::Connect(f),
+            };
+        }
+    };
+    let log_rows = match lock_and_read_log(&session).await {
+        Ok(Some(rows)) => rows,
+        Ok(None) => return Outcome::Busy,
+        Err(error) => {
+            return Outcome::Failed {
+                scripts: Vec::new(),
+                error,
+            };
+        }
+    };
+    let plan = match plan::plan(run.bundle, &log_rows, run.plan_options) {
+        Ok(p) => p,
+        Err(e) => {
+            return Outcome::Failed {
+                scripts: Vec::new(),
+                error: e.into(),
+            };
+        }
+    };
+    if plan.steps.is_empty() {
+        return Outcome::UpToDate { notes: plan.notes };
+    }
+    let mut runner = Runner {
+        run,
+        session: &session,
+        stop,
+        applied: Vec::new(),
+    };
+    // The session (and with it the advisory lock) ends when `session` drops: no extra
+    // round trip to unlock.
+    match runner.execute(&plan).await {
+        Ok(Completion::Done) => Outcome::Applied {
+            scripts: runner.applied,
+            notes: plan.notes,
+        },
+        Ok(Completion::Stopped) => Outcome::Cancelled {
+            scripts: runner.applied,
+        },
+        Err(error) => Outcome::Failed {
+            scripts: runner.applied,
+            error,
+        },
+    }
+}
+
+/// Reads the tenant's log for planning without applying anything (a dry run); takes no
+/// lock and creates nothing. A tenant without a log has an empty one.
+pub async fn read_log(
+    dsn: &Dsn,
+    settings: &SessionSettings,
+) -> Result<Vec<plan::LogRow>, ApplyError> {
+    let session = Session::connect(dsn, settings)
+        .await
+        .map_err(ApplyError::Connect)?;
+    match session.client().simple_query(log::READ_SQL).await {
+        Ok(messages) => Ok(log::parse_rows(&messages)?),
+        Err(e) => {
+            let f = DbFailure::from(&e);
+            if log::is_missing_log(f.sqlstate.as_deref()) {
+                Ok(Vec::new())
+            } else {
+                Err(ApplyError::Log(f))
+            }
+        }
+    }
+}
+
+/// Takes the lock and reads the log in one pipelined round trip; `None` when busy.
+///
+/// The read is a separate statement sent after the lock statement, so its snapshot is
+/// taken after the lock is held: a runner that just finished and released the lock
+/// cannot be missed.
+async fn lock_and_read_log(session: &Session) -> Result<Option<Vec<plan::LogRow>>, ApplyError> {
+    let client = session.client();
+    let lock_sql = log::try_lock_sql();
+    let (locked, read) = tokio::join!(
+        client.simple_query(&lock_sql),
+        client.simple_query(log::READ_SQL)
+    );
+    let locked = locked.map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    if first_value(&locked).as_deref() != Some("t") {
+        return Ok(None);
+    }
+    match read {
+        Ok(messages) => Ok(Some(log::parse_rows(&messages)?)),
+        Err(e) => {
+            let f = DbFailure::from(&e);
+            if !log::is_missing_log(f.sqlstate.as_deref()) {
+                return Err(ApplyError::Log(f));
+            }
+            client
+                .batch_execute(log::ENSURE_SQL)
+                .await
+                .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+            Ok(Some(Vec::new()))
+        }
+    }
+}
+
+fn first_value(messages: &[SimpleQueryMessage]) -> Option<String> {
+    messages.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+enum Completion {
+    Done,
+    Stopped,
+}
+
+/// Why one batch did not complete.
+enum BatchError {
+    Db(tokio_postgres::Error),
+    /// A hard stop cancelled the running statement.
+    Cancelled,
+}
+
+struct Runner<'r, 'a> {
+    run: &'r TenantRun<'a>,
+    session: &'r Session,
+    stop: &'r StopSignal,
+    applied: Vec<AppliedScript>,
+}
+
+impl Runner<'_, '_> {
+    async fn execute(&mut self, plan: &Plan) -> Result<Completion, ApplyError> {
+        let scripts = self.run.bundle.scripts();
+        let mut i = 0;
+        while i < plan.steps.len() {
+            if self.stop.is_stopping() {
+                return Ok(Completion::Stopped);
+            }
+            let step = &plan.steps[i];
+            let script = &scripts[step.script];
+            if script.directives.transaction == TransactionUse::NoTransaction {
+                if self.run_without_transaction(script, &step.action).await? {
+                    return Ok(Completion::Stopped);
+                }
+                i += 1;
+                continue;
+            }
+            // A group of consecutive transactional scripts: one each in per-script mode,
+            // all of them in per-tenant mode.
+            let mut end = i + 1;
+            if self.run.mode == TransactionMode::PerTenant {
+                while end < plan.steps.len()
+                    && scripts[plan.steps[end].script].directives.transaction
+                        == TransactionUse::Transactional
+                {
+                    end += 1;
+                }
+            }
+            let group: Vec<&Script> = plan.steps[i..end]
+                .iter()
+                .map(|s| &scripts[s.script])
+                .collect();
+            if self.run_transaction(&group).await? {
+                return Ok(Completion::Stopped);
+            }
+            i = end;
+        }
+        Ok(Completion::Done)
+    }
+
+    /// Runs `sql`; a hard stop sends a cancel request and waits for the server's answer.
+    async fn batch(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, BatchError> {
+        let query = self.session.client().simple_query(sql);
+        tokio::pin!(query);
+        tokio::select! {
+            result = &mut query => result.map_err(BatchError::Db),
+            _ = self.stop.now.cancelled() => {
+                self.session.cancel_running_statement().await;
+                match query.await {
+                    Ok(rows) => Ok(rows),
+                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                        Err(BatchError::Cancelled)
+                    }
+                    Err(e) => Err(BatchError::Db(e)),
+                }
+            }
+        }
+    }
+
+    /// Leaves a failed transaction block; the session may be gone, so errors are moot.
+    async fn rollback(&self) {
+        let _ = self.session.client().batch_execute("ROLLBACK").await;
+    }
+
+    fn identity<'s>(&'s self, script: &'s Script, version: Option<&'s str>) -> RowIdentity<'s> {
+        RowIdentity {
+            version,
+            script: &script.name,
+            kind: script.kind.as_str(),
+            checksum: &script.checksum,
+            bundle_id: self.run.bundle.id(),
+            wave_id: self.run.wave_id,
+        }
+    }
+
+    fn timeout_overrides(&self, script: &Script, scope: &str) -> String {
+        let mut sql = String::new();
+        if let Some(d) = script.directives.lock_timeout {
+            sql.push_str(&format!("SET {scope}lock_timeout = {};\n", d.as_millis()));
+        }
+        if let Some(d) = script.directives.statement_timeout {
+            sql.push_str(&format!(
+                "SET {scope}statement_timeout = {};\n",
+                d.as_millis()
+            ));
+        }
+        sql
+    }
+
+    fn restore_timeouts(&self, script: &Script) -> String {
+        let s = &self.run.settings;
+        let mut sql = String::new();
+        if script.directives.lock_timeout.is_some() {
+            sql.push_str(&format!(
+                "SET LOCAL lock_timeout = {};\n",
+                s.lock_timeout.as_millis()
+            ));
+        }
+        if script.directives.statement_timeout.is_some() {
+            sql.push_str(&format!(
+                "SET LOCAL statement_timeout = {};\n",
+                s.statement_timeout.as_millis()
+            ));
+        }
+        sql
+    }
+
+    /// Runs transactional scripts in one transaction, one round trip per script; the
+    /// last one carries the COMMIT. Returns true when a stop interrupted the group.
+    async fn run_transaction(&mut self, group: &[&Script]) -> Result<bool, ApplyError> {
+        let mut pending = Vec::new();
+        let started = Instant::now();
+        for (n, script) in group.iter().enumerate() {
+            if n > 0 && self.stop.is_stopping() {
+                self.rollback().await;
+                return Ok(true);
+            }
+            let version = script.version().map(|v| v.to_string());
+            let mut prefix = String::new();
+            if n == 0 {
+                prefix.push_str("BEGIN;\n");
+            }
+            prefix.push_str(&log::mark_start_sql());
+            prefix.push('\n');
+            prefix.push_str(&self.timeout_overrides(script, "LOCAL "));
+            let mut sql = prefix.clone();
+            sql.push_str(&script.sql);
+            // A newline first: the script may end in a `--` comment.
+            sql.push_str("\n;\n");
+            sql.push_str(&self.restore_timeouts(script));
+            sql.push_str(&log::insert_applied_sql(
+                &self.identity(script, version.as_deref()),
+            ));
+            let last = n + 1 == group.len();
+            if last {
+                sql.push_str("\nCOMMIT;");
+            }
+            let script_started = Instant::now();
+            match self.batch(&sql).await {
+                Ok(_) => pending.push(AppliedScript {
+                    script: script.name.clone(),
+                    version,
+                    duration: script_started.elapsed(),
+                }),
+                Err(BatchError::Cancelled) => {
+                    self.rollback().await;
+                    return Ok(true);
+                }
+                Err(BatchError::Db(e)) => {
+                    self.rollback().await;
+                    let line = e
+                        .as_db_error()
+                        .and_then(|db| db.position())
+                        .and_then(|p| match p {
+                            tokio_postgres::error::ErrorPosition::Original(pos) => Some(*pos),
+                            _ => None,
+                        })
+                        .and_then(|pos| line_in_script(&prefix, script, pos));
+                    return Err(ApplyError::Script {
+                        script: script.name.clone(),
+                        line,
+                        failure: DbFailure::from(&e),
+                    });
+                }
+            }
+        }
+        tracing::debug!(scripts = pending.len(), elapsed = ?started.elapsed(), "transaction committed");
+        self.applied.append(&mut pending);
+        Ok(false)
+    }
+
+    /// Runs a `no-transaction` script statement by statement. Returns true when a stop
+    /// interrupted it (its `started` row stays, to be resumed).
+    async fn run_without_transaction(
+        &mut self,
+        script: &Script,
+        action: &StepAction,
+    ) -> Result<bool, ApplyError> {
+        let version = script.version().map(|v| v.to_string());
+        let started = Instant::now();
+        let fail = |e: BatchError, line: Option<u32>| -> Result<bool, ApplyError> {
+            match e {
+                BatchError::Cancelled => Ok(true),
+                BatchError::Db(e) => Err(ApplyError::Script {
+                    script: script.name.clone(),
+                    line,
+                    failure: DbFailure::from(&e),
+                }),
+            }
+        };
+        let overrides = self.timeout_overrides(script, "");
+        let (log_id, from) = match action {
+            StepAction::Resume {
+                log_id,
+                from_statement,
+            } => {
+                if !overrides.is_empty()
+                    && let Err(e) = self.batch(&overrides).await
+                {
+                    return fail(e, None);
+                }
+                (*log_id, *from_statement)
+            }
+            StepAction::Apply | StepAction::Reapply => {
+                let sql = format!(
+                    "{overrides}{}",
+                    log::insert_started_sql(&self.identity(script, version.as_deref()))
+                );
+                match self.batch(&sql).await {
+                    Ok(rows) => {
+                        let id =
+                            first_value(&rows)
+                                .and_then(|v| v.parse().ok())
+                                .ok_or_else(|| {
+                                    ApplyError::Log(DbFailure::client(
+                                        "inserting the started row returned no id",
+                                        Retryability::Permanent,
+                                    ))
+                                })?;
+                        (id, 0)
+                    }
+                    Err(e) => return fail(e, None),
+                }
+            }
+        };
+        let lines = crate::bundle::LineIndex::new(&script.sql);
+        for (n, stmt) in script.executable_statements().enumerate().skip(from) {
+            let line = stmt.first_token.map(|o| lines.line(o));
+            if n > from && self.stop.is_stopping() {
+                return Ok(true);
+            }
+            if n == from
+                && matches!(action, StepAction::Resume { .. })
+                && let Some(index) = rules::concurrent_index(&stmt.leading)
+                && let Err(e) = self.drop_invalid_index(&index).await
+            {
+                return fail(e, line);
+            }
+            if let Err(e) = self.batch(stmt.sql(&script.sql)).await {
+                return fail(e, line);
+            }
+            if let Err(e) = self.batch(&log::progress_sql(log_id, n + 1)).await {
+                return fail(e, line);
+            }
+        }
+        let mut finish = log::finish_started_sql(
+            log_id,
+            &self.identity(script, version.as_deref()),
+            started.elapsed().as_millis(),
+        );
+        if !overrides.is_empty() {
+            finish.push_str("\nRESET lock_timeout;\nRESET statement_timeout;");
+        }
+        if let Err(e) = self.batch(&finish).await {
+            return fail(e, None);
+        }
+        self.applied.push(AppliedScript {
+            script: script.name.clone(),
+            version,
+            duration: started.elapsed(),
+        });
+        Ok(false)
+    }
+
+    /// Drops the index an interrupted `CREATE INDEX CONCURRENTLY` left `INVALID`, if any.
+    async fn drop_invalid_index(&self, index: &rules::ConcurrentIndex) -> Result<(), BatchError> {
+        let table = index
+            .table
+            .iter()
+            .map(|p| log::quote_ident(p))
+            .collect::<Vec<_>>()
+            .join(".");
+        let find = format!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE NOT i.indisvalid AND c.relname = {} AND i.indrelid = to_regclass({})",
+            log::quote_literal(&index.index),
+            log::quote_literal(&table)
+        );
+        if let Some(name) = first_value(&self.batch(&find).await?) {
+            tracing::info!(index = %name, "dropping an index left INVALID by an interrupted run");
+            self.batch(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Maps a 1-based character position in a batch (`prefix` + script) to a script line.
+fn line_in_script(prefix: &str, script: &Script, position: u32) -> Option<u32> {
+    let pos = usize::try_from(position).ok()?.checked_sub(1)?;
+    let in_script = pos.checked_sub(prefix.chars().count())?;
+    let byte = script.sql.char_indices().nth(in_script).map(|(b, _)| b)?;
+    Some(crate::bundle::LineIndex::new(&script.sql).line(byte))
+}

@@ -1,0 +1,273 @@
+//! Sessions to tenant databases: one tokio-postgres connection per tenant run, with
+//! TLS through rustls when the DSN asks for it, `application_name = 'flotilla'`, a
+//! connect timeout, TCP keepalives, and the wave's `lock_timeout`/`statement_timeout`
+//! sent in the startup packet so they cost no round trip.
+//!
+//! This module owns how Flotilla reaches a server and how a running statement is
+//! cancelled; it never decides what to run (that is `apply`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, Error as TlsError, SignatureScheme};
+use tokio_postgres::{Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::dsn::{Dsn, TlsMode};
+use crate::failure::{DbFailure, Retryability};
+
+/// The `application_name` of every Flotilla session.
+pub const APPLICATION_NAME: &str = "flotilla";
+
+/// Session settings that come from the wave, not the DSN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// How long to wait for a lock before giving up (55P03).
+    pub lock_timeout: Duration,
+    /// How long one statement may run; zero means no limit.
+    pub statement_timeout: Duration,
+    /// How long to wait for the connection to come up.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        Self {
+            lock_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::ZERO,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One open session to a tenant database.
+pub struct Session {
+    client: Client,
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl Session {
+    /// Connects to `dsn` with `settings`.
+    pub async fn connect(dsn: &Dsn, settings: &SessionSettings) -> Result<Self, DbFailure> {
+        let mut config = dsn.config().clone();
+        config.application_name(APPLICATION_NAME);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(settings.connect_timeout);
+        }
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        let timeouts = format!(
+            "-c lock_timeout={} -c statement_timeout={}",
+            settings.lock_timeout.as_millis(),
+            settings.statement_timeout.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(existing) if !existing.is_empty() => format!("{existing} {timeouts}"),
+            _ => timeouts,
+        };
+        config.options(options);
+
+        // Bound the whole connect, DNS and TLS included, not only the TCP connect.
+        let deadline = settings.connect_timeout + Duration::from_secs(1);
+        let timed_out = || {
+            DbFailure::client(
+                format!("connecting to {dsn} timed out after {deadline:?}"),
+                Retryability::Retryable,
+            )
+        };
+        match dsn.tls() {
+            TlsMode::Plain => {
+                let (client, conn) = tokio::time::timeout(deadline, config.connect(NoTls))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| connect_failure(dsn, &e))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(Self { client, tls: None })
+            }
+            mode => {
+                let tls = MakeRustlsConnect::new(tls_config(mode, dsn)?);
+                let (client, conn) = tokio::time::timeout(deadline, config.connect(tls.clone()))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|e| connect_failure(dsn, &e))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(Self {
+                    client,
+                    tls: Some(tls),
+                })
+            }
+        }
+    }
+
+    /// The client, for queries.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Asks the server to cancel whatever this session is running (a new connection, as
+    /// PostgreSQL's protocol wants). Best effort: failures are logged, not returned.
+    pub async fn cancel_running_statement(&self) {
+        let token = self.client.cancel_token();
+        let result = match &self.tls {
+            None => token.cancel_query(NoTls).await,
+            Some(tls) => token.cancel_query(tls.clone()).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %DbFailure::from(&e), "cancel request failed");
+        }
+    }
+}
+
+fn connect_failure(dsn: &Dsn, e: &tokio_postgres::Error) -> DbFailure {
+    let mut f = DbFailure::from(e);
+    f.message = format!("cannot connect to {dsn}: {}", f.message);
+    // 28P01 (wrong password) and 3D000 (no such database) stay permanent; a server that
+    // is down or restarting is retryable (class 08, 57P03, I/O).
+    f
+}
+
+fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfig, DbFailure> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_error = |what: String| DbFailure::client(what, Retryability::Permanent);
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error(format!("TLS setup for {dsn}: {e}")))?;
+    if mode == TlsMode::Require {
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_no_client_auth());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match dsn.root_cert() {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
+            for cert in certs {
+                let cert =
+                    cert.map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let webpki =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| tls_error(format!("TLS roots for {dsn}: {e}")))?;
+    let verifier: Arc<dyn ServerCertVerifier> = if mode == TlsMode::VerifyCa {
+        Arc::new(ChainOnly(webpki))
+    } else {
+        webpki
+    };
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth())
+}
+
+/// `sslmode=require`: encrypt, but check nothing (what libpq does without a root cert).
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `sslmode=verify-ca`: the chain must be trusted; the name need not match.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(TlsError::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(TlsError::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}

@@ -1,0 +1,130 @@
+//! What went wrong talking to a tenant's PostgreSQL, and whether trying again can help.
+//!
+//! This is the one place errors are classified (PRODUCT.md §4): connection loss and I/O
+//! (SQLSTATE class 08), serialization failure 40001, deadlock 40P01, lock timeout 55P03,
+//! admin/crash/cannot-connect-now shutdowns 57P01–57P03 and too many connections 53300
+//! are retryable; everything else is permanent. Nothing else in the library decides
+//! retryability. Messages never carry connection-string secrets: tokio-postgres errors
+//! do not include the password, and callers identify tenants by redacted DSN only.
+
+use std::fmt;
+
+/// Whether a failure may go away by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retryability {
+    /// Try again later (with backoff).
+    Retryable,
+    /// Trying again gives the same result until someone changes something.
+    Permanent,
+}
+
+/// A database error reduced to what operators and the scheduler need.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct DbFailure {
+    /// The SQLSTATE, when the server sent one.
+    pub sqlstate: Option<String>,
+    /// The server's message (or the client's, for I/O errors).
+    pub message: String,
+    /// Retryable or permanent.
+    pub retryability: Retryability,
+}
+
+impl fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.sqlstate {
+            Some(code) => write!(f, "{} (SQLSTATE {code})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Classifies a SQLSTATE.
+pub fn classify_sqlstate(code: &str) -> Retryability {
+    let retryable = code.starts_with("08")
+        || matches!(
+            code,
+            "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+        );
+    if retryable {
+        Retryability::Retryable
+    } else {
+        Retryability::Permanent
+    }
+}
+
+impl DbFailure {
+    /// A failure with no SQLSTATE, such as a timeout on our side.
+    pub fn client(message: impl Into<String>, retryability: Retryability) -> Self {
+        Self {
+            sqlstate: None,
+            message: message.into(),
+            retryability,
+        }
+    }
+
+    /// True when trying again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.retryability == Retryability::Retryable
+    }
+}
+
+impl From<&tokio_postgres::Error> for DbFailure {
+    fn from(e: &tokio_postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            let mut message = db.message().to_string();
+            if let Some(detail) = db.detail() {
+                message.push_str(": ");
+                message.push_str(detail);
+            }
+            return Self {
+                sqlstate: Some(code.to_string()),
+                message,
+                retryability: classify_sqlstate(code),
+            };
+        }
+        // No server error: the connection broke, timed out, or never came up. Those are
+        // retryable; a failure of the client's own making (bad config, TLS setup) is not.
+        let message = e.to_string();
+        let io_like = e.is_closed()
+            || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+            || message.contains("timeout")
+            || message.contains("connection");
+        Self {
+            sqlstate: None,
+            message,
+            retryability: if io_like {
+                Retryability::Retryable
+            } else {
+                Retryability::Permanent
+            },
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for DbFailure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::from(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_sqlstates() {
+        for code in [
+            "08000", "08006", "08P01", "40001", "40P01", "55P03", "57P01", "57P02", "57P03",
+            "53300",
+        ] {
+            assert_eq!(classify_sqlstate(code), Retryability::Retryable, "{code}");
+        }
+        for code in [
+            "22012", "42P01", "23505", "42601", "57014", "53100", "28P01",
+        ] {
+            assert_eq!(classify_sqlstate(code), Retryability::Permanent, "{code}");
+        }
+    }
+}

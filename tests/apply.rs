@@ -1,0 +1,757 @@
+//! The tenant applier against real PostgreSQL (issue: exactly-once apply to one database).
+
+use std::time::Duration;
+
+use flotilla::apply::{
+    ApplyError, DriftPolicy, Outcome, PlanError, PlanOptions, StopSignal, TenantRun,
+    TransactionMode, apply_tenant,
+};
+use flotilla::bundle::{Bundle, BundleFile};
+use flotilla::connect::SessionSettings;
+use flotilla::dsn::Dsn;
+use flotilla::failure::Retryability;
+use flotilla_testkit::{Cluster, shared};
+
+fn bundle(files: &[(&str, &str)]) -> Bundle {
+    Bundle::from_files(
+        files
+            .iter()
+            .map(|(n, s)| BundleFile {
+                name: n.to_string(),
+                content: s.as_bytes().to_vec(),
+            })
+            .collect(),
+        "test",
+    )
+    .expect("valid bundle")
+}
+
+const V1: (&str, &str) = (
+    "V1__users.sql",
+    "CREATE TABLE users (id int PRIMARY KEY, name text);",
+);
+const V2: (&str, &str) = ("V2__email.sql", "ALTER TABLE users ADD COLUMN email text;");
+const V3: (&str, &str) = (
+    "V3__orders.sql",
+    "CREATE TABLE orders (id int, user_id int);",
+);
+const V4: (&str, &str) = (
+    "V4__seed.sql",
+    "INSERT INTO users VALUES (1, 'a', 'a@example.invalid');",
+);
+const V5: (&str, &str) = (
+    "V5__view.sql",
+    "CREATE VIEW user_names AS SELECT name FROM users; -- a trailing comment, no newline",
+);
+
+fn five() -> Bundle {
+    bundle(&[V1, V2, V3, V4, V5])
+}
+
+/// A V3 that sleeps while the tenant has a `sleep_marker` table, so a test can catch it
+/// mid-flight and a rerun (after dropping the marker) is quick.
+const V3_SLEEPY: (&str, &str) = (
+    "V3__orders.sql",
+    "SELECT pg_sleep(60) FROM pg_tables WHERE tablename = 'sleep_marker';\nCREATE TABLE orders (id int, user_id int);",
+);
+
+fn settings() -> SessionSettings {
+    SessionSettings {
+        lock_timeout: Duration::from_secs(5),
+        ..SessionSettings::default()
+    }
+}
+
+async fn run_with(
+    bundle: &Bundle,
+    dsn: &Dsn,
+    mode: TransactionMode,
+    settings: SessionSettings,
+    plan_options: PlanOptions,
+    stop: &StopSignal,
+) -> Outcome {
+    let run = TenantRun {
+        bundle,
+        wave_id: "wave-test",
+        dsn,
+        settings,
+        mode,
+        plan_options,
+    };
+    apply_tenant(&run, stop).await
+}
+
+async fn run(bundle: &Bundle, dsn: &Dsn) -> Outcome {
+    run_with(
+        bundle,
+        dsn,
+        TransactionMode::PerScript,
+        settings(),
+        PlanOptions::default(),
+        &StopSignal::new(),
+    )
+    .await
+}
+
+async fn tenant(cluster: &Cluster, prefix: &str) -> (String, Dsn) {
+    let names = cluster
+        .create_tenants(prefix, 1, "")
+        .await
+        .expect("create tenant");
+    let dsn = Dsn::parse(&cluster.url(&names[0])).expect("dsn");
+    (names[0].clone(), dsn)
+}
+
+/// (version, script, status, checksum, bundle_id, wave_id) rows in id order.
+async fn log(
+    cluster: &Cluster,
+    db: &str,
+) -> Vec<(Option<String>, String, String, String, String, String)> {
+    let c = cluster.connect(db).await.expect("connect");
+    c.query(
+        "SELECT version, script, status, checksum, bundle_id, wave_id FROM flotilla.execution_log ORDER BY id",
+        &[],
+    )
+    .await
+    .map(|rows| {
+        rows.iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+async fn exists(cluster: &Cluster, db: &str, relation: &str) -> bool {
+    let c = cluster.connect(db).await.expect("connect");
+    c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&relation])
+        .await
+        .expect("to_regclass")
+        .get(0)
+}
+
+/// Polls `condition` until it holds, up to 60 s: a condition, never a fixed sleep.
+async fn wait_for<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Whether a Flotilla session on `db` is running a query containing `needle`.
+async fn flotilla_running(cluster: &Cluster, db: &str, needle: &str) -> bool {
+    let c = cluster.connect("postgres").await.expect("connect");
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flotilla' AND datname = $1 \
+         AND state = 'active' AND query LIKE '%' || $2 || '%'",
+        &[&db, &needle],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .get::<_, i64>(0)
+        > 0
+}
+
+fn applied_names(outcome: &Outcome) -> Vec<String> {
+    match outcome {
+        Outcome::Applied { scripts, .. }
+        | Outcome::Cancelled { scripts }
+        | Outcome::Failed { scripts, .. } => scripts.iter().map(|s| s.script.clone()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn fresh_tenant_gets_five_logged_scripts_and_a_rerun_does_nothing() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "fresh_").await;
+    let b = five();
+    let outcome = run(&b, &dsn).await;
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    assert_eq!(applied_names(&outcome).len(), 5);
+
+    let rows = log(cluster, &db).await;
+    assert_eq!(rows.len(), 5);
+    for (row, script) in rows.iter().zip(b.scripts()) {
+        assert_eq!(
+            row.0.as_deref(),
+            script.version().map(|v| v.to_string()).as_deref()
+        );
+        assert_eq!(row.1, script.name);
+        assert_eq!(row.2, "applied");
+        assert_eq!(row.3, script.checksum);
+        assert_eq!(row.4, b.id());
+        assert_eq!(row.5, "wave-test");
+    }
+    assert!(exists(cluster, &db, "users").await && exists(cluster, &db, "user_names").await);
+    let c = cluster.connect(&db).await.expect("connect");
+    let meta = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE applied_by = current_user AND xact_id IS NOT NULL \
+             AND applied_at IS NOT NULL AND duration_ms >= 0), count(DISTINCT xact_id) FROM flotilla.execution_log",
+            &[],
+        )
+        .await
+        .expect("meta");
+    assert_eq!(
+        meta.get::<_, i64>(0),
+        5,
+        "every row says who, when, which transaction, how long"
+    );
+    assert_eq!(
+        meta.get::<_, i64>(1),
+        5,
+        "per-script mode: one transaction per script"
+    );
+
+    let again = run(&b, &dsn).await;
+    assert_eq!(again, Outcome::UpToDate { notes: vec![] });
+    assert_eq!(log(cluster, &db).await.len(), 5, "no new rows");
+}
+
+#[tokio::test]
+async fn per_tenant_mode_commits_everything_in_one_transaction() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "pertenant_").await;
+    let outcome = run_with(
+        &five(),
+        &dsn,
+        TransactionMode::PerTenant,
+        settings(),
+        PlanOptions::default(),
+        &StopSignal::new(),
+    )
+    .await;
+    assert_eq!(applied_names(&outcome).len(), 5, "{outcome:?}");
+    let c = cluster.connect(&db).await.expect("connect");
+    let xacts: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT xact_id) FROM flotilla.execution_log",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(xacts, 1);
+}
+
+#[tokio::test]
+async fn failing_third_script_per_script_and_per_tenant() {
+    let cluster = shared();
+    let failing = bundle(&[
+        V1,
+        V2,
+        ("V3__boom.sql", "CREATE TABLE orders (id int);\nSELECT 1/0;"),
+        V4,
+        V5,
+    ]);
+
+    let (db, dsn) = tenant(cluster, "fail_ps_").await;
+    let outcome = run(&failing, &dsn).await;
+    let Outcome::Failed { scripts, error } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(scripts.len(), 2);
+    assert_eq!(error.script(), Some("V3__boom.sql"));
+    assert_eq!(error.sqlstate(), Some("22012"));
+    assert_eq!(error.retryability(), Retryability::Permanent);
+    assert!(error.to_string().contains("division by zero"), "{error}");
+    let rows = log(cluster, &db).await;
+    assert_eq!(
+        rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ["V1__users.sql", "V2__email.sql"]
+    );
+    assert!(
+        !exists(cluster, &db, "orders").await,
+        "script 3 rolled back whole"
+    );
+
+    let (db, dsn) = tenant(cluster, "fail_pt_").await;
+    let outcome = run_with(
+        &failing,
+        &dsn,
+        TransactionMode::PerTenant,
+        settings(),
+        PlanOptions::default(),
+        &StopSignal::new(),
+    )
+    .await;
+    let Outcome::Failed { scripts, error } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(scripts.is_empty());
+    assert_eq!(error.script(), Some("V3__boom.sql"));
+    assert!(
+        log(cluster, &db).await.is_empty(),
+        "per-tenant: nothing committed"
+    );
+    assert!(!exists(cluster, &db, "users").await);
+}
+
+#[tokio::test]
+async fn syntax_error_names_the_line() {
+    let cluster = shared();
+    let (_db, dsn) = tenant(cluster, "syntax_").await;
+    let b = bundle(&[(
+        "V1__bad.sql",
+        "CREATE TABLE a (id int);\n\nCREATE TABEL b (id int);\n",
+    )]);
+    let outcome = run(&b, &dsn).await;
+    let Outcome::Failed { error, .. } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(error.sqlstate(), Some("42601"));
+    assert!(
+        matches!(error, ApplyError::Script { line: Some(3), .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().starts_with("V1__bad.sql:3: "), "{error}");
+}
+
+#[tokio::test]
+async fn terminated_backend_mid_script_leaves_nothing_and_the_next_run_applies_once() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "terminate_").await;
+    cluster
+        .connect(&db)
+        .await
+        .expect("c")
+        .batch_execute("CREATE TABLE sleep_marker ()")
+        .await
+        .expect("marker");
+    let b = bundle(&[V1, V2, V3_SLEEPY, V4, V5]);
+    let running = tokio::spawn({
+        let b = b.clone();
+        let dsn = dsn.clone();
+        async move { run(&b, &dsn).await }
+    });
+    wait_for("script 3 to sleep", || {
+        flotilla_running(cluster, &db, "pg_sleep")
+    })
+    .await;
+    let side = cluster.connect("postgres").await.expect("side");
+    side.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'flotilla' AND datname = $1",
+        &[&db],
+    )
+    .await
+    .expect("terminate");
+    let outcome = running.await.expect("join");
+    let Outcome::Failed { scripts, error } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(scripts.len(), 2);
+    assert_eq!(error.script(), Some("V3__orders.sql"));
+    assert_eq!(error.retryability(), Retryability::Retryable, "{error:?}");
+    assert_eq!(log(cluster, &db).await.len(), 2);
+    assert!(!exists(cluster, &db, "orders").await);
+
+    cluster
+        .connect(&db)
+        .await
+        .expect("c")
+        .batch_execute("DROP TABLE sleep_marker")
+        .await
+        .expect("drop");
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(
+        applied_names(&outcome),
+        ["V3__orders.sql", "V4__seed.sql", "V5__view.sql"]
+    );
+    let rows = log(cluster, &db).await;
+    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.iter().filter(|r| r.1 == "V3__orders.sql").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_script_then_restarted_completes_exactly_once() {
+    let cluster = Cluster::start().expect("own cluster");
+    let (db, dsn) = tenant(&cluster, "crash_").await;
+    cluster
+        .connect(&db)
+        .await
+        .expect("c")
+        .batch_execute("CREATE TABLE sleep_marker ()")
+        .await
+        .expect("marker");
+    let b = bundle(&[V1, V2, V3_SLEEPY, V4, V5]);
+    let running = tokio::spawn({
+        let b = b.clone();
+        let dsn = dsn.clone();
+        async move { run(&b, &dsn).await }
+    });
+    wait_for("script 3 to sleep", || {
+        flotilla_running(&cluster, &db, "pg_sleep")
+    })
+    .await;
+    cluster.kill9().expect("kill -9");
+    let outcome = running.await.expect("join");
+    let Outcome::Failed { error, .. } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(error.retryability(), Retryability::Retryable, "{error:?}");
+
+    // While the server is down, a run fails retryably at connect.
+    let down = run(&b, &dsn).await;
+    let Outcome::Failed { error, .. } = &down else {
+        panic!("{down:?}")
+    };
+    assert!(matches!(error, ApplyError::Connect(_)), "{error:?}");
+    assert_eq!(error.retryability(), Retryability::Retryable);
+
+    cluster.restart().expect("restart");
+    cluster
+        .connect(&db)
+        .await
+        .expect("c")
+        .batch_execute("DROP TABLE sleep_marker")
+        .await
+        .expect("drop");
+    let outcome = run(&b, &dsn).await;
+    assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
+    let rows = log(&cluster, &db).await;
+    let mut versions: Vec<_> = rows.iter().filter_map(|r| r.0.clone()).collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        ["1", "2", "3", "4", "5"],
+        "exactly one row per version"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_timeout_gives_up_and_does_not_hold_readers_hostage() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "locktimeout_").await;
+    assert!(matches!(
+        run(&bundle(&[V1]), &dsn).await,
+        Outcome::Applied { .. }
+    ));
+
+    // A long transaction that read `users` holds ACCESS SHARE; V2's ALTER needs ACCESS
+    // EXCLUSIVE and queues, and every new reader would queue behind it.
+    let blocker = cluster.connect(&db).await.expect("blocker");
+    blocker
+        .batch_execute("BEGIN; SELECT * FROM users;")
+        .await
+        .expect("hold lock");
+    let short = SessionSettings {
+        lock_timeout: Duration::from_millis(1500),
+        ..settings()
+    };
+    let b = five();
+    let running = tokio::spawn({
+        let b = b.clone();
+        let dsn = dsn.clone();
+        async move {
+            run_with(
+                &b,
+                &dsn,
+                TransactionMode::PerScript,
+                short,
+                PlanOptions::default(),
+                &StopSignal::new(),
+            )
+            .await
+        }
+    });
+    let side = cluster.connect("postgres").await.expect("side");
+    wait_for("flotilla to wait on the lock", || async {
+        side.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flotilla' AND datname = $1 AND wait_event_type = 'Lock'",
+            &[&db],
+        )
+        .await
+        .expect("activity")
+        .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    // A reader arriving now queues behind Flotilla's ALTER, and must be let go when
+    // Flotilla's lock_timeout fires — while the blocker still holds its lock.
+    let reader = cluster.connect(&db).await.expect("reader");
+    let read = tokio::time::timeout(
+        Duration::from_secs(30),
+        reader.query("SELECT count(*) FROM users", &[]),
+    )
+    .await;
+    assert!(read.is_ok(), "the reader stayed queued behind Flotilla");
+    read.expect("in time").expect("reader query");
+
+    let outcome = running.await.expect("join");
+    let Outcome::Failed { scripts, error } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(scripts.is_empty());
+    assert_eq!(error.sqlstate(), Some("55P03"));
+    assert_eq!(error.retryability(), Retryability::Retryable);
+    assert_eq!(error.script(), Some("V2__email.sql"));
+
+    blocker.batch_execute("COMMIT").await.expect("release");
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 4, "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runners_at_once_one_is_busy() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "race_").await;
+    // V1 holds the lock for a second so the runners overlap.
+    let b = bundle(&[
+        (
+            "V1__users.sql",
+            "SELECT pg_sleep(1);\nCREATE TABLE users (id int PRIMARY KEY, name text);",
+        ),
+        V2,
+        V3,
+        V4,
+        V5,
+    ]);
+    let (a, c) = tokio::join!(run(&b, &dsn), run(&b, &dsn));
+    let busy = [&a, &c]
+        .iter()
+        .filter(|o| matches!(o, Outcome::Busy))
+        .count();
+    let applied = [&a, &c]
+        .iter()
+        .filter(|o| matches!(o, Outcome::Applied { .. }))
+        .count();
+    assert_eq!((busy, applied), (1, 1), "{a:?} / {c:?}");
+    assert_eq!(log(cluster, &db).await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_create_index_concurrently_is_cleaned_and_rebuilt() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "cic_").await;
+    let setup = (
+        "V1__big.sql",
+        "CREATE TABLE big (id int);\n\
+         INSERT INTO big SELECT generate_series(1, 4000);\n\
+         CREATE FUNCTION slow(i int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$\n\
+         BEGIN PERFORM pg_sleep(0.005); RETURN i; END $$;",
+    );
+    let index = (
+        "V2__index.sql",
+        "-- flotilla:no-transaction\nSELECT 1;\nCREATE INDEX CONCURRENTLY big_slow_idx ON big (slow(id));\nSELECT 2;",
+    );
+    let b = bundle(&[setup, index]);
+    let running = tokio::spawn({
+        let b = b.clone();
+        let dsn = dsn.clone();
+        async move { run(&b, &dsn).await }
+    });
+    let side = cluster.connect(&db).await.expect("side");
+    wait_for("the index build to be under way", || async {
+        side.query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'big_slow_idx'",
+            &[],
+        )
+        .await
+        .expect("pg_class")
+        .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    side.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'flotilla' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .expect("terminate");
+    let outcome = running.await.expect("join");
+    assert!(matches!(outcome, Outcome::Failed { .. }), "{outcome:?}");
+    let valid: bool = side
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'big_slow_idx'::regclass",
+            &[],
+        )
+        .await
+        .expect("index left behind")
+        .get(0);
+    assert!(!valid, "the interrupted build left an INVALID index");
+    let started: (String, i32) = side
+        .query_one(
+            "SELECT status, statements_done FROM flotilla.execution_log WHERE version = '2'",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("started row");
+    assert_eq!(
+        started,
+        ("started".to_string(), 1),
+        "SELECT 1 finished, the index did not"
+    );
+
+    side.batch_execute(
+        "CREATE OR REPLACE FUNCTION slow(i int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN RETURN i; END $$",
+    )
+    .await
+    .expect("speed up");
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome), ["V2__index.sql"], "{outcome:?}");
+    let valid: bool = side
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'big_slow_idx'::regclass",
+            &[],
+        )
+        .await
+        .expect("index")
+        .get(0);
+    assert!(valid);
+    let rows = log(cluster, &db).await;
+    assert_eq!(
+        rows.iter().filter(|r| r.0.as_deref() == Some("2")).count(),
+        1
+    );
+    assert!(rows.iter().all(|r| r.2 == "applied"));
+}
+
+#[tokio::test]
+async fn drift_fails_and_a_changed_repeatable_is_reapplied() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "drift_").await;
+    let view_v1 = (
+        "R__view.sql",
+        "CREATE OR REPLACE VIEW ids AS SELECT id FROM users;",
+    );
+    assert!(matches!(
+        run(&bundle(&[V1, V2, view_v1]), &dsn).await,
+        Outcome::Applied { .. }
+    ));
+
+    let drifted = bundle(&[
+        V1,
+        (
+            "V2__email.sql",
+            "ALTER TABLE users ADD COLUMN email varchar(100);",
+        ),
+        view_v1,
+    ]);
+    let outcome = run(&drifted, &dsn).await;
+    let Outcome::Failed { error, .. } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    let ApplyError::Plan(PlanError::Drift {
+        applied_checksum,
+        bundle_checksum,
+        ..
+    }) = error
+    else {
+        panic!("{error:?}")
+    };
+    assert_eq!(bundle_checksum, &drifted.scripts()[1].checksum);
+    assert_eq!(applied_checksum, &five().scripts()[1].checksum);
+    assert_eq!(error.retryability(), Retryability::Permanent);
+    let allowed = PlanOptions {
+        drift: DriftPolicy::Allow,
+        ..PlanOptions::default()
+    };
+    let outcome = run_with(
+        &drifted,
+        &dsn,
+        TransactionMode::PerScript,
+        settings(),
+        allowed,
+        &StopSignal::new(),
+    )
+    .await;
+    assert!(
+        matches!(outcome, Outcome::UpToDate { ref notes } if notes.len() == 1),
+        "{outcome:?}"
+    );
+
+    let view_v2 = (
+        "R__view.sql",
+        "CREATE OR REPLACE VIEW ids AS SELECT id, name FROM users;",
+    );
+    let outcome = run(&bundle(&[V1, V2, view_v2]), &dsn).await;
+    assert_eq!(applied_names(&outcome), ["R__view.sql"]);
+    let rows = log(cluster, &db).await;
+    assert_eq!(rows.iter().filter(|r| r.1 == "R__view.sql").count(), 2);
+    assert!(
+        rows.iter()
+            .filter(|r| r.1 == "R__view.sql")
+            .all(|r| r.0.is_none())
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_is_a_clear_error_without_the_password() {
+    let cluster = shared();
+    let (db, _) = tenant(cluster, "password_").await;
+    let admin = cluster.connect("postgres").await.expect("admin");
+    admin
+        .batch_execute("DO $$ BEGIN CREATE ROLE app_pw LOGIN PASSWORD 'right-horse'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+        .await
+        .expect("role");
+    let dsn =
+        Dsn::parse(&cluster.url_with_password(&db, "app_pw", "Tr0ub4dor-wrong")).expect("dsn");
+    let outcome = run(&five(), &dsn).await;
+    let Outcome::Failed { error, .. } = &outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(matches!(error, ApplyError::Connect(_)));
+    assert_eq!(error.sqlstate(), Some("28P01"));
+    assert_eq!(error.retryability(), Retryability::Permanent);
+    let shown = format!("{error} {error:?} {outcome:?} {dsn} {dsn:?}");
+    assert!(!shown.contains("Tr0ub4dor-wrong"), "{shown}");
+    assert!(shown.contains("password authentication failed"), "{shown}");
+    assert!(shown.contains("app_pw"), "names the role: {shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_stop_cancels_the_running_script_and_soft_stop_waits_for_the_boundary() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "stop_").await;
+    cluster
+        .connect(&db)
+        .await
+        .expect("c")
+        .batch_execute("CREATE TABLE sleep_marker ()")
+        .await
+        .expect("marker");
+    let b = bundle(&[V1, V2, V3_SLEEPY, V4, V5]);
+    let stop = StopSignal::new();
+    let running = tokio::spawn({
+        let (b, dsn, stop) = (b.clone(), dsn.clone(), stop.clone());
+        async move {
+            run_with(
+                &b,
+                &dsn,
+                TransactionMode::PerScript,
+                settings(),
+                PlanOptions::default(),
+                &stop,
+            )
+            .await
+        }
+    });
+    wait_for("script 3 to sleep", || {
+        flotilla_running(cluster, &db, "pg_sleep")
+    })
+    .await;
+    stop.stop_at_boundary();
+    assert!(
+        flotilla_running(cluster, &db, "pg_sleep").await,
+        "a soft stop does not interrupt a script"
+    );
+    stop.stop_now();
+    let outcome = running.await.expect("join");
+    assert_eq!(applied_names(&outcome), ["V1__users.sql", "V2__email.sql"]);
+    assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
+    assert_eq!(
+        log(cluster, &db).await.len(),
+        2,
+        "the cancelled script is not logged"
+    );
+    assert!(!exists(cluster, &db, "orders").await);
+}
