@@ -47,6 +47,7 @@ impl Default for SessionSettings {
 pub struct Session {
     client: Client,
     tls: Option<MakeRustlsConnect>,
+    connection: tokio::task::JoinHandle<()>,
 }
 
 impl Session {
@@ -84,10 +85,14 @@ impl Session {
                     .await
                     .map_err(|_| timed_out())?
                     .map_err(|e| connect_failure(dsn, &e))?;
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                Ok(Self { client, tls: None })
+                Ok(Self {
+                    client,
+                    tls: None,
+                    connection,
+                })
             }
             mode => {
                 let tls = MakeRustlsConnect::new(tls_config(mode, dsn)?);
@@ -95,15 +100,24 @@ impl Session {
                     .await
                     .map_err(|_| timed_out())?
                     .map_err(|e| connect_failure(dsn, &e))?;
-                tokio::spawn(async move {
+                let connection = tokio::spawn(async move {
                     let _ = conn.await;
                 });
                 Ok(Self {
                     client,
                     tls: Some(tls),
+                    connection,
                 })
             }
         }
+    }
+
+    /// Ends the session and waits until the terminate message is sent and the socket
+    /// closed, so a caller counting sessions per server can release its slot honestly.
+    /// Ending the session also releases its advisory locks.
+    pub async fn close(self) {
+        drop(self.client);
+        let _ = self.connection.await;
     }
 
     /// The client, for queries.
@@ -133,7 +147,7 @@ fn connect_failure(dsn: &Dsn, e: &tokio_postgres::Error) -> DbFailure {
     f
 }
 
-fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfig, DbFailure> {
+pub(crate) fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfig, DbFailure> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls_error = |what: String| DbFailure::client(what, Retryability::Permanent);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())

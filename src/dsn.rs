@@ -29,6 +29,8 @@ pub enum TlsMode {
 /// A parsed tenant connection string.
 #[derive(Clone)]
 pub struct Dsn {
+    /// The string as given, password included: only for sealing into the store.
+    text: String,
     config: Config,
     tls: TlsMode,
     root_cert: Option<PathBuf>,
@@ -100,11 +102,40 @@ impl Dsn {
             config.password(password);
         }
         Ok(Self {
+            text: text.to_string(),
             config,
             tls,
             root_cert: extracted.sslrootcert.map(PathBuf::from),
             host,
         })
+    }
+
+    /// The connection string exactly as given, password included. Only for sealing it
+    /// into the progress store; never log or return it.
+    pub fn secret_text(&self) -> &str {
+        &self.text
+    }
+
+    /// The same server and credentials, another database: for discovery.
+    pub fn with_dbname(&self, dbname: &str) -> Result<Self, DsnError> {
+        let text = &self.text;
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            let scheme_end = text.find("://").map(|i| i + 3).unwrap_or(0);
+            let (base, query) = match text.split_once('?') {
+                Some((b, q)) => (b, Some(q)),
+                None => (text.as_str(), None),
+            };
+            let authority_end = base[scheme_end..].find('/').map(|i| scheme_end + i).unwrap_or(base.len());
+            let mut out = format!("{}/{}", &base[..authority_end], percent_encode(dbname));
+            if let Some(q) = query {
+                out.push('?');
+                out.push_str(q);
+            }
+            Self::parse(&out)
+        } else {
+            let quoted = dbname.replace('\\', "\\\\").replace('\'', "\\'");
+            Self::parse(&format!("{text} dbname='{quoted}'"))
+        }
     }
 
     /// The connect configuration (holds the password: never print it).
@@ -185,6 +216,18 @@ fn extract_from_url(url: &str) -> (String, Extracted) {
         format!("{base}?{}", kept.join("&"))
     };
     (rest, extracted)
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn percent_decode(s: &str) -> String {
@@ -378,6 +421,17 @@ mod tests {
             let err = Dsn::parse(bad).expect_err(bad);
             assert!(!err.to_string().contains("hunter2"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn another_database_on_the_same_server() {
+        let url = Dsn::parse("postgresql://u:pw@h:5433/postgres?sslmode=require").expect("url");
+        let t = url.with_dbname("tenant_7").expect("with db");
+        assert_eq!(t.to_string(), "postgresql://u@h:5433/tenant_7");
+        assert_eq!(t.tls(), TlsMode::Require);
+        assert_eq!(t.config().get_password(), Some(&b"pw"[..]));
+        let kv = Dsn::parse("host=h port=5433 dbname=postgres user=u").expect("kv");
+        assert_eq!(kv.with_dbname("it's").expect("with db").dbname(), "it's");
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! - [`connect`]: sessions to tenants (TLS, timeouts, cancel).
 //! - [`failure`]: database errors and the one retryable/permanent classification.
 //! - [`apply`]: the tenant applier and its pure planner; the execution log.
+//! - [`target`]: which tenants a wave covers (CSV, catalog query, discovery).
+//! - [`secret`]: sealing connection strings for the store.
+//! - [`policy`]: a wave's policy and its validation.
+//! - [`store`]: the progress store (sled) and its records.
+//! - [`wave`]: the wave engine: scheduling, control, resume.
 //! - [`api`]: the gRPC types generated from `proto/`; only the API layer and the CLI use
 //!   them, the core never does.
 //!
@@ -18,3 +23,8 @@ pub mod bundle;
 pub mod connect;
 pub mod dsn;
 pub mod failure;
+pub mod policy;
+pub mod secret;
+pub mod store;
+pub mod target;
+pub mod wave;

@@ -168,36 +168,47 @@ pub struct TenantRun<'a> {
 
 /// Brings the tenant of `run.dsn` up to `run.bundle`.
 pub async fn apply_tenant(run: &TenantRun<'_>, stop: &StopSignal) -> Outcome {
+    let (outcome, session) = run_session(run, stop).await;
+    if let Some(session) = session {
+        session.close().await;
+    }
+    outcome
+}
+
+async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option<Session>) {
     let session = match Session::connect(run.dsn, &run.settings).await {
         Ok(s) => s,
         Err(f) => {
-            return Outcome::Failed {
+            let failed = Outcome::Failed {
                 scripts: Vec::new(),
                 error: ApplyError::Connect(f),
             };
+            return (failed, None);
         }
     };
     let log_rows = match lock_and_read_log(&session).await {
         Ok(Some(rows)) => rows,
-        Ok(None) => return Outcome::Busy,
+        Ok(None) => return (Outcome::Busy, Some(session)),
         Err(error) => {
-            return Outcome::Failed {
+            let failed = Outcome::Failed {
                 scripts: Vec::new(),
                 error,
             };
+            return (failed, Some(session));
         }
     };
     let plan = match plan::plan(run.bundle, &log_rows, run.plan_options) {
         Ok(p) => p,
         Err(e) => {
-            return Outcome::Failed {
+            let failed = Outcome::Failed {
                 scripts: Vec::new(),
                 error: e.into(),
             };
+            return (failed, Some(session));
         }
     };
     if plan.steps.is_empty() {
-        return Outcome::UpToDate { notes: plan.notes };
+        return (Outcome::UpToDate { notes: plan.notes }, Some(session));
     }
     let mut runner = Runner {
         run,
@@ -205,9 +216,8 @@ pub async fn apply_tenant(run: &TenantRun<'_>, stop: &StopSignal) -> Outcome {
         stop,
         applied: Vec::new(),
     };
-    // The session (and with it the advisory lock) ends when `session` drops: no extra
-    // round trip to unlock.
-    match runner.execute(&plan).await {
+    // The advisory lock ends with the session: no extra round trip to unlock.
+    let outcome = match runner.execute(&plan).await {
         Ok(Completion::Done) => Outcome::Applied {
             scripts: runner.applied,
             notes: plan.notes,
@@ -219,7 +229,8 @@ pub async fn apply_tenant(run: &TenantRun<'_>, stop: &StopSignal) -> Outcome {
             scripts: runner.applied,
             error,
         },
-    }
+    };
+    (outcome, Some(session))
 }
 
 /// Reads the tenant's log for planning without applying anything (a dry run); takes no

@@ -38,7 +38,8 @@ pub struct LogRow {
 }
 
 /// What to do about an applied script whose checksum changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DriftPolicy {
     /// Fail the tenant, naming both checksums.
     #[default]
@@ -48,7 +49,8 @@ pub enum DriftPolicy {
 }
 
 /// What to do about a missing version older than the newest applied one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OrderPolicy {
     /// Fail the tenant.
     #[default]

@@ -1,0 +1,473 @@
+//! The progress store: what the daemon remembers across restarts, on sled, behind the
+//! narrow [`ProgressStore`] trait (a shared PostgreSQL-backed store may follow).
+//!
+//! # What do we store?
+//! - **Bundles**, by id, with the bytes of every script, written and flushed before the
+//!   wave that uses them exists: a resumed wave must apply exactly what it started with.
+//! - **Waves**: policy, state, reason, and the audit trail of every state change (who,
+//!   when, why). Flushed before a state change is acknowledged: a wave paused or
+//!   cancelled by an operator must still be so after a crash.
+//! - **Tenant runs**: state, attempts, generation, last error, timestamps, labels, the
+//!   redacted DSN for display, and the DSN *sealed* with the data dir's key (see
+//!   `secret`) — never a password in the clear. Written without a flush: sled persists
+//!   them within its flush interval, and losing the latest few costs only a recheck.
+//!
+//! What is deliberately **not** trusted: a tenant run's state for deciding what ran. The
+//! store is a cursor that makes resume cheap; the tenant's `flotilla.execution_log`
+//! decides. A tenant recorded `RUNNING` (or whose `SUCCEEDED` was not yet flushed) is
+//! simply handed to the applier again, which finds its log up to date. That is why only
+//! bundles and wave records need a flush before acting.
+//!
+//! Records carry a format version; every enum is an explicit tag, and an unknown tag or
+//! version is a decode error, never a silent default. One process owns a data dir: a
+//! second one fails to open it with a clear error.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::{Bundle, BundleError, BundleFile};
+use crate::policy::Policy;
+
+/// The record format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// A wave's lifecycle (PRODUCT.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum WaveState {
+    Pending,
+    Running,
+    Paused,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl WaveState {
+    /// Finished: nothing runs and nothing will start without a retry.
+    pub fn is_finished(self) -> bool {
+        matches!(self, WaveState::Completed | WaveState::Failed | WaveState::Cancelled)
+    }
+
+    /// The upper-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Pending => "PENDING",
+            WaveState::Running => "RUNNING",
+            WaveState::Paused => "PAUSED",
+            WaveState::Completed => "COMPLETED",
+            WaveState::Failed => "FAILED",
+            WaveState::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// A tenant's state within a wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TenantState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TenantState {
+    /// The upper-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantState::Pending => "PENDING",
+            TenantState::Running => "RUNNING",
+            TenantState::Succeeded => "SUCCEEDED",
+            TenantState::Failed => "FAILED",
+            TenantState::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// One change of a wave's state, for the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    pub from: Option<WaveState>,
+    pub to: WaveState,
+    /// A token name, or `flotillad` for the daemon's own decisions.
+    pub actor: String,
+    pub reason: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// A wave as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaveRecord {
+    pub format: u32,
+    pub id: String,
+    pub bundle_id: String,
+    pub policy: Policy,
+    pub state: WaveState,
+    /// Why the wave is in its state, when that needs saying.
+    pub reason: Option<String>,
+    pub created_at_ms: u64,
+    /// Set once every canary succeeded.
+    pub canary_passed: bool,
+    pub history: Vec<StateChange>,
+}
+
+/// A failure as stored and shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub script: Option<String>,
+    pub sqlstate: Option<String>,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// A tenant's run within a wave, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub format: u32,
+    /// Position in the wave's order (canaries first, then by id).
+    pub seq: u32,
+    pub tenant_id: String,
+    /// The DSN sealed with the data dir's key.
+    pub dsn_sealed: String,
+    /// The DSN without its password, for display.
+    pub dsn_redacted: String,
+    /// `host:port`.
+    pub host: String,
+    pub labels: BTreeMap<String, String>,
+    pub canary: bool,
+    pub state: TenantState,
+    /// Runs started (Busy answers included).
+    pub attempts: u32,
+    /// Retries spent on retryable failures (Busy answers excluded).
+    pub retries_used: u32,
+    /// Bumped before every start; a result for an older generation is stale.
+    pub generation: u64,
+    pub last_error: Option<ErrorRecord>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+}
+
+/// A bundle's bytes as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BundleRecord {
+    format: u32,
+    id: String,
+    /// (file name, text); scripts are UTF-8 by the time a bundle exists.
+    files: Vec<(String, String)>,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {path} is in use by another flotillad (lock file {lock})")]
+    Locked { path: String, lock: String },
+    #[error("progress store at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("progress store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("progress store: cannot decode {what}: {message}")]
+    Decode { what: String, message: String },
+    #[error("progress store: {what} has format {found}, this flotillad reads format {FORMAT}")]
+    Format { what: String, found: u32 },
+    #[error("progress store: bundle {0} is missing")]
+    MissingBundle(String),
+    #[error("progress store: stored bundle {id} no longer validates: {source}")]
+    Bundle {
+        id: String,
+        #[source]
+        source: BundleError,
+    },
+}
+
+/// What the wave engine needs from a store. Implementations must make
+/// [`create_wave`](Self::create_wave) and [`save_wave`](Self::save_wave) durable before
+/// returning; [`save_tenant`](Self::save_tenant) may be batched.
+pub trait ProgressStore: Send + Sync + 'static {
+    /// Stores a bundle's bytes (durably).
+    fn save_bundle(&self, bundle: &Bundle) -> Result<(), StoreError>;
+    /// Loads and re-validates a stored bundle.
+    fn load_bundle(&self, id: &str) -> Result<Bundle, StoreError>;
+    /// Stores a new wave with all its tenants (durably).
+    fn create_wave(&self, wave: &WaveRecord, tenants: &[TenantRecord]) -> Result<(), StoreError>;
+    /// Stores a wave record (durably).
+    fn save_wave(&self, wave: &WaveRecord) -> Result<(), StoreError>;
+    /// Stores a tenant record (durable within the flush interval).
+    fn save_tenant(&self, wave_id: &str, tenant: &TenantRecord) -> Result<(), StoreError>;
+    /// Every wave.
+    fn load_waves(&self) -> Result<Vec<WaveRecord>, StoreError>;
+    /// A wave's tenants, by `seq`.
+    fn load_tenants(&self, wave_id: &str) -> Result<Vec<TenantRecord>, StoreError>;
+    /// Makes everything written so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// The sled-backed store.
+pub struct SledStore {
+    db: sled::Db,
+    bundles: sled::Tree,
+    waves: sled::Tree,
+    tenants: sled::Tree,
+    // Held for the life of the store: the data dir's owner lock.
+    _lock: File,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
+        what: what.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Records are plain structs of strings, numbers and maps with string keys: encoding
+    // cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn check_format(what: &str, found: u32) -> Result<(), StoreError> {
+    if found == FORMAT {
+        Ok(())
+    } else {
+        Err(StoreError::Format {
+            what: what.to_string(),
+            found,
+        })
+    }
+}
+
+fn tenant_key(wave_id: &str, seq: u32) -> Vec<u8> {
+    format!("{wave_id}/{seq:010}").into_bytes()
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`, taking the data dir's lock.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StoreError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path: PathBuf = dir.join("flotillad.lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        if lock.try_lock().is_err() {
+            return Err(StoreError::Locked {
+                path: dir.display().to_string(),
+                lock: lock_path.display().to_string(),
+            });
+        }
+        let db = sled::Config::new()
+            .path(dir.join("store"))
+            .cache_capacity(32 * 1024 * 1024)
+            .flush_every_ms(Some(200))
+            .open()?;
+        Ok(Self {
+            bundles: db.open_tree("bundles")?,
+            waves: db.open_tree("waves")?,
+            tenants: db.open_tree("tenants")?,
+            db,
+            _lock: lock,
+        })
+    }
+}
+
+impl ProgressStore for SledStore {
+    fn save_bundle(&self, bundle: &Bundle) -> Result<(), StoreError> {
+        if self.bundles.contains_key(bundle.id())? {
+            return Ok(());
+        }
+        let record = BundleRecord {
+            format: FORMAT,
+            id: bundle.id().to_string(),
+            files: bundle
+                .scripts()
+                .iter()
+                .map(|s| (s.name.clone(), s.sql.clone()))
+                .collect(),
+        };
+        self.bundles.insert(bundle.id(), encode(&record))?;
+        self.flush()
+    }
+
+    fn load_bundle(&self, id: &str) -> Result<Bundle, StoreError> {
+        let bytes = self
+            .bundles
+            .get(id)?
+            .ok_or_else(|| StoreError::MissingBundle(id.to_string()))?;
+        let record: BundleRecord = decode(&format!("bundle {id}"), &bytes)?;
+        check_format(&format!("bundle {id}"), record.format)?;
+        let files = record
+            .files
+            .into_iter()
+            .map(|(name, text)| BundleFile {
+                name,
+                content: text.into_bytes(),
+            })
+            .collect();
+        let bundle = Bundle::from_files(files, &format!("stored bundle {id}")).map_err(|source| StoreError::Bundle {
+            id: id.to_string(),
+            source,
+        })?;
+        if bundle.id() != id {
+            return Err(StoreError::Decode {
+                what: format!("bundle {id}"),
+                message: format!("its scripts now hash to {}", bundle.id()),
+            });
+        }
+        Ok(bundle)
+    }
+
+    fn create_wave(&self, wave: &WaveRecord, tenants: &[TenantRecord]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for t in tenants {
+            batch.insert(tenant_key(&wave.id, t.seq), encode(t));
+        }
+        self.tenants.apply_batch(batch)?;
+        // The wave record last: a wave that exists has all its tenants.
+        self.waves.insert(wave.id.as_bytes(), encode(wave))?;
+        self.flush()
+    }
+
+    fn save_wave(&self, wave: &WaveRecord) -> Result<(), StoreError> {
+        self.waves.insert(wave.id.as_bytes(), encode(wave))?;
+        self.flush()
+    }
+
+    fn save_tenant(&self, wave_id: &str, tenant: &TenantRecord) -> Result<(), StoreError> {
+        self.tenants.insert(tenant_key(wave_id, tenant.seq), encode(tenant))?;
+        Ok(())
+    }
+
+    fn load_waves(&self) -> Result<Vec<WaveRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.waves.iter() {
+            let (key, bytes) = item?;
+            let what = format!("wave {}", String::from_utf8_lossy(&key));
+            let record: WaveRecord = decode(&what, &bytes)?;
+            check_format(&what, record.format)?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    fn load_tenants(&self, wave_id: &str) -> Result<Vec<TenantRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tenants.scan_prefix(format!("{wave_id}/").as_bytes()) {
+            let (key, bytes) = item?;
+            let what = format!("tenant {}", String::from_utf8_lossy(&key));
+            let record: TenantRecord = decode(&what, &bytes)?;
+            check_format(&what, record.format)?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(id: &str) -> WaveRecord {
+        WaveRecord {
+            format: FORMAT,
+            id: id.to_string(),
+            bundle_id: "b".into(),
+            policy: Policy::default(),
+            state: WaveState::Running,
+            reason: None,
+            created_at_ms: 1,
+            canary_passed: false,
+            history: vec![],
+        }
+    }
+
+    fn tenant(seq: u32) -> TenantRecord {
+        TenantRecord {
+            format: FORMAT,
+            seq,
+            tenant_id: format!("t{seq}"),
+            dsn_sealed: "00".into(),
+            dsn_redacted: "postgresql://u@h:5432/t".into(),
+            host: "h:5432".into(),
+            labels: BTreeMap::new(),
+            canary: false,
+            state: TenantState::Pending,
+            attempts: 0,
+            retries_used: 0,
+            generation: 0,
+            last_error: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_second_opener_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = SledStore::open(dir.path()).expect("open");
+            let second = SledStore::open(dir.path());
+            assert!(matches!(second, Err(StoreError::Locked { .. })), "a second opener is refused");
+            store.create_wave(&wave("w1"), &[tenant(0), tenant(1), tenant(10)]).expect("create");
+            let mut t = tenant(1);
+            t.state = TenantState::Succeeded;
+            store.save_tenant("w1", &t).expect("save");
+            store.flush().expect("flush");
+        }
+        let store = SledStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.load_waves().expect("waves"), vec![wave("w1")]);
+        let tenants = store.load_tenants("w1").expect("tenants");
+        assert_eq!(tenants.iter().map(|t| t.seq).collect::<Vec<_>>(), [0, 1, 10], "ordered by seq");
+        assert_eq!(tenants[1].state, TenantState::Succeeded);
+    }
+
+    #[test]
+    fn unknown_variants_and_formats_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let mut bytes = encode(&wave("w1"));
+        bytes = String::from_utf8(bytes).expect("utf8").replace("RUNNING", "SNOOZING").into_bytes();
+        store.waves.insert("w1", bytes).expect("insert");
+        assert!(matches!(store.load_waves(), Err(StoreError::Decode { .. })));
+        let mut future = wave("w1");
+        future.format = 99;
+        store.waves.insert("w1", encode(&future)).expect("insert");
+        assert!(matches!(store.load_waves(), Err(StoreError::Format { found: 99, .. })));
+    }
+
+    #[test]
+    fn bundles_round_trip_by_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let b = Bundle::from_files(
+            vec![BundleFile {
+                name: "V1__a.sql".into(),
+                content: b"select 1;".to_vec(),
+            }],
+            "t",
+        )
+        .expect("bundle");
+        store.save_bundle(&b).expect("save");
+        assert_eq!(store.load_bundle(b.id()).expect("load").id(), b.id());
+        assert!(matches!(store.load_bundle("nope"), Err(StoreError::MissingBundle(_))));
+    }
+}

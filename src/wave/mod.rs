@@ -1,0 +1,906 @@
+//! Waves: one bundle rolled out over a set of tenants under a policy (PRODUCT.md §4).
+//!
+//! The [`Engine`] owns every wave of a daemon: it creates them (bundle and tenants stored
+//! durably first), runs one dispatcher task per active wave, and takes operator commands
+//! (pause, resume, cancel, retry) that change a wave's state under the same lock the
+//! dispatcher decides under — so once a pause is acknowledged no tenant starts. A tenant
+//! run is a task that calls the applier and reports back; its result becomes a decision
+//! (succeeded, retry later with backoff, failed, cancelled), never a crashed loop. The
+//! failure budget and a failed canary pause the wave by themselves, saying why.
+//!
+//! On open, waves that were `RUNNING` continue, `PAUSED` ones stay paused, tenants
+//! recorded `RUNNING` are queued again (the applier will consult their log), and
+//! `SUCCEEDED` tenants are never contacted. The engine never decides what a tenant needs:
+//! the applier reads that from the tenant's own log.
+
+mod queue;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::apply::{Outcome, StopSignal, TenantRun, apply_tenant};
+use crate::bundle::Bundle;
+use crate::dsn::Dsn;
+use crate::policy::{AfterCanary, Canary, Policy, PolicyError};
+use crate::secret::{SecretError, Sealer};
+use crate::store::{
+    ErrorRecord, FORMAT, ProgressStore, SledStore, StateChange, StoreError, TenantRecord, TenantState, WaveRecord,
+    WaveState,
+};
+use crate::target::Tenant;
+use queue::{Limits, Queue};
+
+/// The actor name of the daemon's own decisions.
+pub const DAEMON_ACTOR: &str = "flotillad";
+
+/// How many events a watcher may fall behind before it must resync from a snapshot.
+const EVENT_BUFFER: usize = 1024;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("wave {0} not found")]
+    NotFound(String),
+    #[error("wave {wave} is {}: cannot {action}", state.as_str())]
+    InvalidState {
+        wave: String,
+        state: WaveState,
+        action: &'static str,
+    },
+    #[error("wave {0} has no failed tenants to retry")]
+    NothingToRetry(String),
+    #[error("invalid targets: {0}")]
+    Targets(String),
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+/// Tenants per state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub total: u64,
+    pub pending: u64,
+    pub running: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl Counts {
+    fn slot(&mut self, state: TenantState) -> &mut u64 {
+        match state {
+            TenantState::Pending => &mut self.pending,
+            TenantState::Running => &mut self.running,
+            TenantState::Succeeded => &mut self.succeeded,
+            TenantState::Failed => &mut self.failed,
+            TenantState::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    fn add(&mut self, state: TenantState) {
+        *self.slot(state) += 1;
+    }
+
+    fn moved(&mut self, from: TenantState, to: TenantState) {
+        let s = self.slot(from);
+        *s = s.saturating_sub(1);
+        self.add(to);
+    }
+}
+
+/// A wave as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaveStatus {
+    pub id: String,
+    pub bundle_id: String,
+    pub state: WaveState,
+    pub reason: Option<String>,
+    pub counts: Counts,
+    pub policy: Policy,
+    pub created_at_ms: u64,
+    pub history: Vec<StateChange>,
+}
+
+/// A tenant run as operators see it: no secrets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantView {
+    pub seq: u32,
+    pub tenant_id: String,
+    pub host: String,
+    pub dsn: String,
+    pub labels: BTreeMap<String, String>,
+    pub canary: bool,
+    pub state: TenantState,
+    pub attempts: u32,
+    pub last_error: Option<ErrorRecord>,
+    pub started_at_ms: Option<u64>,
+    pub finished_at_ms: Option<u64>,
+}
+
+impl From<&TenantRecord> for TenantView {
+    fn from(t: &TenantRecord) -> Self {
+        Self {
+            seq: t.seq,
+            tenant_id: t.tenant_id.clone(),
+            host: t.host.clone(),
+            dsn: t.dsn_redacted.clone(),
+            labels: t.labels.clone(),
+            canary: t.canary,
+            state: t.state,
+            attempts: t.attempts,
+            last_error: t.last_error.clone(),
+            started_at_ms: t.started_at_ms,
+            finished_at_ms: t.finished_at_ms,
+        }
+    }
+}
+
+/// A change in a wave, broadcast to watchers.
+#[derive(Debug, Clone)]
+pub struct WaveEvent {
+    pub wave_id: String,
+    pub state: WaveState,
+    pub counts: Counts,
+    /// The tenant that changed, if one did.
+    pub tenant: Option<TenantView>,
+}
+
+/// The runtime of one wave.
+struct Wave {
+    id: String,
+    bundle: Arc<Bundle>,
+    inner: Mutex<WaveInner>,
+    wake: Notify,
+    events: broadcast::Sender<WaveEvent>,
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+struct WaveInner {
+    record: WaveRecord,
+    tenants: Vec<TenantRecord>,
+    counts: Counts,
+    queue: Queue,
+    stops: HashMap<u32, StopSignal>,
+    canaries: u32,
+    dispatching: bool,
+}
+
+enum Decision {
+    Start { seq: u32, generation: u64, sealed: String },
+    Wait,
+    WaitUntil(Instant),
+    Exit,
+}
+
+impl Wave {
+    fn lock(&self) -> MutexGuard<'_, WaveInner> {
+        // A panic while holding this lock would be a bug; the state is still consistent
+        // record by record, so keep serving rather than poison every later call.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn status(inner: &WaveInner) -> WaveStatus {
+        WaveStatus {
+            id: inner.record.id.clone(),
+            bundle_id: inner.record.bundle_id.clone(),
+            state: inner.record.state,
+            reason: inner.record.reason.clone(),
+            counts: inner.counts,
+            policy: inner.record.policy.clone(),
+            created_at_ms: inner.record.created_at_ms,
+            history: inner.record.history.clone(),
+        }
+    }
+
+    fn emit(&self, inner: &WaveInner, tenant: Option<&TenantRecord>) {
+        // No receivers is fine; a slow receiver lags and resyncs, it never blocks us.
+        let _ = self.events.send(WaveEvent {
+            wave_id: self.id.clone(),
+            state: inner.record.state,
+            counts: inner.counts,
+            tenant: tenant.map(TenantView::from),
+        });
+    }
+}
+
+impl WaveInner {
+    fn transition(&mut self, to: WaveState, actor: &str, reason: &str) {
+        let from = self.record.state;
+        self.record.state = to;
+        self.record.reason = (!reason.is_empty()).then(|| reason.to_string());
+        self.record.history.push(StateChange {
+            from: Some(from),
+            to,
+            actor: actor.to_string(),
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+        });
+        tracing::info!(wave = %self.record.id, from = from.as_str(), to = to.as_str(), actor, reason, "wave state changed");
+    }
+
+    fn set_tenant(&mut self, seq: u32, to: TenantState) {
+        let t = &mut self.tenants[seq as usize];
+        let from = t.state;
+        t.state = to;
+        self.counts.moved(from, to);
+    }
+
+    fn limits(&self) -> Limits {
+        let p = &self.record.policy;
+        Limits {
+            concurrency: p.concurrency,
+            per_host: p.per_host,
+            gate: if self.record.canary_passed { u32::MAX } else { self.canaries },
+        }
+    }
+}
+
+struct EngineInner {
+    store: Arc<dyn ProgressStore>,
+    sealer: Sealer,
+    waves: Mutex<BTreeMap<String, Arc<Wave>>>,
+    draining: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Runs every wave of one daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<EngineInner>,
+}
+
+impl Engine {
+    /// Opens the data dir and resumes its waves. Must run inside a Tokio runtime.
+    pub fn open(data_dir: &Path) -> Result<Self, EngineError> {
+        let store = SledStore::open(data_dir)?;
+        let sealer = Sealer::open_or_create(&data_dir.join("secret.key"))?;
+        Self::with_store(Arc::new(store), sealer)
+    }
+
+    /// Opens with any store (a shared store later; tests).
+    pub fn with_store(store: Arc<dyn ProgressStore>, sealer: Sealer) -> Result<Self, EngineError> {
+        let engine = Self {
+            inner: Arc::new(EngineInner {
+                store,
+                sealer,
+                waves: Mutex::new(BTreeMap::new()),
+                draining: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        let mut records = engine.inner.store.load_waves()?;
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        for record in records {
+            let bundle = Arc::new(engine.inner.store.load_bundle(&record.bundle_id)?);
+            let mut tenants = engine.inner.store.load_tenants(&record.id)?;
+            for t in tenants.iter_mut().filter(|t| t.state == TenantState::Running) {
+                // Interrupted mid-run: its log will tell the applier what happened.
+                t.state = TenantState::Pending;
+                engine.inner.store.save_tenant(&record.id, t)?;
+            }
+            let active = !record.state.is_finished();
+            let wave = engine.insert_wave(record, tenants, bundle);
+            if active {
+                engine.ensure_dispatcher(&wave);
+            }
+        }
+        Ok(engine)
+    }
+
+    fn insert_wave(&self, record: WaveRecord, tenants: Vec<TenantRecord>, bundle: Arc<Bundle>) -> Arc<Wave> {
+        let mut counts = Counts::default();
+        let mut queue = Queue::default();
+        let mut canaries = 0;
+        for t in &tenants {
+            counts.total += 1;
+            counts.add(t.state);
+            if t.state == TenantState::Pending {
+                queue.push_ready(t.seq, &t.host);
+            }
+            if t.canary {
+                canaries += 1;
+            }
+        }
+        let limiter = record.policy.rate.and_then(|rate| {
+            // governor counts whole cells per period: express fractional rates as one
+            // start per 1/rate seconds.
+            let period = Duration::from_secs_f64(1.0 / rate);
+            Quota::with_period(period).map(RateLimiter::direct)
+        });
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let wave = Arc::new(Wave {
+            id: record.id.clone(),
+            bundle,
+            inner: Mutex::new(WaveInner {
+                record,
+                tenants,
+                counts,
+                queue,
+                stops: HashMap::new(),
+                canaries,
+                dispatching: false,
+            }),
+            wake: Notify::new(),
+            events,
+            limiter,
+        });
+        self.waves_lock().insert(wave.id.clone(), wave.clone());
+        wave
+    }
+
+    fn waves_lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Wave>>> {
+        self.inner.waves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wave(&self, id: &str) -> Result<Arc<Wave>, EngineError> {
+        self.waves_lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))
+    }
+
+    /// Creates a wave and starts it. The bundle and every tenant are stored durably
+    /// before this returns the wave id.
+    pub fn start_wave(
+        &self,
+        bundle: Bundle,
+        tenants: Vec<Tenant>,
+        policy: Policy,
+        actor: &str,
+    ) -> Result<String, EngineError> {
+        if self.inner.draining.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
+        policy.validate()?;
+        if tenants.is_empty() {
+            return Err(EngineError::Targets("no tenants".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = tenants.iter().find(|t| !seen.insert(t.id.as_str())) {
+            return Err(EngineError::Targets(format!("duplicate tenant id {:?}", dup.id)));
+        }
+        // Canaries first, then by id: a deterministic order that `seq` records.
+        let mut ordered = tenants;
+        ordered.sort_by(|a, b| a.id.cmp(&b.id));
+        let is_canary: Vec<bool> = match &policy.canary {
+            Canary::None => vec![false; ordered.len()],
+            Canary::Count { count } => (0..ordered.len()).map(|i| i < *count as usize).collect(),
+            Canary::Label { key, value } => ordered
+                .iter()
+                .map(|t| t.labels.get(key) == Some(value))
+                .collect(),
+        };
+        let mut indexed: Vec<(bool, Tenant)> = is_canary.into_iter().zip(ordered).collect();
+        indexed.sort_by_key(|(canary, _)| !*canary);
+
+        let id = uuid::Uuid::now_v7().to_string();
+        let records: Vec<TenantRecord> = indexed
+            .iter()
+            .enumerate()
+            .map(|(seq, (canary, t))| TenantRecord {
+                format: FORMAT,
+                seq: seq as u32,
+                tenant_id: t.id.clone(),
+                dsn_sealed: self.inner.sealer.seal(t.dsn.secret_text()),
+                dsn_redacted: t.dsn.to_string(),
+                host: t.dsn.host().to_string(),
+                labels: t.labels.clone(),
+                canary: *canary,
+                state: TenantState::Pending,
+                attempts: 0,
+                retries_used: 0,
+                generation: 0,
+                last_error: None,
+                started_at_ms: None,
+                finished_at_ms: None,
+            })
+            .collect();
+        let now = now_ms();
+        let record = WaveRecord {
+            format: FORMAT,
+            id: id.clone(),
+            bundle_id: bundle.id().to_string(),
+            policy,
+            state: WaveState::Running,
+            reason: None,
+            created_at_ms: now,
+            canary_passed: false,
+            history: vec![StateChange {
+                from: None,
+                to: WaveState::Running,
+                actor: actor.to_string(),
+                reason: format!("started over {} tenants", records.len()),
+                at_ms: now,
+            }],
+        };
+        self.inner.store.save_bundle(&bundle)?;
+        self.inner.store.create_wave(&record, &records)?;
+        let wave = self.insert_wave(record, records, Arc::new(bundle));
+        tracing::info!(wave = %id, "wave started");
+        self.ensure_dispatcher(&wave);
+        Ok(id)
+    }
+
+    fn ensure_dispatcher(&self, wave: &Arc<Wave>) {
+        let mut inner = wave.lock();
+        if inner.dispatching || self.inner.draining.is_cancelled() {
+            return;
+        }
+        inner.dispatching = true;
+        drop(inner);
+        let engine = self.clone();
+        let wave = wave.clone();
+        self.inner.tasks.spawn(async move { engine.dispatch(wave).await });
+    }
+
+    /// One wave's dispatcher: starts tenants while the policy allows, until the wave
+    /// finishes, or the daemon drains.
+    async fn dispatch(self, wave: Arc<Wave>) {
+        loop {
+            let notified = wave.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(limiter) = &wave.limiter
+                && self.can_start(&wave)
+            {
+                tokio::select! {
+                    _ = limiter.until_ready() => {}
+                    _ = self.inner.draining.cancelled() => {}
+                }
+            }
+            match self.decide(&wave) {
+                Decision::Start {
+                    seq,
+                    generation,
+                    sealed,
+                } => self.spawn_tenant(&wave, seq, generation, sealed),
+                Decision::Wait => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = self.inner.draining.cancelled() => {}
+                    }
+                }
+                Decision::WaitUntil(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = self.inner.draining.cancelled() => {}
+                    }
+                }
+                Decision::Exit => return,
+            }
+        }
+    }
+
+    fn can_start(&self, wave: &Wave) -> bool {
+        let mut inner = wave.lock();
+        inner.record.state == WaveState::Running && inner.queue.running() < inner.record.policy.concurrency && {
+            inner.queue.promote_due(Instant::now());
+            !inner.queue.is_empty()
+        }
+    }
+
+    fn decide(&self, wave: &Wave) -> Decision {
+        let mut inner = wave.lock();
+        let draining = self.inner.draining.is_cancelled();
+        let decision = match inner.record.state {
+            WaveState::Running if draining => Decision::Exit,
+            WaveState::Running => {
+                inner.queue.promote_due(Instant::now());
+                let limits = inner.limits();
+                if let Some((seq, _host)) = inner.queue.take_next(limits) {
+                    let stop = StopSignal::new();
+                    inner.stops.insert(seq, stop);
+                    inner.set_tenant(seq, TenantState::Running);
+                    let t = &mut inner.tenants[seq as usize];
+                    t.attempts += 1;
+                    t.generation += 1;
+                    t.started_at_ms = Some(now_ms());
+                    t.finished_at_ms = None;
+                    let (generation, sealed) = (t.generation, t.dsn_sealed.clone());
+                    let t = inner.tenants[seq as usize].clone();
+                    if let Err(e) = self.inner.store.save_tenant(&wave.id, &t) {
+                        tracing::error!(wave = %wave.id, error = %e, "cannot record a tenant start");
+                    }
+                    wave.emit(&inner, Some(&t));
+                    Decision::Start {
+                        seq,
+                        generation,
+                        sealed,
+                    }
+                } else if inner.queue.running() == 0 && inner.queue.is_empty() {
+                    if inner.counts.succeeded + inner.counts.failed + inner.counts.cancelled == inner.counts.total {
+                        let (to, reason) = if inner.counts.failed == 0 && inner.counts.cancelled == 0 {
+                            (WaveState::Completed, String::new())
+                        } else {
+                            (
+                                WaveState::Failed,
+                                format!("{} of {} tenants failed", inner.counts.failed, inner.counts.total),
+                            )
+                        };
+                        inner.transition(to, DAEMON_ACTOR, &reason);
+                        self.save_wave(&inner);
+                        wave.emit(&inner, None);
+                        Decision::Exit
+                    } else {
+                        // Gated by the canary stage with nothing left to run: wait.
+                        Decision::Wait
+                    }
+                } else if let Some(at) = inner.queue.next_due() {
+                    Decision::WaitUntil(at)
+                } else {
+                    Decision::Wait
+                }
+            }
+            WaveState::Pending | WaveState::Paused if draining => Decision::Exit,
+            WaveState::Pending | WaveState::Paused => Decision::Wait,
+            WaveState::Cancelled if inner.queue.running() > 0 && !draining => Decision::Wait,
+            WaveState::Cancelled | WaveState::Completed | WaveState::Failed => Decision::Exit,
+        };
+        if matches!(decision, Decision::Exit) {
+            inner.dispatching = false;
+        }
+        decision
+    }
+
+    fn save_wave(&self, inner: &WaveInner) {
+        if let Err(e) = self.inner.store.save_wave(&inner.record) {
+            tracing::error!(wave = %inner.record.id, error = %e, "cannot store the wave state");
+        }
+    }
+
+    fn spawn_tenant(&self, wave: &Arc<Wave>, seq: u32, generation: u64, sealed: String) {
+        let engine = self.clone();
+        let wave = wave.clone();
+        let stop = wave.lock().stops.get(&seq).cloned().unwrap_or_default();
+        self.inner.tasks.spawn(async move {
+            let policy = wave.lock().record.policy.clone();
+            let outcome = match engine.inner.sealer.open(&sealed).map(|text| Dsn::parse(&text)) {
+                Ok(Ok(dsn)) => {
+                    let run = TenantRun {
+                        bundle: &wave.bundle,
+                        wave_id: &wave.id,
+                        dsn: &dsn,
+                        settings: policy.session_settings(),
+                        mode: policy.transaction,
+                        plan_options: policy.plan_options(),
+                    };
+                    apply_tenant(&run, &stop).await
+                }
+                Ok(Err(e)) => failed_before_start(e.to_string()),
+                Err(e) => failed_before_start(e.to_string()),
+            };
+            engine.finish_tenant(&wave, seq, generation, outcome);
+        });
+    }
+
+    fn finish_tenant(&self, wave: &Wave, seq: u32, generation: u64, outcome: Outcome) {
+        let mut inner = wave.lock();
+        let Some(current) = inner.tenants.get(seq as usize) else { return };
+        if current.generation != generation || current.state != TenantState::Running {
+            tracing::warn!(wave = %wave.id, seq, generation, "dropping a stale tenant result");
+            return;
+        }
+        let host = current.host.clone();
+        inner.queue.finished(&host);
+        inner.stops.remove(&seq);
+        let policy = inner.record.policy.clone();
+        let cancelled_wave = inner.record.state == WaveState::Cancelled;
+        let now = Instant::now();
+        let next = match &outcome {
+            Outcome::UpToDate { .. } | Outcome::Applied { .. } => TenantState::Succeeded,
+            Outcome::Cancelled { .. } => TenantState::Cancelled,
+            Outcome::Busy if cancelled_wave => TenantState::Cancelled,
+            Outcome::Busy => {
+                // Someone else holds the tenant; not a failure, not a retry spent.
+                let busy_round = inner.tenants[seq as usize].attempts;
+                let delay = policy.backoff(busy_round.min(6)).max(Duration::from_millis(200));
+                inner.queue.push_delayed(seq, &host, now + delay);
+                TenantState::Pending
+            }
+            Outcome::Failed { error, .. } => {
+                let t = &mut inner.tenants[seq as usize];
+                t.last_error = Some(ErrorRecord {
+                    script: error.script().map(str::to_string),
+                    sqlstate: error.sqlstate().map(str::to_string),
+                    message: error.to_string(),
+                    retryable: error.retryability() == crate::failure::Retryability::Retryable,
+                });
+                let retryable = error.retryability() == crate::failure::Retryability::Retryable;
+                if retryable && t.retries_used < policy.retries && !cancelled_wave {
+                    t.retries_used += 1;
+                    let delay = policy.backoff(t.retries_used);
+                    tracing::info!(wave = %wave.id, tenant = %t.tenant_id, error = %error, ?delay, "retryable failure; retrying later");
+                    inner.queue.push_delayed(seq, &host, now + delay);
+                    TenantState::Pending
+                } else {
+                    tracing::warn!(wave = %wave.id, tenant = %t.tenant_id, error = %error, "tenant failed");
+                    TenantState::Failed
+                }
+            }
+        };
+        inner.set_tenant(seq, next);
+        if next == TenantState::Succeeded {
+            inner.tenants[seq as usize].last_error = None;
+        }
+        if next != TenantState::Pending {
+            inner.tenants[seq as usize].finished_at_ms = Some(now_ms());
+        }
+        let t = inner.tenants[seq as usize].clone();
+        if let Err(e) = self.inner.store.save_tenant(&wave.id, &t) {
+            tracing::error!(wave = %wave.id, error = %e, "cannot record a tenant result");
+        }
+        self.after_tenant(&mut inner, &t);
+        wave.emit(&inner, Some(&t));
+        drop(inner);
+        wave.wake.notify_one();
+    }
+
+    /// Canary and failure-budget decisions after a tenant finished.
+    fn after_tenant(&self, inner: &mut WaveInner, t: &TenantRecord) {
+        if inner.record.state != WaveState::Running {
+            return;
+        }
+        if t.canary && !inner.record.canary_passed {
+            if t.state == TenantState::Failed {
+                let reason = format!(
+                    "canary tenant {} failed: {}",
+                    t.tenant_id,
+                    t.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+                );
+                inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
+                self.save_wave(inner);
+                return;
+            }
+            let all_passed = inner
+                .tenants
+                .iter()
+                .filter(|c| c.canary)
+                .all(|c| c.state == TenantState::Succeeded);
+            if all_passed {
+                inner.record.canary_passed = true;
+                if inner.record.policy.after_canary == AfterCanary::Pause {
+                    inner.transition(WaveState::Paused, DAEMON_ACTOR, "canary stage succeeded; resume to continue");
+                }
+                self.save_wave(inner);
+                return;
+            }
+        }
+        let budget = inner.record.policy.max_failures;
+        if t.state == TenantState::Failed && budget.exceeded(inner.counts.failed, inner.counts.total) {
+            let reason = format!(
+                "failure budget exceeded: {} of {} tenants failed (budget {budget:?})",
+                inner.counts.failed, inner.counts.total
+            );
+            inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
+            self.save_wave(inner);
+        }
+    }
+
+    fn command(
+        &self,
+        id: &str,
+        actor: &str,
+        action: &'static str,
+        apply: impl FnOnce(&mut WaveInner) -> Result<Vec<u32>, EngineError>,
+    ) -> Result<WaveStatus, EngineError> {
+        let wave = self.wave(id)?;
+        let mut inner = wave.lock();
+        let changed_tenants = apply(&mut inner)?;
+        // Durable before acknowledged: tenants first, the wave record (flushed) last.
+        for seq in changed_tenants {
+            self.inner.store.save_tenant(id, &inner.tenants[seq as usize])?;
+        }
+        self.inner.store.save_wave(&inner.record)?;
+        wave.emit(&inner, None);
+        let status = Wave::status(&inner);
+        drop(inner);
+        tracing::info!(wave = %id, actor, action, "operator command");
+        wave.wake.notify_one();
+        if status.state == WaveState::Running {
+            self.ensure_dispatcher(&wave);
+        }
+        Ok(status)
+    }
+
+    /// Stops new tenant starts at once; tenants in flight finish their bundle.
+    pub fn pause(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
+        self.command(id, actor, "pause", |inner| match inner.record.state {
+            WaveState::Running | WaveState::Pending => {
+                inner.transition(WaveState::Paused, actor, reason);
+                Ok(Vec::new())
+            }
+            state => Err(EngineError::InvalidState {
+                wave: id.to_string(),
+                state,
+                action: "pause",
+            }),
+        })
+    }
+
+    /// Continues a paused wave.
+    pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
+        self.command(id, actor, "resume", |inner| match inner.record.state {
+            WaveState::Paused | WaveState::Pending => {
+                // Resuming after the canary stage ended without passing (a canary
+                // failed and was not retried) is the operator accepting it.
+                let canary_stage_over = !inner
+                    .tenants
+                    .iter()
+                    .any(|t| t.canary && matches!(t.state, TenantState::Pending | TenantState::Running));
+                if !inner.record.canary_passed && canary_stage_over {
+                    inner.record.canary_passed = true;
+                }
+                inner.transition(WaveState::Running, actor, reason);
+                Ok(Vec::new())
+            }
+            state => Err(EngineError::InvalidState {
+                wave: id.to_string(),
+                state,
+                action: "resume",
+            }),
+        })
+    }
+
+    /// Stops new starts; in-flight tenants stop at their next script boundary; waiting
+    /// tenants become `CANCELLED`.
+    pub fn cancel(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
+        self.command(id, actor, "cancel", |inner| {
+            if inner.record.state.is_finished() {
+                return Err(EngineError::InvalidState {
+                    wave: id.to_string(),
+                    state: inner.record.state,
+                    action: "cancel",
+                });
+            }
+            inner.transition(WaveState::Cancelled, actor, reason);
+            let waiting = inner.queue.drain_waiting();
+            for &seq in &waiting {
+                inner.set_tenant(seq, TenantState::Cancelled);
+                inner.tenants[seq as usize].finished_at_ms = Some(now_ms());
+            }
+            for stop in inner.stops.values() {
+                stop.stop_at_boundary();
+            }
+            Ok(waiting)
+        })
+    }
+
+    /// Puts the failed tenants of a finished or paused wave back to `PENDING`. A
+    /// finished wave runs again; a paused one stays paused until resumed.
+    pub fn retry(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
+        self.command(id, actor, "retry", |inner| {
+            match inner.record.state {
+                WaveState::Failed | WaveState::Completed | WaveState::Paused => {}
+                state => {
+                    return Err(EngineError::InvalidState {
+                        wave: id.to_string(),
+                        state,
+                        action: "retry",
+                    });
+                }
+            }
+            let failed: Vec<(u32, String)> = inner
+                .tenants
+                .iter()
+                .filter(|t| t.state == TenantState::Failed)
+                .map(|t| (t.seq, t.host.clone()))
+                .collect();
+            if failed.is_empty() {
+                return Err(EngineError::NothingToRetry(id.to_string()));
+            }
+            for (seq, host) in &failed {
+                inner.set_tenant(*seq, TenantState::Pending);
+                let t = &mut inner.tenants[*seq as usize];
+                t.retries_used = 0;
+                t.finished_at_ms = None;
+                inner.queue.push_ready(*seq, host);
+            }
+            let why = if reason.is_empty() {
+                format!("retry {} failed tenants", failed.len())
+            } else {
+                reason.to_string()
+            };
+            if inner.record.state == WaveState::Paused {
+                inner.record.history.push(StateChange {
+                    from: Some(WaveState::Paused),
+                    to: WaveState::Paused,
+                    actor: actor.to_string(),
+                    reason: why,
+                    at_ms: now_ms(),
+                });
+            } else {
+                inner.transition(WaveState::Running, actor, &why);
+            }
+            Ok(failed.iter().map(|(seq, _)| *seq).collect())
+        })
+    }
+
+    /// One wave's status.
+    pub fn status(&self, id: &str) -> Result<WaveStatus, EngineError> {
+        let wave = self.wave(id)?;
+        let inner = wave.lock();
+        Ok(Wave::status(&inner))
+    }
+
+    /// Every wave, newest first.
+    pub fn list(&self) -> Vec<WaveStatus> {
+        let waves: Vec<Arc<Wave>> = self.waves_lock().values().rev().cloned().collect();
+        waves.iter().map(|w| Wave::status(&w.lock())).collect()
+    }
+
+    /// A wave's tenants in `seq` order, optionally only those in `state`, from `offset`.
+    pub fn tenants(
+        &self,
+        id: &str,
+        state: Option<TenantState>,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<TenantView>, EngineError> {
+        let wave = self.wave(id)?;
+        let inner = wave.lock();
+        Ok(inner
+            .tenants
+            .iter()
+            .filter(|t| state.is_none_or(|s| t.state == s))
+            .skip(offset)
+            .take(limit)
+            .map(TenantView::from)
+            .collect())
+    }
+
+    /// A snapshot and the stream of changes after it.
+    pub fn watch(&self, id: &str) -> Result<(WaveStatus, broadcast::Receiver<WaveEvent>), EngineError> {
+        let wave = self.wave(id)?;
+        let inner = wave.lock();
+        // Subscribing under the lock: no event falls between snapshot and stream.
+        let rx = wave.events.subscribe();
+        Ok((Wave::status(&inner), rx))
+    }
+
+    /// The bundle of a wave.
+    pub fn bundle(&self, id: &str) -> Result<Arc<Bundle>, EngineError> {
+        Ok(self.wave(id)?.bundle.clone())
+    }
+
+    /// Drains: no new starts, in-flight tenants finish, the store is flushed. Waves stay
+    /// `RUNNING` in the store and resume when the daemon opens the data dir again.
+    pub async fn shutdown(&self) -> Result<(), EngineError> {
+        self.inner.draining.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        self.inner.store.flush()?;
+        Ok(())
+    }
+}
+
+fn failed_before_start(message: String) -> Outcome {
+    Outcome::Failed {
+        scripts: Vec::new(),
+        error: crate::apply::ApplyError::Connect(crate::failure::DbFailure::client(
+            message,
+            crate::failure::Retryability::Permanent,
+        )),
+    }
+}
