@@ -125,7 +125,10 @@ impl Dsn {
                 Some((b, q)) => (b, Some(q)),
                 None => (text.as_str(), None),
             };
-            let authority_end = base[scheme_end..].find('/').map(|i| scheme_end + i).unwrap_or(base.len());
+            let authority_end = base[scheme_end..]
+                .find('/')
+                .map(|i| scheme_end + i)
+                .unwrap_or(base.len());
             let mut out = format!("{}/{}", &base[..authority_end], percent_encode(dbname));
             if let Some(q) = query {
                 out.push('?');

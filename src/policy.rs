@@ -188,11 +188,31 @@ mod tests {
             p.validate()
         };
         assert!(p(|_| {}).is_ok());
-        assert!(p(|p| p.concurrency = 0).unwrap_err().0.contains("concurrency"));
-        assert!(p(|p| p.max_failures = FailureBudget::Ratio(1.5)).unwrap_err().0.contains("ratio"));
+        assert!(
+            p(|p| p.concurrency = 0)
+                .unwrap_err()
+                .0
+                .contains("concurrency")
+        );
+        assert!(
+            p(|p| p.max_failures = FailureBudget::Ratio(1.5))
+                .unwrap_err()
+                .0
+                .contains("ratio")
+        );
         assert!(p(|p| p.rate = Some(0.0)).unwrap_err().0.contains("rate"));
-        assert!(p(|p| p.per_host = Some(0)).unwrap_err().0.contains("per_host"));
-        assert!(p(|p| p.canary = Canary::Count { count: 0 }).unwrap_err().0.contains("canary"));
+        assert!(
+            p(|p| p.per_host = Some(0))
+                .unwrap_err()
+                .0
+                .contains("per_host")
+        );
+        assert!(
+            p(|p| p.canary = Canary::Count { count: 0 })
+                .unwrap_err()
+                .0
+                .contains("canary")
+        );
     }
 
     #[test]

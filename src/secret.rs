@@ -104,12 +104,22 @@ mod tests {
         let sealer = Sealer::open_or_create(&path).expect("create");
         let sealed = sealer.seal("postgresql://u:hunter2@h/db");
         assert!(!sealed.contains("hunter2"));
-        assert_ne!(sealed, sealer.seal("postgresql://u:hunter2@h/db"), "fresh nonce");
+        assert_ne!(
+            sealed,
+            sealer.seal("postgresql://u:hunter2@h/db"),
+            "fresh nonce"
+        );
         let again = Sealer::open_or_create(&path).expect("reopen");
-        assert_eq!(again.open(&sealed).expect("open"), "postgresql://u:hunter2@h/db");
+        assert_eq!(
+            again.open(&sealed).expect("open"),
+            "postgresql://u:hunter2@h/db"
+        );
         let other = Sealer::open_or_create(&dir.path().join("other.key")).expect("other");
         assert!(other.open(&sealed).is_err());
         let mode = std::fs::metadata(&path).expect("meta").permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 }

@@ -49,7 +49,10 @@ pub enum WaveState {
 impl WaveState {
     /// Finished: nothing runs and nothing will start without a retry.
     pub fn is_finished(self) -> bool {
-        matches!(self, WaveState::Completed | WaveState::Failed | WaveState::Cancelled)
+        matches!(
+            self,
+            WaveState::Completed | WaveState::Failed | WaveState::Cancelled
+        )
     }
 
     /// The upper-case name.
@@ -318,10 +321,13 @@ impl ProgressStore for SledStore {
                 content: text.into_bytes(),
             })
             .collect();
-        let bundle = Bundle::from_files(files, &format!("stored bundle {id}")).map_err(|source| StoreError::Bundle {
-            id: id.to_string(),
-            source,
-        })?;
+        let bundle =
+            Bundle::from_files(files, &format!("stored bundle {id}")).map_err(|source| {
+                StoreError::Bundle {
+                    id: id.to_string(),
+                    source,
+                }
+            })?;
         if bundle.id() != id {
             return Err(StoreError::Decode {
                 what: format!("bundle {id}"),
@@ -348,7 +354,8 @@ impl ProgressStore for SledStore {
     }
 
     fn save_tenant(&self, wave_id: &str, tenant: &TenantRecord) -> Result<(), StoreError> {
-        self.tenants.insert(tenant_key(wave_id, tenant.seq), encode(tenant))?;
+        self.tenants
+            .insert(tenant_key(wave_id, tenant.seq), encode(tenant))?;
         Ok(())
     }
 
@@ -426,8 +433,13 @@ mod tests {
         {
             let store = SledStore::open(dir.path()).expect("open");
             let second = SledStore::open(dir.path());
-            assert!(matches!(second, Err(StoreError::Locked { .. })), "a second opener is refused");
-            store.create_wave(&wave("w1"), &[tenant(0), tenant(1), tenant(10)]).expect("create");
+            assert!(
+                matches!(second, Err(StoreError::Locked { .. })),
+                "a second opener is refused"
+            );
+            store
+                .create_wave(&wave("w1"), &[tenant(0), tenant(1), tenant(10)])
+                .expect("create");
             let mut t = tenant(1);
             t.state = TenantState::Succeeded;
             store.save_tenant("w1", &t).expect("save");
@@ -436,7 +448,11 @@ mod tests {
         let store = SledStore::open(dir.path()).expect("reopen");
         assert_eq!(store.load_waves().expect("waves"), vec![wave("w1")]);
         let tenants = store.load_tenants("w1").expect("tenants");
-        assert_eq!(tenants.iter().map(|t| t.seq).collect::<Vec<_>>(), [0, 1, 10], "ordered by seq");
+        assert_eq!(
+            tenants.iter().map(|t| t.seq).collect::<Vec<_>>(),
+            [0, 1, 10],
+            "ordered by seq"
+        );
         assert_eq!(tenants[1].state, TenantState::Succeeded);
     }
 
@@ -445,13 +461,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SledStore::open(dir.path()).expect("open");
         let mut bytes = encode(&wave("w1"));
-        bytes = String::from_utf8(bytes).expect("utf8").replace("RUNNING", "SNOOZING").into_bytes();
+        bytes = String::from_utf8(bytes)
+            .expect("utf8")
+            .replace("RUNNING", "SNOOZING")
+            .into_bytes();
         store.waves.insert("w1", bytes).expect("insert");
         assert!(matches!(store.load_waves(), Err(StoreError::Decode { .. })));
         let mut future = wave("w1");
         future.format = 99;
         store.waves.insert("w1", encode(&future)).expect("insert");
-        assert!(matches!(store.load_waves(), Err(StoreError::Format { found: 99, .. })));
+        assert!(matches!(
+            store.load_waves(),
+            Err(StoreError::Format { found: 99, .. })
+        ));
     }
 
     #[test]
@@ -468,6 +490,9 @@ mod tests {
         .expect("bundle");
         store.save_bundle(&b).expect("save");
         assert_eq!(store.load_bundle(b.id()).expect("load").id(), b.id());
-        assert!(matches!(store.load_bundle("nope"), Err(StoreError::MissingBundle(_))));
+        assert!(matches!(
+            store.load_bundle("nope"),
+            Err(StoreError::MissingBundle(_))
+        ));
     }
 }

@@ -144,7 +144,11 @@ pub fn parse_csv(text: &str, origin: &str) -> Result<Vec<Tenant>, TargetError> {
             }
             // Neither message echoes field values (a DSN may hold a password).
             Err(e) => bad.push(match e.kind() {
-                csv::ErrorKind::UnequalLengths { pos, expected_len, len } => format!(
+                csv::ErrorKind::UnequalLengths {
+                    pos,
+                    expected_len,
+                    len,
+                } => format!(
                     "line {}: {len} fields, the header has {expected_len}",
                     pos.as_ref().map(|p| p.line()).unwrap_or(0)
                 ),
@@ -162,7 +166,11 @@ pub fn parse_csv(text: &str, origin: &str) -> Result<Vec<Tenant>, TargetError> {
     build(origin, rows)
 }
 
-async fn simple_query(dsn_text: &str, sql: &str, origin: &str) -> Result<Vec<SimpleQueryMessage>, TargetError> {
+async fn simple_query(
+    dsn_text: &str,
+    sql: &str,
+    origin: &str,
+) -> Result<Vec<SimpleQueryMessage>, TargetError> {
     let source_error = |message: String| TargetError::Source {
         origin: origin.to_string(),
         message,
@@ -176,7 +184,8 @@ async fn simple_query(dsn_text: &str, sql: &str, origin: &str) -> Result<Vec<Sim
     let run = |e: String| source_error(format!("{dsn}: {e}"));
     match dsn.tls() {
         TlsMode::Plain => {
-            let manager = bb8_postgres::PostgresConnectionManager::new(config, tokio_postgres::NoTls);
+            let manager =
+                bb8_postgres::PostgresConnectionManager::new(config, tokio_postgres::NoTls);
             let pool = bb8::Pool::builder()
                 .max_size(2)
                 .build(manager)
@@ -211,13 +220,17 @@ async fn catalog(dsn: &str, query: &str) -> Result<Vec<Tenant>, TargetError> {
     let mut rows = Vec::new();
     let mut n = 0u64;
     for m in &messages {
-        let SimpleQueryMessage::Row(r) = m else { continue };
+        let SimpleQueryMessage::Row(r) = m else {
+            continue;
+        };
         n += 1;
         let columns: Vec<&str> = r.columns().iter().map(|c| c.name()).collect();
         if columns.len() < 2 {
             return Err(TargetError::Source {
                 origin: origin.into(),
-                message: format!("the query must return tenant_id, dsn[, labels…]; it returns {columns:?}"),
+                message: format!(
+                    "the query must return tenant_id, dsn[, labels…]; it returns {columns:?}"
+                ),
             });
         }
         let labels = (2..columns.len())
@@ -247,7 +260,9 @@ async fn discover(dsn_text: &str, pattern: &str) -> Result<Vec<Tenant>, TargetEr
     let messages = simple_query(dsn_text, &sql, &origin).await?;
     let mut tenants = Vec::new();
     for m in &messages {
-        let SimpleQueryMessage::Row(r) = m else { continue };
+        let SimpleQueryMessage::Row(r) = m else {
+            continue;
+        };
         let name = r.get(0).unwrap_or_default();
         let dsn = server.with_dbname(name).map_err(|e| TargetError::Source {
             origin: origin.clone(),
@@ -278,7 +293,11 @@ mod tests {
         .expect("parses");
         assert_eq!(t.len(), 2);
         assert_eq!(t[0].labels.get("region").map(String::as_str), Some("eu"));
-        assert_eq!(t[1].labels.get("tier"), None, "empty label cells are absent");
+        assert_eq!(
+            t[1].labels.get("tier"),
+            None,
+            "empty label cells are absent"
+        );
         assert_eq!(t[1].dsn.host(), "h2:5432");
     }
 
@@ -291,7 +310,10 @@ mod tests {
         .expect_err("bad rows");
         let text = err.to_string();
         assert!(text.contains("line 3: duplicate tenant_id \"a\""), "{text}");
-        assert!(text.contains("line 4: tenant \"b\": invalid connection string: sslmode"), "{text}");
+        assert!(
+            text.contains("line 4: tenant \"b\": invalid connection string: sslmode"),
+            "{text}"
+        );
         assert!(text.contains("line 5: empty tenant_id"), "{text}");
         assert!(!text.contains("pw"), "{text}");
     }
@@ -301,8 +323,14 @@ mod tests {
         let e = parse_csv("id,url\nx,y\n", "t.csv").expect_err("header");
         assert!(e.to_string().contains("tenant_id,dsn"), "{e}");
         let e = parse_csv("tenant_id,dsn\n", "t.csv").expect_err("empty");
-        assert_eq!(e, TargetError::Empty { origin: "t.csv".into() });
-        let e = parse_csv("tenant_id,dsn,region\na,postgresql://u@h/a\n", "t.csv").expect_err("ragged");
+        assert_eq!(
+            e,
+            TargetError::Empty {
+                origin: "t.csv".into()
+            }
+        );
+        let e =
+            parse_csv("tenant_id,dsn,region\na,postgresql://u@h/a\n", "t.csv").expect_err("ragged");
         assert!(e.to_string().contains("line 2"), "{e}");
         let e = parse_csv("tenant_id,dsn\na\n", "t.csv").expect_err("missing dsn");
         assert!(e.to_string().contains("t.csv"), "{e}");

@@ -30,10 +30,10 @@ use crate::apply::{Outcome, StopSignal, TenantRun, apply_tenant};
 use crate::bundle::Bundle;
 use crate::dsn::Dsn;
 use crate::policy::{AfterCanary, Canary, Policy, PolicyError};
-use crate::secret::{SecretError, Sealer};
+use crate::secret::{Sealer, SecretError};
 use crate::store::{
-    ErrorRecord, FORMAT, ProgressStore, SledStore, StateChange, StoreError, TenantRecord, TenantState, WaveRecord,
-    WaveState,
+    ErrorRecord, FORMAT, ProgressStore, SledStore, StateChange, StoreError, TenantRecord,
+    TenantState, WaveRecord, WaveState,
 };
 use crate::target::Tenant;
 use queue::{Limits, Queue};
@@ -187,7 +187,11 @@ struct WaveInner {
 }
 
 enum Decision {
-    Start { seq: u32, generation: u64, sealed: String },
+    Start {
+        seq: u32,
+        generation: u64,
+        sealed: String,
+    },
     Wait,
     WaitUntil(Instant),
     Exit,
@@ -251,7 +255,11 @@ impl WaveInner {
         Limits {
             concurrency: p.concurrency,
             per_host: p.per_host,
-            gate: if self.record.canary_passed { u32::MAX } else { self.canaries },
+            gate: if self.record.canary_passed || self.canaries == 0 {
+                u32::MAX
+            } else {
+                self.canaries
+            },
         }
     }
 }
@@ -294,7 +302,10 @@ impl Engine {
         for record in records {
             let bundle = Arc::new(engine.inner.store.load_bundle(&record.bundle_id)?);
             let mut tenants = engine.inner.store.load_tenants(&record.id)?;
-            for t in tenants.iter_mut().filter(|t| t.state == TenantState::Running) {
+            for t in tenants
+                .iter_mut()
+                .filter(|t| t.state == TenantState::Running)
+            {
                 // Interrupted mid-run: its log will tell the applier what happened.
                 t.state = TenantState::Pending;
                 engine.inner.store.save_tenant(&record.id, t)?;
@@ -308,7 +319,12 @@ impl Engine {
         Ok(engine)
     }
 
-    fn insert_wave(&self, record: WaveRecord, tenants: Vec<TenantRecord>, bundle: Arc<Bundle>) -> Arc<Wave> {
+    fn insert_wave(
+        &self,
+        record: WaveRecord,
+        tenants: Vec<TenantRecord>,
+        bundle: Arc<Bundle>,
+    ) -> Arc<Wave> {
         let mut counts = Counts::default();
         let mut queue = Queue::default();
         let mut canaries = 0;
@@ -378,7 +394,10 @@ impl Engine {
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = tenants.iter().find(|t| !seen.insert(t.id.as_str())) {
-            return Err(EngineError::Targets(format!("duplicate tenant id {:?}", dup.id)));
+            return Err(EngineError::Targets(format!(
+                "duplicate tenant id {:?}",
+                dup.id
+            )));
         }
         // Canaries first, then by id: a deterministic order that `seq` records.
         let mut ordered = tenants;
@@ -451,7 +470,9 @@ impl Engine {
         drop(inner);
         let engine = self.clone();
         let wave = wave.clone();
-        self.inner.tasks.spawn(async move { engine.dispatch(wave).await });
+        self.inner
+            .tasks
+            .spawn(async move { engine.dispatch(wave).await });
     }
 
     /// One wave's dispatcher: starts tenants while the policy allows, until the wave
@@ -495,10 +516,12 @@ impl Engine {
 
     fn can_start(&self, wave: &Wave) -> bool {
         let mut inner = wave.lock();
-        inner.record.state == WaveState::Running && inner.queue.running() < inner.record.policy.concurrency && {
-            inner.queue.promote_due(Instant::now());
-            !inner.queue.is_empty()
-        }
+        inner.record.state == WaveState::Running
+            && inner.queue.running() < inner.record.policy.concurrency
+            && {
+                inner.queue.promote_due(Instant::now());
+                !inner.queue.is_empty()
+            }
     }
 
     fn decide(&self, wave: &Wave) -> Decision {
@@ -530,15 +553,21 @@ impl Engine {
                         sealed,
                     }
                 } else if inner.queue.running() == 0 && inner.queue.is_empty() {
-                    if inner.counts.succeeded + inner.counts.failed + inner.counts.cancelled == inner.counts.total {
-                        let (to, reason) = if inner.counts.failed == 0 && inner.counts.cancelled == 0 {
-                            (WaveState::Completed, String::new())
-                        } else {
-                            (
-                                WaveState::Failed,
-                                format!("{} of {} tenants failed", inner.counts.failed, inner.counts.total),
-                            )
-                        };
+                    if inner.counts.succeeded + inner.counts.failed + inner.counts.cancelled
+                        == inner.counts.total
+                    {
+                        let (to, reason) =
+                            if inner.counts.failed == 0 && inner.counts.cancelled == 0 {
+                                (WaveState::Completed, String::new())
+                            } else {
+                                (
+                                    WaveState::Failed,
+                                    format!(
+                                        "{} of {} tenants failed",
+                                        inner.counts.failed, inner.counts.total
+                                    ),
+                                )
+                            };
                         inner.transition(to, DAEMON_ACTOR, &reason);
                         self.save_wave(&inner);
                         wave.emit(&inner, None);
@@ -576,7 +605,12 @@ impl Engine {
         let stop = wave.lock().stops.get(&seq).cloned().unwrap_or_default();
         self.inner.tasks.spawn(async move {
             let policy = wave.lock().record.policy.clone();
-            let outcome = match engine.inner.sealer.open(&sealed).map(|text| Dsn::parse(&text)) {
+            let outcome = match engine
+                .inner
+                .sealer
+                .open(&sealed)
+                .map(|text| Dsn::parse(&text))
+            {
                 Ok(Ok(dsn)) => {
                     let run = TenantRun {
                         bundle: &wave.bundle,
@@ -597,7 +631,9 @@ impl Engine {
 
     fn finish_tenant(&self, wave: &Wave, seq: u32, generation: u64, outcome: Outcome) {
         let mut inner = wave.lock();
-        let Some(current) = inner.tenants.get(seq as usize) else { return };
+        let Some(current) = inner.tenants.get(seq as usize) else {
+            return;
+        };
         if current.generation != generation || current.state != TenantState::Running {
             tracing::warn!(wave = %wave.id, seq, generation, "dropping a stale tenant result");
             return;
@@ -615,7 +651,9 @@ impl Engine {
             Outcome::Busy => {
                 // Someone else holds the tenant; not a failure, not a retry spent.
                 let busy_round = inner.tenants[seq as usize].attempts;
-                let delay = policy.backoff(busy_round.min(6)).max(Duration::from_millis(200));
+                let delay = policy
+                    .backoff(busy_round.min(6))
+                    .max(Duration::from_millis(200));
                 inner.queue.push_delayed(seq, &host, now + delay);
                 TenantState::Pending
             }
@@ -667,7 +705,10 @@ impl Engine {
                 let reason = format!(
                     "canary tenant {} failed: {}",
                     t.tenant_id,
-                    t.last_error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+                    t.last_error
+                        .as_ref()
+                        .map(|e| e.message.as_str())
+                        .unwrap_or("")
                 );
                 inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
                 self.save_wave(inner);
@@ -681,14 +722,20 @@ impl Engine {
             if all_passed {
                 inner.record.canary_passed = true;
                 if inner.record.policy.after_canary == AfterCanary::Pause {
-                    inner.transition(WaveState::Paused, DAEMON_ACTOR, "canary stage succeeded; resume to continue");
+                    inner.transition(
+                        WaveState::Paused,
+                        DAEMON_ACTOR,
+                        "canary stage succeeded; resume to continue",
+                    );
                 }
                 self.save_wave(inner);
                 return;
             }
         }
         let budget = inner.record.policy.max_failures;
-        if t.state == TenantState::Failed && budget.exceeded(inner.counts.failed, inner.counts.total) {
+        if t.state == TenantState::Failed
+            && budget.exceeded(inner.counts.failed, inner.counts.total)
+        {
             let reason = format!(
                 "failure budget exceeded: {} of {} tenants failed (budget {budget:?})",
                 inner.counts.failed, inner.counts.total
@@ -710,7 +757,9 @@ impl Engine {
         let changed_tenants = apply(&mut inner)?;
         // Durable before acknowledged: tenants first, the wave record (flushed) last.
         for seq in changed_tenants {
-            self.inner.store.save_tenant(id, &inner.tenants[seq as usize])?;
+            self.inner
+                .store
+                .save_tenant(id, &inner.tenants[seq as usize])?;
         }
         self.inner.store.save_wave(&inner.record)?;
         wave.emit(&inner, None);
@@ -745,10 +794,9 @@ impl Engine {
             WaveState::Paused | WaveState::Pending => {
                 // Resuming after the canary stage ended without passing (a canary
                 // failed and was not retried) is the operator accepting it.
-                let canary_stage_over = !inner
-                    .tenants
-                    .iter()
-                    .any(|t| t.canary && matches!(t.state, TenantState::Pending | TenantState::Running));
+                let canary_stage_over = !inner.tenants.iter().any(|t| {
+                    t.canary && matches!(t.state, TenantState::Pending | TenantState::Running)
+                });
                 if !inner.record.canary_passed && canary_stage_over {
                     inner.record.canary_passed = true;
                 }
@@ -871,7 +919,10 @@ impl Engine {
     }
 
     /// A snapshot and the stream of changes after it.
-    pub fn watch(&self, id: &str) -> Result<(WaveStatus, broadcast::Receiver<WaveEvent>), EngineError> {
+    pub fn watch(
+        &self,
+        id: &str,
+    ) -> Result<(WaveStatus, broadcast::Receiver<WaveEvent>), EngineError> {
         let wave = self.wave(id)?;
         let inner = wave.lock();
         // Subscribing under the lock: no event falls between snapshot and stream.

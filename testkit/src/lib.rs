@@ -52,6 +52,12 @@ pub fn shared() -> &'static Cluster {
     SHARED.get_or_init(|| Cluster::start().expect("start the shared PostgreSQL cluster"))
 }
 
+/// A second shared cluster, for tests that need two database servers.
+pub fn shared_second() -> &'static Cluster {
+    static SHARED: OnceLock<Cluster> = OnceLock::new();
+    SHARED.get_or_init(|| Cluster::start().expect("start the second shared PostgreSQL cluster"))
+}
+
 /// Where PostgreSQL's server binaries are: `$FLOTILLA_PG_BINDIR`, `pg_config --bindir`,
 /// the newest `/usr/lib/postgresql/*/bin`, or the directory of `initdb` on PATH.
 pub fn pg_bindir() -> Result<PathBuf> {
