@@ -13,12 +13,11 @@ use super::plan::{LogRow, LogStatus};
 /// The session advisory lock key every Flotilla runner takes: "Flotilla" in ASCII.
 pub const LOCK_KEY: i64 = 0x466c_6f74_696c_6c61;
 
-/// Creates the schema and table if missing. Run only while holding [`LOCK_KEY`].
-///
-/// Beyond PRODUCT.md §5.3's required columns: `statements_done` (progress of a
-/// non-transactional script, for resume) and `started_at`. The unique index makes
-/// "each version at most once" a property of the tenant database itself.
-pub const ENSURE_SQL: &str = "\
+
+/// The log's DDL, once, for both ways of running it.
+macro_rules! log_ddl {
+    () => {
+        "\
 CREATE SCHEMA IF NOT EXISTS flotilla;
 CREATE TABLE IF NOT EXISTS flotilla.execution_log (
     id bigserial PRIMARY KEY,
@@ -38,7 +37,23 @@ CREATE TABLE IF NOT EXISTS flotilla.execution_log (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once
     ON flotilla.execution_log (version) WHERE kind = 'versioned';
-";
+"
+    };
+}
+
+/// Creates the schema and table if missing. Run only while holding [`LOCK_KEY`].
+///
+/// Beyond PRODUCT.md §5.3's required columns: `statements_done` (progress of a
+/// non-transactional script, for resume) and `started_at`. The unique index makes
+/// "each version at most once" a property of the tenant database itself.
+pub const ENSURE_SQL: &str = log_ddl!();
+
+/// [`ENSURE_SQL`] only when the table is missing: one catalog lookup on every later run.
+pub const ENSURE_IF_MISSING_SQL: &str = concat!(
+    "DO $flotilla$ BEGIN IF to_regclass('flotilla.execution_log') IS NULL THEN\n",
+    log_ddl!(),
+    "END IF; END $flotilla$"
+);
 
 /// Reads what the planner needs, oldest first.
 pub const READ_SQL: &str = "SELECT id, version, script, kind, checksum, status, statements_done \

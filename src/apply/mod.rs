@@ -255,16 +255,19 @@ pub async fn read_log(
     }
 }
 
-/// Takes the lock and reads the log in one pipelined round trip; `None` when busy.
+/// Takes the lock, ensures the log exists and reads it, in one pipelined round trip;
+/// `None` when busy.
 ///
-/// The read is a separate statement sent after the lock statement, so its snapshot is
-/// taken after the lock is held: a runner that just finished and released the lock
-/// cannot be missed.
+/// The three are separate statements sent back to back, each in its own implicit
+/// transaction, so the read's snapshot is taken after the lock is held: a runner that
+/// just finished and released the lock cannot be missed. The ensure step only creates
+/// what is missing; when we turn out not to hold the lock its outcome is ignored.
 async fn lock_and_read_log(session: &Session) -> Result<Option<Vec<plan::LogRow>>, ApplyError> {
     let client = session.client();
     let lock_sql = log::try_lock_sql();
-    let (locked, read) = tokio::join!(
+    let (locked, ensured, read) = tokio::join!(
         client.simple_query(&lock_sql),
+        client.simple_query(log::ENSURE_IF_MISSING_SQL),
         client.simple_query(log::READ_SQL)
     );
     let locked = locked.map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
@@ -277,6 +280,11 @@ async fn lock_and_read_log(session: &Session) -> Result<Option<Vec<plan::LogRow>
             let f = DbFailure::from(&e);
             if !log::is_missing_log(f.sqlstate.as_deref()) {
                 return Err(ApplyError::Log(f));
+            }
+            // The ensure step failed (its error says why) or raced a runner that did
+            // not hold the lock; we hold it now, so create plainly and start empty.
+            if let Err(e) = ensured {
+                tracing::debug!(error = %DbFailure::from(&e), "ensuring the log failed; retrying under the lock");
             }
             client
                 .batch_execute(log::ENSURE_SQL)
