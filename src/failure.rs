@@ -87,6 +87,14 @@ impl From<&tokio_postgres::Error> for DbFailure {
         // No server error: the connection broke, timed out, or never came up. Those are
         // retryable; a failure of the client's own making (bad config, TLS setup) is not.
         let message = e.to_string();
+        // A refused certificate stays refused; it is not a network hiccup.
+        if message.contains("TLS handshake") || message.contains("certificate") {
+            return Self {
+                sqlstate: None,
+                message,
+                retryability: Retryability::Permanent,
+            };
+        }
         let io_like = e.is_closed()
             || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
             || message.contains("timeout")

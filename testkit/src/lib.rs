@@ -366,6 +366,45 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// Turns TLS on with a fresh self-signed certificate for `server_name` and returns the
+    /// certificate's path (to use as `sslrootcert`). Needs the `openssl` command.
+    pub async fn enable_tls(&self, server_name: &str) -> Result<PathBuf> {
+        let data = self.data_dir();
+        let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        run(Command::new("openssl")
+            .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048", "-subj"])
+            .arg(format!("/CN={server_name}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName=DNS:{server_name}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt))
+        .context("generate a certificate with openssl")?;
+        if self.run_as_postgres {
+            run(Command::new("chown").arg("postgres:postgres").arg(&crt).arg(&key))?;
+        }
+        run(Command::new("chmod").arg("600").arg(&key))?;
+        let admin = self.connect("postgres").await?;
+        admin
+            .batch_execute("ALTER SYSTEM SET ssl = on; SELECT pg_reload_conf();")
+            .await
+            .context("turn ssl on")?;
+        // The reload is asynchronous: wait until new sessions see it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let on: String = self.connect("postgres").await?.query_one("SHOW ssl", &[]).await?.get(0);
+            if on == "on" {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("ssl did not turn on");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(crt)
+    }
+
     /// Creates `count` tenant databases named `{prefix}{n:05}` (n from 1), each a copy
     /// of a template seeded with `seed_sql`, using `STRATEGY FILE_COPY` from several
     /// sessions at once. Returns their names in order.
