@@ -542,10 +542,9 @@ impl Engine {
                     t.started_at_ms = Some(now_ms());
                     t.finished_at_ms = None;
                     let (generation, sealed) = (t.generation, t.dsn_sealed.clone());
+                    // Not stored: a tenant found RUNNING on open is queued again anyway,
+                    // so recording the start would buy nothing but a write per tenant.
                     let t = inner.tenants[seq as usize].clone();
-                    if let Err(e) = self.inner.store.save_tenant(&wave.id, &t) {
-                        tracing::error!(wave = %wave.id, error = %e, "cannot record a tenant start");
-                    }
                     wave.emit(&inner, Some(&t));
                     Decision::Start {
                         seq,
