@@ -25,7 +25,9 @@ const LOCK_KEY: i64 = 0x466c_6f74_696c_6c61;
 /// The floor: lock, ensure and read the same log table (same DDL, same index), then
 /// per script `BEGIN; script; INSERT log row; COMMIT` in one batch. Nothing else.
 async fn floor_tenant(url: String) {
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
     let conn = tokio::spawn(conn);
     client
         .batch_execute(&format!(
@@ -69,10 +71,17 @@ async fn run_floor(cluster: &Cluster, dbs: &[String]) -> (Duration, Duration) {
     for t in tasks {
         t.await.expect("floor task");
     }
-    (started.elapsed(), common::process_cpu().saturating_sub(cpu_before))
+    (
+        started.elapsed(),
+        common::process_cpu().saturating_sub(cpu_before),
+    )
 }
 
-async fn run_engine(cluster: &Cluster, dbs: &[String], mode: TransactionMode) -> (Duration, Duration) {
+async fn run_engine(
+    cluster: &Cluster,
+    dbs: &[String],
+    mode: TransactionMode,
+) -> (Duration, Duration) {
     let data = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(data.path()).expect("engine");
     let tenants: Vec<Tenant> = dbs
@@ -90,7 +99,9 @@ async fn run_engine(cluster: &Cluster, dbs: &[String], mode: TransactionMode) ->
     };
     let cpu_before = common::process_cpu();
     let started = Instant::now();
-    let id = engine.start_wave(common::bundle(), tenants, policy, "bench").expect("start");
+    let id = engine
+        .start_wave(common::bundle(), tenants, policy, "bench")
+        .expect("start");
     let (_, mut events) = engine.watch(&id).expect("watch");
     loop {
         let s = engine.status(&id).expect("status");
@@ -108,15 +119,27 @@ async fn run_engine(cluster: &Cluster, dbs: &[String], mode: TransactionMode) ->
 
 async fn fresh_tenants(cluster: &Cluster, prefix: &str, n: usize) -> Vec<String> {
     let started = Instant::now();
-    let dbs = cluster.create_tenants(prefix, n, "").await.expect("tenants");
-    eprintln!("  created {n} tenant databases in {:.1?}", started.elapsed());
+    let dbs = cluster
+        .create_tenants(prefix, n, "")
+        .await
+        .expect("tenants");
+    eprintln!(
+        "  created {n} tenant databases in {:.1?}",
+        started.elapsed()
+    );
     dbs
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = std::env::var("FLEET_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    println!("fleet bench: {n} tenants, 5 scripts, concurrency {CONCURRENCY}, {}", common::machine());
+    let n: usize = std::env::var("FLEET_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    println!(
+        "fleet bench: {n} tenants, 5 scripts, concurrency {CONCURRENCY}, {}",
+        common::machine()
+    );
     let cluster = Cluster::start().expect("cluster");
 
     // All databases first, so every run meets the same cluster state; no drops between
@@ -144,12 +167,16 @@ async fn main() {
                     cpu_floor += c;
                 }
                 1 => {
-                    let (t, c) = run_engine(&cluster, &ps_dbs[range.clone()], TransactionMode::PerScript).await;
+                    let (t, c) =
+                        run_engine(&cluster, &ps_dbs[range.clone()], TransactionMode::PerScript)
+                            .await;
                     per_script += t;
                     cpu_ps += c;
                 }
                 _ => {
-                    let (t, c) = run_engine(&cluster, &pt_dbs[range.clone()], TransactionMode::PerTenant).await;
+                    let (t, c) =
+                        run_engine(&cluster, &pt_dbs[range.clone()], TransactionMode::PerTenant)
+                            .await;
                     per_tenant += t;
                     cpu_pt += c;
                 }

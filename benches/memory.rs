@@ -17,8 +17,14 @@ use flotilla_testkit::Cluster;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: usize = std::env::var("MEMORY_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    println!("memory bench: {n} tenants over 64 databases, {}", common::machine());
+    let n: usize = std::env::var("MEMORY_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    println!(
+        "memory bench: {n} tenants over 64 databases, {}",
+        common::machine()
+    );
     let cluster = Cluster::start().expect("cluster");
     let dbs = cluster.create_tenants("mem_", 64, "").await.expect("dbs");
     let tenants: Vec<Tenant> = (0..n)
@@ -33,14 +39,27 @@ async fn main() {
     let engine = Engine::open(data.path()).expect("engine");
     let started = Instant::now();
     let id = engine
-        .start_wave(common::bundle(), tenants, Policy { concurrency: 16, ..Policy::default() }, "bench")
+        .start_wave(
+            common::bundle(),
+            tenants,
+            Policy {
+                concurrency: 16,
+                ..Policy::default()
+            },
+            "bench",
+        )
         .expect("start");
     let mut sampled_peak: f64 = 0.0;
     loop {
         let s = engine.status(&id).expect("status");
         sampled_peak = sampled_peak.max(common::rss_mib().0);
         if s.state.is_finished() {
-            println!("wave {} in {:.1?}: {:?}", s.state.as_str(), started.elapsed(), s.counts);
+            println!(
+                "wave {} in {:.1?}: {:?}",
+                s.state.as_str(),
+                started.elapsed(),
+                s.counts
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use flotilla::policy::Policy;
 use flotilla::secret::Sealer;
-use flotilla::store::{FORMAT, ProgressStore, SledStore, TenantRecord, TenantState, WaveRecord, WaveState};
+use flotilla::store::{
+    FORMAT, ProgressStore, SledStore, TenantRecord, TenantState, WaveRecord, WaveState,
+};
 use flotilla::wave::Engine;
 
 const TENANTS: u32 = 10_000;
@@ -38,7 +40,9 @@ fn seed(dir: &std::path::Path, state: WaveState) -> String {
             format: FORMAT,
             seq,
             tenant_id: format!("tenant_{seq:05}"),
-            dsn_sealed: sealer.seal(&format!("postgresql://app:secret@127.0.0.1:1/tenant_{seq:05}")),
+            dsn_sealed: sealer.seal(&format!(
+                "postgresql://app:secret@127.0.0.1:1/tenant_{seq:05}"
+            )),
             dsn_redacted: format!("postgresql://app@127.0.0.1:1/tenant_{seq:05}"),
             host: "127.0.0.1:1".into(),
             labels: BTreeMap::from([("region".into(), "eu".into())]),

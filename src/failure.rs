@@ -86,7 +86,13 @@ impl From<&tokio_postgres::Error> for DbFailure {
         }
         // No server error: the connection broke, timed out, or never came up. Those are
         // retryable; a failure of the client's own making (bad config, TLS setup) is not.
-        let message = e.to_string();
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
         // A refused certificate stays refused; it is not a network hiccup.
         if message.contains("TLS handshake") || message.contains("certificate") {
             return Self {

@@ -9,7 +9,10 @@ use flotilla_testkit::Cluster;
 async fn ssl_in_use(session: &Session) -> bool {
     session
         .client()
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .expect("pg_stat_ssl")
         .get(0)
@@ -18,7 +21,10 @@ async fn ssl_in_use(session: &Session) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let cluster = Cluster::start().expect("cluster");
-    let ca = cluster.enable_tls("db.flotilla.invalid").await.expect("tls");
+    let ca = cluster
+        .enable_tls("db.flotilla.invalid")
+        .await
+        .expect("tls");
     let ca = ca.display();
     let port = cluster.port();
     let connect = |dsn: String| async move {
@@ -26,12 +32,16 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
         Session::connect(&dsn, &SessionSettings::default()).await
     };
 
-    let plain = connect(format!("postgresql://postgres@127.0.0.1:{port}/postgres")).await.expect("plain");
+    let plain = connect(format!("postgresql://postgres@127.0.0.1:{port}/postgres"))
+        .await
+        .expect("plain");
     assert!(!ssl_in_use(&plain).await, "no sslmode: plain TCP");
 
-    let require = connect(format!("postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=require"))
-        .await
-        .expect("require connects without checking the certificate");
+    let require = connect(format!(
+        "postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=require"
+    ))
+    .await
+    .expect("require connects without checking the certificate");
     assert!(ssl_in_use(&require).await);
 
     let verify_ca = connect(format!(
@@ -47,11 +57,22 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     .await
     .err()
     .expect("verify-full refuses a certificate for another name");
-    assert_eq!(wrong_name.retryability, Retryability::Permanent, "{wrong_name}");
+    assert_eq!(
+        wrong_name.retryability,
+        Retryability::Permanent,
+        "{wrong_name}"
+    );
 
-    let untrusted = connect(format!("postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=verify-ca"))
-        .await
-        .err()
-        .expect("without sslrootcert a self-signed certificate is not trusted");
-    assert!(untrusted.to_string().contains("cannot connect to postgresql://postgres@127.0.0.1"), "{untrusted}");
+    let untrusted = connect(format!(
+        "postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=verify-ca"
+    ))
+    .await
+    .err()
+    .expect("without sslrootcert a self-signed certificate is not trusted");
+    assert!(
+        untrusted
+            .to_string()
+            .contains("cannot connect to postgresql://postgres@127.0.0.1"),
+        "{untrusted}"
+    );
 }

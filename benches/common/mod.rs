@@ -8,11 +8,23 @@ use flotilla::bundle::{Bundle, BundleFile};
 
 /// The 5-script bundle PRODUCT.md §7 speaks of.
 pub const SCRIPTS: [(&str, &str); 5] = [
-    ("V1__users.sql", "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);"),
+    (
+        "V1__users.sql",
+        "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);",
+    ),
     ("V2__email.sql", "ALTER TABLE users ADD COLUMN email text;"),
-    ("V3__orders.sql", "CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint REFERENCES users (id), total numeric);"),
-    ("V4__index.sql", "CREATE INDEX orders_user_idx ON orders (user_id);"),
-    ("V5__seed.sql", "INSERT INTO users (name, email) VALUES ('admin', 'admin@example.invalid');"),
+    (
+        "V3__orders.sql",
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint REFERENCES users (id), total numeric);",
+    ),
+    (
+        "V4__index.sql",
+        "CREATE INDEX orders_user_idx ON orders (user_id);",
+    ),
+    (
+        "V5__seed.sql",
+        "INSERT INTO users (name, email) VALUES ('admin', 'admin@example.invalid');",
+    ),
 ];
 
 pub fn bundle() -> Bundle {
@@ -32,7 +44,10 @@ pub fn bundle() -> Bundle {
 /// User + system CPU time of this process so far.
 pub fn process_cpu() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the comm.
     let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -58,7 +73,16 @@ pub fn rss_mib() -> (f64, f64) {
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    format!("{} cores, {cpu}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0))
+    format!(
+        "{} cores, {cpu}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    )
 }

@@ -13,7 +13,6 @@ use super::plan::{LogRow, LogStatus};
 /// The session advisory lock key every Flotilla runner takes: "Flotilla" in ASCII.
 pub const LOCK_KEY: i64 = 0x466c_6f74_696c_6c61;
 
-
 /// The log's DDL, once, for both ways of running it.
 macro_rules! log_ddl {
     () => {

@@ -366,34 +366,76 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
-    /// Turns TLS on with a fresh self-signed certificate for `server_name` and returns the
-    /// certificate's path (to use as `sslrootcert`). Needs the `openssl` command.
+    /// Turns TLS on with a certificate for `server_name` issued by a fresh test CA, and
+    /// returns the CA certificate's path (to use as `sslrootcert`). Needs `openssl`.
     pub async fn enable_tls(&self, server_name: &str) -> Result<PathBuf> {
         let data = self.data_dir();
         let (crt, key) = (data.join("server.crt"), data.join("server.key"));
+        let (ca_crt, ca_key) = (self.root.join("ca.crt"), self.root.join("ca.key"));
+        let (csr, ext) = (self.root.join("server.csr"), self.root.join("server.ext"));
         run(Command::new("openssl")
-            .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048", "-subj"])
+            .args([
+                "req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048",
+            ])
+            .args(["-subj", "/CN=flotilla-test-ca", "-keyout"])
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca_crt))
+        .context("generate a test CA with openssl")?;
+        run(Command::new("openssl")
+            .args(["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj"])
             .arg(format!("/CN={server_name}"))
-            .arg("-addext")
-            .arg(format!("subjectAltName=DNS:{server_name}"))
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
+            .arg(&csr))
+        .context("generate a server key")?;
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName=DNS:{server_name}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            ),
+        )?;
+        run(Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-in"])
+            .arg(&csr)
+            .arg("-CA")
+            .arg(&ca_crt)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .args(["-CAcreateserial", "-extfile"])
+            .arg(&ext)
+            .arg("-out")
             .arg(&crt))
-        .context("generate a certificate with openssl")?;
+        .context("sign the server certificate")?;
         if self.run_as_postgres {
-            run(Command::new("chown").arg("postgres:postgres").arg(&crt).arg(&key))?;
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&crt)
+                .arg(&key))?;
         }
         run(Command::new("chmod").arg("600").arg(&key))?;
         let admin = self.connect("postgres").await?;
+        // Two calls: a multi-statement string is one implicit transaction, which
+        // ALTER SYSTEM refuses.
         admin
-            .batch_execute("ALTER SYSTEM SET ssl = on; SELECT pg_reload_conf();")
+            .batch_execute("ALTER SYSTEM SET ssl = on")
             .await
             .context("turn ssl on")?;
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("reload")?;
         // The reload is asynchronous: wait until new sessions see it.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let on: String = self.connect("postgres").await?.query_one("SHOW ssl", &[]).await?.get(0);
+            let on: String = self
+                .connect("postgres")
+                .await?
+                .query_one("SHOW ssl", &[])
+                .await?
+                .get(0);
             if on == "on" {
                 break;
             }
@@ -402,7 +444,7 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(crt)
+        Ok(ca_crt)
     }
 
     /// Creates `count` tenant databases named `{prefix}{n:05}` (n from 1), each a copy
