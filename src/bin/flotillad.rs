@@ -19,6 +19,10 @@ struct Args {
     /// Directory of the progress store and the bundles of every wave.
     #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "./flotilla-data")]
     data_dir: PathBuf,
+    /// On SIGTERM/SIGINT, how long to wait for connected clients (a `watch` stream, say)
+    /// to hang up before closing their connections.
+    #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    drain_timeout: std::time::Duration,
 }
 
 #[tokio::main]
@@ -52,12 +56,27 @@ async fn main() -> anyhow::Result<()> {
 
     // Tests and scripts read this line to learn the port when listening on :0.
     tracing::info!(addr = %local, data_dir = %args.data_dir.display(), "flotillad listening");
-    tonic::transport::Server::builder()
+    let stop = tokio_util::sync::CancellationToken::new();
+    let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-        .await
-        .context("serve gRPC")?;
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            stop.clone().cancelled_owned(),
+        );
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => result.context("serve gRPC")?,
+        _ = shutdown_signal() => {
+            stop.cancel();
+            // Graceful shutdown waits for every client to hang up; a client that never
+            // does must not keep the daemon alive.
+            match tokio::time::timeout(args.drain_timeout, &mut serve).await {
+                Ok(result) => result.context("serve gRPC")?,
+                Err(_) => tracing::warn!(timeout = ?args.drain_timeout, "clients still connected; closing them"),
+            }
+        }
+    }
     tracing::info!("flotillad stopped");
     Ok(())
 }
