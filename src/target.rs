@@ -181,37 +181,42 @@ async fn simple_query(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
-    let run = |e: String| source_error(format!("{dsn}: {e}"));
-    match dsn.tls() {
-        TlsMode::Plain => {
-            let manager =
-                bb8_postgres::PostgresConnectionManager::new(config, tokio_postgres::NoTls);
-            let pool = bb8::Pool::builder()
-                .max_size(2)
-                .build(manager)
+    let result = match dsn.tls() {
+        TlsMode::Plain => pooled_query(config, tokio_postgres::NoTls, sql).await,
+        mode => match crate::connect::tls_config(mode, &dsn) {
+            Ok(tls) => {
+                pooled_query(
+                    config,
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    sql,
+                )
                 .await
-                .map_err(|e| run(crate::failure::DbFailure::from(&e).to_string()))?;
-            let conn = pool.get().await.map_err(|e| run(e.to_string()))?;
-            conn.simple_query(sql)
-                .await
-                .map_err(|e| run(crate::failure::DbFailure::from(&e).to_string()))
-        }
-        _ => {
-            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
-                crate::connect::tls_config(dsn.tls(), &dsn).map_err(|e| run(e.to_string()))?,
-            );
-            let manager = bb8_postgres::PostgresConnectionManager::new(config, tls);
-            let pool = bb8::Pool::builder()
-                .max_size(2)
-                .build(manager)
-                .await
-                .map_err(|e| run(crate::failure::DbFailure::from(&e).to_string()))?;
-            let conn = pool.get().await.map_err(|e| run(e.to_string()))?;
-            conn.simple_query(sql)
-                .await
-                .map_err(|e| run(crate::failure::DbFailure::from(&e).to_string()))
-        }
-    }
+            }
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    result.map_err(|e| source_error(format!("{dsn}: {e}")))
+}
+
+/// Runs `sql` on a connection from a small bb8 pool; errors as text without secrets.
+async fn pooled_query<T>(
+    config: tokio_postgres::Config,
+    tls: T,
+    sql: &str,
+) -> Result<Vec<SimpleQueryMessage>, String>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send + Sync,
+    T::TlsConnect: Send + Sync,
+    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
+{
+    let db_error = |e: tokio_postgres::Error| crate::failure::DbFailure::from(&e).to_string();
+    let manager = bb8_postgres::PostgresConnectionManager::new(config, tls);
+    let pool = bb8::Pool::builder().max_size(1).build_unchecked(manager);
+    // A dedicated connection reports why connecting failed at once; `get` would keep
+    // retrying until its timeout and then only say that it timed out.
+    let conn = pool.dedicated_connection().await.map_err(db_error)?;
+    conn.simple_query(sql).await.map_err(db_error)
 }
 
 async fn catalog(dsn: &str, query: &str) -> Result<Vec<Tenant>, TargetError> {

@@ -6,24 +6,14 @@ use flotilla::apply::{
     ApplyError, DriftPolicy, Outcome, PlanError, PlanOptions, StopSignal, TenantRun,
     TransactionMode, apply_tenant,
 };
-use flotilla::bundle::{Bundle, BundleFile};
+use flotilla::bundle::Bundle;
 use flotilla::connect::SessionSettings;
 use flotilla::dsn::Dsn;
 use flotilla::failure::Retryability;
 use flotilla_testkit::{Cluster, shared};
 
 fn bundle(files: &[(&str, &str)]) -> Bundle {
-    Bundle::from_files(
-        files
-            .iter()
-            .map(|(n, s)| BundleFile {
-                name: n.to_string(),
-                content: s.as_bytes().to_vec(),
-            })
-            .collect(),
-        "test",
-    )
-    .expect("valid bundle")
+    Bundle::from_sources(files, "test").expect("valid bundle")
 }
 
 const V1: (&str, &str) = (

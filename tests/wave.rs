@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla::bundle::{Bundle, BundleFile};
+use flotilla::bundle::Bundle;
 use flotilla::dsn::Dsn;
 use flotilla::policy::{Canary, FailureBudget, Policy};
 use flotilla::store::{ProgressStore, SledStore, TenantState, WaveState};
@@ -12,17 +12,7 @@ use flotilla::wave::{Engine, WaveStatus};
 use flotilla_testkit::{Cluster, shared, shared_second};
 
 fn bundle(files: &[(&str, &str)]) -> Bundle {
-    Bundle::from_files(
-        files
-            .iter()
-            .map(|(n, s)| BundleFile {
-                name: n.to_string(),
-                content: s.as_bytes().to_vec(),
-            })
-            .collect(),
-        "test",
-    )
-    .expect("valid bundle")
+    Bundle::from_sources(files, "test").expect("valid bundle")
 }
 
 /// Three scripts; V2 fails on tenants that have a `bad_marker` table; V1 sleeps `sleep`.

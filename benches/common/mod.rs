@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use flotilla::bundle::{Bundle, BundleFile};
+use flotilla::bundle::Bundle;
 
 /// The 5-script bundle PRODUCT.md §7 speaks of.
 pub const SCRIPTS: [(&str, &str); 5] = [
@@ -28,17 +28,7 @@ pub const SCRIPTS: [(&str, &str); 5] = [
 ];
 
 pub fn bundle() -> Bundle {
-    Bundle::from_files(
-        SCRIPTS
-            .iter()
-            .map(|(n, s)| BundleFile {
-                name: n.to_string(),
-                content: s.as_bytes().to_vec(),
-            })
-            .collect(),
-        "bench",
-    )
-    .expect("valid bundle")
+    Bundle::from_sources(&SCRIPTS, "bench").expect("valid bundle")
 }
 
 /// User + system CPU time of this process so far.

@@ -245,20 +245,9 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::BundleFile;
 
     fn bundle(files: &[(&str, &str)]) -> Bundle {
-        Bundle::from_files(
-            files
-                .iter()
-                .map(|(n, s)| BundleFile {
-                    name: n.to_string(),
-                    content: s.as_bytes().to_vec(),
-                })
-                .collect(),
-            "test",
-        )
-        .expect("valid bundle")
+        Bundle::from_sources(files, "test").expect("valid bundle")
     }
 
     fn three() -> Bundle {

@@ -212,6 +212,21 @@ impl Bundle {
         Self::build(files, Vec::new(), location)
     }
 
+    /// Builds a bundle from `(file name, SQL text)` pairs: bundles embedded in code,
+    /// tests and benchmarks.
+    pub fn from_sources(sources: &[(&str, &str)], location: &str) -> Result<Self, BundleError> {
+        Self::from_files(
+            sources
+                .iter()
+                .map(|(name, sql)| BundleFile {
+                    name: name.to_string(),
+                    content: sql.as_bytes().to_vec(),
+                })
+                .collect(),
+            location,
+        )
+    }
+
     /// Validates `files`, reporting `problems` already found while reading them together
     /// with its own, so one run shows everything that is wrong.
     fn build(

@@ -320,28 +320,35 @@ impl Cluster {
 
     /// Kills the postmaster and every backend with SIGKILL, as a crash would, and waits
     /// until they are gone.
+    ///
+    /// Backends are found by their working directory (every server process runs in the
+    /// data dir), not as children of the postmaster: each backend has a session of its
+    /// own, and one forked just before the kill is orphaned before it could be listed —
+    /// left alive, it would keep the shared memory and block the restart.
     pub fn kill9(&self) -> Result<()> {
-        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
-            .context("read postmaster.pid: is the server running?")?;
-        let pid: u32 = pid_file
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .context("postmaster.pid has no pid")?;
-        let mut pids = children_of(pid);
-        pids.push(pid);
-        let mut kill = Command::new("kill");
-        kill.arg("-9").args(pids.iter().map(|p| p.to_string()));
-        // Some may already be gone; the wait below is what matters.
-        let _ = kill.stderr(Stdio::null()).status();
+        let data = self.data_dir().canonicalize().context("data dir")?;
+        if processes_in(&data).is_empty() {
+            bail!("no server process runs in {}", data.display());
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while pids.iter().any(|&p| alive(p)) {
-            if Instant::now() > deadline {
-                bail!("processes of the killed cluster did not exit: {pids:?}");
+        loop {
+            let left: Vec<u32> = processes_in(&data)
+                .into_iter()
+                .filter(|&p| alive(p))
+                .collect();
+            if left.is_empty() {
+                return Ok(());
             }
+            if Instant::now() > deadline {
+                bail!("processes of the killed cluster did not exit: {left:?}");
+            }
+            let _ = Command::new("kill")
+                .arg("-9")
+                .args(left.iter().map(|p| p.to_string()))
+                .stderr(Stdio::null())
+                .status();
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
     }
 
     /// Starts the server again on the same port after [`stop`](Self::stop) or
@@ -536,22 +543,14 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Direct children of `pid`, from /proc.
-fn children_of(pid: u32) -> Vec<u32> {
+/// Every process whose working directory is `dir`, from /proc.
+fn processes_in(dir: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit_once(')')
-                        .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
-                })
-                .is_some_and(|ppid| ppid == pid.to_string())
-        })
+        .filter(|&p| std::fs::read_link(format!("/proc/{p}/cwd")).is_ok_and(|cwd| cwd == dir))
         .collect()
 }
