@@ -83,6 +83,23 @@ async fn run(bundle: &Bundle, dsn: &Dsn) -> Outcome {
     .await
 }
 
+/// Runs the bundle on a task of its own, so the test can act while it runs.
+fn spawn_run(b: &Bundle, dsn: &Dsn) -> tokio::task::JoinHandle<Outcome> {
+    let (b, dsn) = (b.clone(), dsn.clone());
+    tokio::spawn(async move { run(&b, &dsn).await })
+}
+
+/// Executes `sql` in database `db` as the superuser.
+async fn exec(cluster: &Cluster, db: &str, sql: &str) {
+    cluster
+        .connect(db)
+        .await
+        .expect("connect")
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 async fn tenant(cluster: &Cluster, prefix: &str) -> (String, Dsn) {
     let names = cluster
         .create_tenants(prefix, 1, "")
@@ -309,19 +326,9 @@ async fn syntax_error_names_the_line() {
 async fn terminated_backend_mid_script_leaves_nothing_and_the_next_run_applies_once() {
     let cluster = shared();
     let (db, dsn) = tenant(cluster, "terminate_").await;
-    cluster
-        .connect(&db)
-        .await
-        .expect("c")
-        .batch_execute("CREATE TABLE sleep_marker ()")
-        .await
-        .expect("marker");
+    exec(cluster, &db, "CREATE TABLE sleep_marker ()").await;
     let b = bundle(&[V1, V2, V3_SLEEPY, V4, V5]);
-    let running = tokio::spawn({
-        let b = b.clone();
-        let dsn = dsn.clone();
-        async move { run(&b, &dsn).await }
-    });
+    let running = spawn_run(&b, &dsn);
     wait_for("script 3 to sleep", || {
         flotilla_running(cluster, &db, "pg_sleep")
     })
@@ -343,13 +350,7 @@ async fn terminated_backend_mid_script_leaves_nothing_and_the_next_run_applies_o
     assert_eq!(log(cluster, &db).await.len(), 2);
     assert!(!exists(cluster, &db, "orders").await);
 
-    cluster
-        .connect(&db)
-        .await
-        .expect("c")
-        .batch_execute("DROP TABLE sleep_marker")
-        .await
-        .expect("drop");
+    exec(cluster, &db, "DROP TABLE sleep_marker").await;
     let outcome = run(&b, &dsn).await;
     assert_eq!(
         applied_names(&outcome),
@@ -364,19 +365,9 @@ async fn terminated_backend_mid_script_leaves_nothing_and_the_next_run_applies_o
 async fn server_killed_mid_script_then_restarted_completes_exactly_once() {
     let cluster = Cluster::start().expect("own cluster");
     let (db, dsn) = tenant(&cluster, "crash_").await;
-    cluster
-        .connect(&db)
-        .await
-        .expect("c")
-        .batch_execute("CREATE TABLE sleep_marker ()")
-        .await
-        .expect("marker");
+    exec(&cluster, &db, "CREATE TABLE sleep_marker ()").await;
     let b = bundle(&[V1, V2, V3_SLEEPY, V4, V5]);
-    let running = tokio::spawn({
-        let b = b.clone();
-        let dsn = dsn.clone();
-        async move { run(&b, &dsn).await }
-    });
+    let running = spawn_run(&b, &dsn);
     wait_for("script 3 to sleep", || {
         flotilla_running(&cluster, &db, "pg_sleep")
     })
@@ -397,13 +388,7 @@ async fn server_killed_mid_script_then_restarted_completes_exactly_once() {
     assert_eq!(error.retryability(), Retryability::Retryable);
 
     cluster.restart().expect("restart");
-    cluster
-        .connect(&db)
-        .await
-        .expect("c")
-        .batch_execute("DROP TABLE sleep_marker")
-        .await
-        .expect("drop");
+    exec(&cluster, &db, "DROP TABLE sleep_marker").await;
     let outcome = run(&b, &dsn).await;
     assert!(matches!(outcome, Outcome::Applied { .. }), "{outcome:?}");
     let rows = log(&cluster, &db).await;
@@ -533,11 +518,7 @@ async fn interrupted_create_index_concurrently_is_cleaned_and_rebuilt() {
         "-- flotilla:no-transaction\nSELECT 1;\nCREATE INDEX CONCURRENTLY big_slow_idx ON big (slow(id));\nSELECT 2;",
     );
     let b = bundle(&[setup, index]);
-    let running = tokio::spawn({
-        let b = b.clone();
-        let dsn = dsn.clone();
-        async move { run(&b, &dsn).await }
-    });
+    let running = spawn_run(&b, &dsn);
     let side = cluster.connect(&db).await.expect("side");
     wait_for("the index build to be under way", || async {
         side.query_one(
@@ -702,13 +683,7 @@ async fn wrong_password_is_a_clear_error_without_the_password() {
 async fn hard_stop_cancels_the_running_script_and_soft_stop_waits_for_the_boundary() {
     let cluster = shared();
     let (db, dsn) = tenant(cluster, "stop_").await;
-    cluster
-        .connect(&db)
-        .await
-        .expect("c")
-        .batch_execute("CREATE TABLE sleep_marker ()")
-        .await
-        .expect("marker");
+    exec(cluster, &db, "CREATE TABLE sleep_marker ()").await;
     let b = bundle(&[V1, V2, V3_SLEEPY, V4, V5]);
     let stop = StopSignal::new();
     let running = tokio::spawn({
