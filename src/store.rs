@@ -126,7 +126,7 @@ pub struct ErrorRecord {
     pub script: Option<String>,
     pub sqlstate: Option<String>,
     pub message: String,
-    pub retryable: bool,
+    pub retryability: crate::failure::Retryability,
 }
 
 /// A tenant's run within a wave, as stored.

@@ -112,18 +112,31 @@ fn duration_since_mark() -> String {
     )
 }
 
+impl RowIdentity<'_> {
+    /// The row's identity columns as SQL literals, in [`IDENTITY_COLUMNS`] order.
+    fn values(&self) -> String {
+        [
+            quote_optional(self.version),
+            quote_literal(self.script),
+            quote_literal(self.kind),
+            quote_literal(self.checksum),
+            quote_literal(self.bundle_id),
+            quote_literal(self.wave_id),
+        ]
+        .join(", ")
+    }
+}
+
+/// The columns [`RowIdentity::values`] fills.
+const IDENTITY_COLUMNS: &str = "version, script, kind, checksum, bundle_id, wave_id";
+
 /// The `applied` row of a transactional script, inserted in the script's transaction.
 pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
     format!(
         "INSERT INTO flotilla.execution_log \
-         (version, script, kind, checksum, bundle_id, wave_id, status, applied_at, applied_by, xact_id, duration_ms) \
-         VALUES ({}, {}, {}, {}, {}, {}, 'applied', clock_timestamp(), current_user, txid_current()::text, {});",
-        quote_optional(row.version),
-        quote_literal(row.script),
-        quote_literal(row.kind),
-        quote_literal(row.checksum),
-        quote_literal(row.bundle_id),
-        quote_literal(row.wave_id),
+         ({IDENTITY_COLUMNS}, status, applied_at, applied_by, xact_id, duration_ms) \
+         VALUES ({}, 'applied', clock_timestamp(), current_user, txid_current()::text, {});",
+        row.values(),
         duration_since_mark(),
     )
 }
@@ -131,15 +144,9 @@ pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
 /// The `started` row of a non-transactional script, committed before it runs.
 pub fn insert_started_sql(row: &RowIdentity<'_>) -> String {
     format!(
-        "INSERT INTO flotilla.execution_log \
-         (version, script, kind, checksum, bundle_id, wave_id, status, statements_done) \
-         VALUES ({}, {}, {}, {}, {}, {}, 'started', 0) RETURNING id;",
-        quote_optional(row.version),
-        quote_literal(row.script),
-        quote_literal(row.kind),
-        quote_literal(row.checksum),
-        quote_literal(row.bundle_id),
-        quote_literal(row.wave_id),
+        "INSERT INTO flotilla.execution_log ({IDENTITY_COLUMNS}, status, statements_done) \
+         VALUES ({}, 'started', 0) RETURNING id;",
+        row.values(),
     )
 }
 

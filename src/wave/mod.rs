@@ -191,6 +191,7 @@ enum Decision {
         seq: u32,
         generation: u64,
         sealed: String,
+        stop: StopSignal,
     },
     Wait,
     WaitUntil(Instant),
@@ -495,7 +496,8 @@ impl Engine {
                     seq,
                     generation,
                     sealed,
-                } => self.spawn_tenant(&wave, seq, generation, sealed),
+                    stop,
+                } => self.spawn_tenant(&wave, seq, generation, sealed, stop),
                 Decision::Wait => {
                     tokio::select! {
                         _ = notified => {}
@@ -534,7 +536,7 @@ impl Engine {
                 let limits = inner.limits();
                 if let Some((seq, _host)) = inner.queue.take_next(limits) {
                     let stop = StopSignal::new();
-                    inner.stops.insert(seq, stop);
+                    inner.stops.insert(seq, stop.clone());
                     inner.set_tenant(seq, TenantState::Running);
                     let t = &mut inner.tenants[seq as usize];
                     t.attempts += 1;
@@ -550,6 +552,7 @@ impl Engine {
                         seq,
                         generation,
                         sealed,
+                        stop,
                     }
                 } else if inner.queue.running() == 0 && inner.queue.is_empty() {
                     if inner.counts.succeeded + inner.counts.failed + inner.counts.cancelled
@@ -598,10 +601,16 @@ impl Engine {
         }
     }
 
-    fn spawn_tenant(&self, wave: &Arc<Wave>, seq: u32, generation: u64, sealed: String) {
+    fn spawn_tenant(
+        &self,
+        wave: &Arc<Wave>,
+        seq: u32,
+        generation: u64,
+        sealed: String,
+        stop: StopSignal,
+    ) {
         let engine = self.clone();
         let wave = wave.clone();
-        let stop = wave.lock().stops.get(&seq).cloned().unwrap_or_default();
         self.inner.tasks.spawn(async move {
             let policy = wave.lock().record.policy.clone();
             let outcome = match engine
@@ -662,7 +671,7 @@ impl Engine {
                     script: error.script().map(str::to_string),
                     sqlstate: error.sqlstate().map(str::to_string),
                     message: error.to_string(),
-                    retryable: error.retryability() == crate::failure::Retryability::Retryable,
+                    retryability: error.retryability(),
                 });
                 let retryable = error.retryability() == crate::failure::Retryability::Retryable;
                 if retryable && t.retries_used < policy.retries && !cancelled_wave {
