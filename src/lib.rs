@@ -11,8 +11,9 @@
 //! - [`policy`]: a wave's policy and its validation.
 //! - [`store`]: the progress store (sled) and its records.
 //! - [`wave`]: the wave engine: scheduling, control, resume.
-//! - [`api`]: the gRPC types generated from `proto/`; only the API layer and the CLI use
-//!   them, the core never does.
+//! - [`config`]: the daemon's config file (listen, data dir, tokens, TLS, limits).
+//! - [`api`]: the gRPC control API: generated types, conversions, auth, the service.
+//!   Only the API layer and the CLI name protobuf types; the core never does.
 //!
 //! The daemon binary (`flotillad`) lives in `src/bin/`; the CLI is the `flotilla-cli`
 //! crate under `cli/`.
@@ -20,6 +21,7 @@
 pub mod api;
 pub mod apply;
 pub mod bundle;
+pub mod config;
 pub mod connect;
 pub mod dsn;
 pub mod failure;

@@ -58,6 +58,57 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
 pub const READ_SQL: &str = "SELECT id, version, script, kind, checksum, status, statements_done \
                             FROM flotilla.execution_log ORDER BY id";
 
+/// Reads every column an operator looks at, oldest first; `applied_at` as epoch ms.
+pub const READ_ENTRIES_SQL: &str = "SELECT id, version, script, kind, checksum, bundle_id, wave_id, status, \
+     (extract(epoch FROM applied_at) * 1000)::bigint, applied_by, xact_id, duration_ms \
+     FROM flotilla.execution_log ORDER BY id";
+
+/// One row of the log as an operator reads it (`flotilla tenant log`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub id: i64,
+    pub version: Option<String>,
+    pub script: String,
+    pub kind: String,
+    pub checksum: String,
+    pub bundle_id: String,
+    pub wave_id: String,
+    /// `applied` or `started`.
+    pub status: String,
+    pub applied_at_ms: Option<i64>,
+    pub applied_by: String,
+    pub xact_id: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+/// Parses [`READ_ENTRIES_SQL`]'s result.
+pub fn parse_entries(messages: &[SimpleQueryMessage]) -> Result<Vec<LogEntry>, DecodeError> {
+    let mut entries = Vec::new();
+    for m in messages {
+        let SimpleQueryMessage::Row(r) = m else {
+            continue;
+        };
+        let text = |i: usize| r.get(i).map(str::to_string);
+        let number = |i: usize| r.get(i).and_then(|s| s.parse::<i64>().ok());
+        let id = number(0).ok_or_else(|| DecodeError("a row without a numeric id".into()))?;
+        entries.push(LogEntry {
+            id,
+            version: text(1),
+            script: text(2).unwrap_or_default(),
+            kind: text(3).unwrap_or_default(),
+            checksum: text(4).unwrap_or_default(),
+            bundle_id: text(5).unwrap_or_default(),
+            wave_id: text(6).unwrap_or_default(),
+            status: text(7).unwrap_or_default(),
+            applied_at_ms: number(8),
+            applied_by: text(9).unwrap_or_default(),
+            xact_id: text(10),
+            duration_ms: number(11),
+        });
+    }
+    Ok(entries)
+}
+
 /// Takes the lock without waiting.
 pub fn try_lock_sql() -> String {
     format!("SELECT pg_try_advisory_lock({LOCK_KEY})")

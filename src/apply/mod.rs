@@ -239,11 +239,28 @@ pub async fn read_log(
     dsn: &Dsn,
     settings: &SessionSettings,
 ) -> Result<Vec<plan::LogRow>, ApplyError> {
+    query_log(dsn, settings, log::READ_SQL, log::parse_rows).await
+}
+
+/// Reads the tenant's whole log as operators see it; takes no lock, creates nothing.
+pub async fn read_log_entries(
+    dsn: &Dsn,
+    settings: &SessionSettings,
+) -> Result<Vec<log::LogEntry>, ApplyError> {
+    query_log(dsn, settings, log::READ_ENTRIES_SQL, log::parse_entries).await
+}
+
+async fn query_log<T>(
+    dsn: &Dsn,
+    settings: &SessionSettings,
+    sql: &str,
+    parse: fn(&[SimpleQueryMessage]) -> Result<Vec<T>, log::DecodeError>,
+) -> Result<Vec<T>, ApplyError> {
     let session = Session::connect(dsn, settings)
         .await
         .map_err(ApplyError::Connect)?;
-    match session.client().simple_query(log::READ_SQL).await {
-        Ok(messages) => Ok(log::parse_rows(&messages)?),
+    let result = match session.client().simple_query(sql).await {
+        Ok(messages) => Ok(parse(&messages)?),
         Err(e) => {
             let f = DbFailure::from(&e);
             if log::is_missing_log(f.sqlstate.as_deref()) {
@@ -252,7 +269,9 @@ pub async fn read_log(
                 Err(ApplyError::Log(f))
             }
         }
-    }
+    };
+    session.close().await;
+    result
 }
 
 /// Takes the lock, ensures the log exists and reads it, in one pipelined round trip;

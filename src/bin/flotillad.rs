@@ -1,50 +1,166 @@
-//! `flotillad`: the Flotilla daemon. Parses flags, sets up logging, serves gRPC, and
+//! `flotillad`: the Flotilla daemon. Reads its configuration (file, environment, flags),
+//! sets up logging, opens the engine on the data dir, serves the gRPC control API, and
 //! drains on SIGTERM/SIGINT. Everything it does lives in the library; this file only
 //! wires it together, and is the one place `anyhow` meets the library's typed errors.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use flotilla::api::RolloutApi;
+use flotilla::api::auth::Authenticator;
+use flotilla::config::{self, FileConfig, LogFormat, TlsFiles};
+use flotilla::wave::Engine;
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// The Flotilla daemon: rolls migration bundles out across fleets of tenant databases.
+///
+/// Settings come from flags, then environment variables, then the config file, then
+/// defaults, in that order of precedence.
 #[derive(Debug, Parser)]
 #[command(name = "flotillad", version, about)]
 struct Args {
-    /// Address the gRPC API listens on (`127.0.0.1:0` picks a free port).
-    #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:50051")]
-    listen: SocketAddr,
-    /// Directory of the progress store and the bundles of every wave.
-    #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "./flotilla-data")]
-    data_dir: PathBuf,
+    /// TOML config file (see deploy/flotillad.toml for every key).
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address the gRPC API listens on [default: 127.0.0.1:50051]; `127.0.0.1:0` picks a
+    /// free port (the chosen one is logged as `addr=`).
+    #[arg(long, env = "FLOTILLA_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Directory of the progress store, the bundles of every wave and the key that seals
+    /// stored connection strings [default: ./flotilla-data].
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// On SIGTERM/SIGINT, how long to wait for connected clients (a `watch` stream, say)
-    /// to hang up before closing their connections.
-    #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    drain_timeout: std::time::Duration,
+    /// to hang up before closing their connections [default: 10s].
+    #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// A TOML file of `[[tokens]]` (name, role, sha256), added to the config file's.
+    /// With no token configured at all, every call is allowed.
+    #[arg(long, env = "FLOTILLA_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// PEM certificate chain: serve gRPC over TLS (needs --tls-key).
+    #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "FLOTILLA_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Log line format [default: human].
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reads a token from stdin and prints the sha256 a config stores for it.
+    HashToken,
+}
+
+/// Settings after layering flags, environment, file and defaults.
+struct Settings {
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    drain_timeout: Duration,
+    log_format: LogFormat,
+    tokens: Vec<config::TokenConfig>,
+    tls: Option<TlsFiles>,
+    limits: config::Limits,
+}
+
+fn settings(args: Args) -> anyhow::Result<Settings> {
+    let (file, base) = match &args.config {
+        Some(path) => (
+            FileConfig::load(path)?,
+            path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        ),
+        None => (FileConfig::default(), PathBuf::from(".")),
+    };
+    let mut tokens = file.all_tokens(&base)?;
+    if let Some(path) = &args.tokens_file {
+        tokens.extend(config::load_tokens_file(path)?.tokens);
+        config::check_tokens(&tokens)?;
+    }
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        _ => file.tls.clone(),
+    };
+    Ok(Settings {
+        listen: match args.listen.or(file.listen) {
+            Some(addr) => addr,
+            None => config::DEFAULT_LISTEN.parse()?,
+        },
+        data_dir: args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA_DIR)),
+        drain_timeout: args
+            .drain_timeout
+            .or(file.drain_timeout)
+            .unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
+        log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        tokens,
+        tls,
+        limits: file.limits,
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let args = Args::parse();
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
+    let mut args = Args::parse();
+    if let Some(Command::HashToken) = args.command.take() {
+        let mut token = String::new();
+        std::io::stdin()
+            .read_line(&mut token)
+            .context("read the token from stdin")?;
+        let token = token.trim_end_matches(['\r', '\n']);
+        anyhow::ensure!(!token.is_empty(), "no token on stdin");
+        println!("{}", config::hash_token(token));
+        return Ok(());
+    }
+    let settings = settings(args)?;
+    init_logging(settings.log_format);
+    serve(settings).await
+}
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("create data dir {}", settings.data_dir.display()))?;
+    let auth = Authenticator::new(&settings.tokens)?;
+    if !auth.is_enabled() && !settings.listen.ip().is_loopback() {
+        tracing::warn!(addr = %settings.listen, "no tokens configured: anyone who can reach this address can start and cancel waves");
+    }
+    let engine = Engine::open(&settings.data_dir)
+        .with_context(|| format!("open data dir {}", settings.data_dir.display()))?;
+    let api = RolloutApi::new(engine.clone(), auth, settings.limits);
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .with_context(|| format!("listen on {}", args.listen))?;
+        .with_context(|| format!("listen on {}", settings.listen))?;
     let local = listener.local_addr()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<flotilla::api::v1::rollout_service_server::RolloutServiceServer<RolloutApi>>(
+        )
+        .await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -54,27 +170,58 @@ async fn main() -> anyhow::Result<()> {
         .build_v1()
         .context("build the reflection service")?;
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .context("configure TLS")?;
+    }
+
     // Tests and scripts read this line to learn the port when listening on :0.
-    tracing::info!(addr = %local, data_dir = %args.data_dir.display(), "flotillad listening");
+    tracing::info!(
+        addr = %local,
+        data_dir = %settings.data_dir.display(),
+        tls = settings.tls.is_some(),
+        auth = !settings.tokens.is_empty(),
+        "flotillad listening"
+    );
     let stop = tokio_util::sync::CancellationToken::new();
-    let serve = tonic::transport::Server::builder()
+    let serve = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(api.into_server())
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             stop.clone().cancelled_owned(),
         );
     tokio::pin!(serve);
     tokio::select! {
-        result = &mut serve => result.context("serve gRPC")?,
+        result = &mut serve => {
+            result.context("serve gRPC")?;
+            engine.shutdown().await?;
+        }
         _ = shutdown_signal() => {
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
             stop.cancel();
+            // The engine stops starting tenants and waits for those in flight; watch
+            // streams end when it begins, so clients hang up and the server can close.
+            let engine_drained = engine.shutdown();
             // Graceful shutdown waits for every client to hang up; a client that never
             // does must not keep the daemon alive.
-            match tokio::time::timeout(args.drain_timeout, &mut serve).await {
-                Ok(result) => result.context("serve gRPC")?,
-                Err(_) => tracing::warn!(timeout = ?args.drain_timeout, "clients still connected; closing them"),
-            }
+            let server_closed = async {
+                match tokio::time::timeout(settings.drain_timeout, &mut serve).await {
+                    Ok(result) => result.context("serve gRPC"),
+                    Err(_) => {
+                        tracing::warn!(timeout = ?settings.drain_timeout, "clients still connected; closing them");
+                        Ok(())
+                    }
+                }
+            };
+            let (engine_result, server_result) = tokio::join!(engine_drained, server_closed);
+            engine_result.context("drain the engine")?;
+            server_result?;
         }
     }
     tracing::info!("flotillad stopped");

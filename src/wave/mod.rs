@@ -68,6 +68,8 @@ pub enum EngineError {
         state: WaveState,
         action: &'static str,
     },
+    #[error("wave {wave} has no tenant {tenant:?}")]
+    TenantNotFound { wave: String, tenant: String },
     #[error("wave {0} has no failed tenants to retry")]
     NothingToRetry(String),
     #[error("invalid targets: {0}")]
@@ -936,6 +938,31 @@ impl Engine {
         // Subscribing under the lock: no event falls between snapshot and stream.
         let rx = wave.events.subscribe();
         Ok((Wave::status(&inner), rx))
+    }
+
+    /// The connection string of one tenant of a wave, unsealed: for reading its log on
+    /// an operator's request. Never returned to a client.
+    pub fn tenant_dsn(&self, id: &str, tenant_id: &str) -> Result<Dsn, EngineError> {
+        let wave = self.wave(id)?;
+        let sealed = {
+            let inner = wave.lock();
+            inner
+                .tenants
+                .iter()
+                .find(|t| t.tenant_id == tenant_id)
+                .map(|t| t.dsn_sealed.clone())
+                .ok_or_else(|| EngineError::TenantNotFound {
+                    wave: id.to_string(),
+                    tenant: tenant_id.to_string(),
+                })?
+        };
+        let text = self.inner.sealer.open(&sealed)?;
+        Dsn::parse(&text).map_err(|e| EngineError::Targets(e.to_string()))
+    }
+
+    /// True once [`Engine::shutdown`] began: long-lived readers (watch streams) end.
+    pub fn draining(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.inner.draining.clone().cancelled_owned()
     }
 
     /// The bundle of a wave.

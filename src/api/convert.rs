@@ -1,0 +1,527 @@
+//! Conversions between `flotilla.v1` messages and domain types, explicit and in one place.
+//! Incoming messages are validated here (a zero concurrency, a ratio above 1, an unknown
+//! enum value) with the field named; outgoing ones never carry a secret. Nothing here
+//! does I/O.
+
+use std::collections::BTreeMap;
+
+use prost_types::Timestamp;
+
+use super::ApiError;
+use super::v1;
+use crate::apply::log::LogEntry;
+use crate::apply::{DriftPolicy, OrderPolicy, TransactionMode};
+use crate::bundle::{Bundle, BundleFile};
+use crate::config::Limits;
+use crate::policy::{AfterCanary, Canary, FailureBudget, Policy};
+use crate::store::{StateChange, TenantState, WaveState};
+use crate::target::TargetSource;
+use crate::wave::{Counts, TenantView, WaveEvent, WaveStatus};
+
+/// Milliseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(ms: u64) -> Timestamp {
+    Timestamp {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// Protobuf wave state of a domain one.
+pub fn wave_state(s: WaveState) -> v1::WaveState {
+    match s {
+        WaveState::Pending => v1::WaveState::Pending,
+        WaveState::Running => v1::WaveState::Running,
+        WaveState::Paused => v1::WaveState::Paused,
+        WaveState::Completed => v1::WaveState::Completed,
+        WaveState::Failed => v1::WaveState::Failed,
+        WaveState::Cancelled => v1::WaveState::Cancelled,
+    }
+}
+
+/// Protobuf tenant state of a domain one.
+pub fn tenant_state(s: TenantState) -> v1::TenantState {
+    match s {
+        TenantState::Pending => v1::TenantState::Pending,
+        TenantState::Running => v1::TenantState::Running,
+        TenantState::Succeeded => v1::TenantState::Succeeded,
+        TenantState::Failed => v1::TenantState::Failed,
+        TenantState::Cancelled => v1::TenantState::Cancelled,
+    }
+}
+
+/// A tenant state filter: `None` for UNSPECIFIED (every state).
+pub fn tenant_state_filter(raw: i32) -> Result<Option<TenantState>, ApiError> {
+    match v1::TenantState::try_from(raw) {
+        Ok(v1::TenantState::Unspecified) => Ok(None),
+        Ok(v1::TenantState::Pending) => Ok(Some(TenantState::Pending)),
+        Ok(v1::TenantState::Running) => Ok(Some(TenantState::Running)),
+        Ok(v1::TenantState::Succeeded) => Ok(Some(TenantState::Succeeded)),
+        Ok(v1::TenantState::Failed) => Ok(Some(TenantState::Failed)),
+        Ok(v1::TenantState::Cancelled) => Ok(Some(TenantState::Cancelled)),
+        Err(_) => Err(ApiError::Invalid(format!(
+            "state: unknown tenant state {raw}"
+        ))),
+    }
+}
+
+/// Per-state counts.
+pub fn counts(c: &Counts) -> v1::TenantCounts {
+    v1::TenantCounts {
+        total: c.total,
+        pending: c.pending,
+        running: c.running,
+        succeeded: c.succeeded,
+        failed: c.failed,
+        cancelled: c.cancelled,
+    }
+}
+
+fn state_change(c: &StateChange) -> v1::StateChange {
+    v1::StateChange {
+        from: c.from.map(wave_state).unwrap_or(v1::WaveState::Unspecified) as i32,
+        to: wave_state(c.to) as i32,
+        actor: c.actor.clone(),
+        reason: c.reason.clone(),
+        at: Some(timestamp(c.at_ms)),
+    }
+}
+
+/// A wave as the API shows it.
+pub fn wave(w: &WaveStatus) -> v1::Wave {
+    v1::Wave {
+        wave_id: w.id.clone(),
+        bundle_id: w.bundle_id.clone(),
+        state: wave_state(w.state) as i32,
+        tenants: Some(counts(&w.counts)),
+        policy: Some(policy_to_proto(&w.policy)),
+        created_at: Some(timestamp(w.created_at_ms)),
+        reason: w.reason.clone().unwrap_or_default(),
+        history: w.history.iter().map(state_change).collect(),
+    }
+}
+
+/// A tenant run as the API shows it: no connection string.
+pub fn tenant(t: &TenantView) -> v1::TenantRun {
+    v1::TenantRun {
+        tenant_id: t.tenant_id.clone(),
+        host: t.host.clone(),
+        state: tenant_state(t.state) as i32,
+        attempts: t.attempts,
+        last_error: t.last_error.as_ref().map(|e| v1::TenantFailure {
+            script: e.script.clone().unwrap_or_default(),
+            sqlstate: e.sqlstate.clone().unwrap_or_default(),
+            message: e.message.clone(),
+            retryable: e.retryability == crate::failure::Retryability::Retryable,
+        }),
+        started_at: t.started_at_ms.map(timestamp),
+        finished_at: t.finished_at_ms.map(timestamp),
+        labels: t.labels.clone().into_iter().collect(),
+    }
+}
+
+/// A progress event.
+pub fn event(e: &WaveEvent, at_ms: u64) -> v1::WaveEvent {
+    v1::WaveEvent {
+        wave_id: e.wave_id.clone(),
+        state: wave_state(e.state) as i32,
+        tenants: Some(counts(&e.counts)),
+        tenant: e.tenant.as_ref().map(tenant),
+        at: Some(timestamp(at_ms)),
+    }
+}
+
+/// The snapshot event a watch starts with (and resyncs with after lagging).
+pub fn snapshot_event(w: &WaveStatus, at_ms: u64) -> v1::WaveEvent {
+    v1::WaveEvent {
+        wave_id: w.id.clone(),
+        state: wave_state(w.state) as i32,
+        tenants: Some(counts(&w.counts)),
+        tenant: None,
+        at: Some(timestamp(at_ms)),
+    }
+}
+
+/// One execution-log row.
+pub fn log_row(e: &LogEntry) -> v1::LogRow {
+    v1::LogRow {
+        id: e.id,
+        version: e.version.clone().unwrap_or_default(),
+        script: e.script.clone(),
+        kind: e.kind.clone(),
+        checksum: e.checksum.clone(),
+        bundle_id: e.bundle_id.clone(),
+        wave_id: e.wave_id.clone(),
+        status: e.status.clone(),
+        applied_at: e.applied_at_ms.map(|ms| timestamp(ms.max(0) as u64)),
+        applied_by: e.applied_by.clone(),
+        xact_id: e.xact_id.clone().unwrap_or_default(),
+        duration_ms: e.duration_ms.unwrap_or_default(),
+    }
+}
+
+/// The protobuf form of a policy; `policy_from_proto(policy_to_proto(p)) == p` for every
+/// policy the API can express.
+pub fn policy_to_proto(p: &Policy) -> v1::Policy {
+    use v1::policy::MaxFailures;
+    let (canary_count, canary_label) = match &p.canary {
+        Canary::None => (0, String::new()),
+        Canary::Count { count } => (*count, String::new()),
+        Canary::Label { key, value } => (0, format!("{key}={value}")),
+    };
+    v1::Policy {
+        concurrency: p.concurrency,
+        per_host: p.per_host.unwrap_or(0),
+        rate: p.rate.unwrap_or(0.0),
+        canary_count,
+        canary_label,
+        pause_after_canary: p.after_canary == AfterCanary::Pause,
+        max_failures: Some(match p.max_failures {
+            FailureBudget::Count(n) => MaxFailures::MaxFailuresCount(n),
+            FailureBudget::Ratio(r) => MaxFailures::MaxFailuresRatio(r),
+            FailureBudget::Unlimited => MaxFailures::MaxFailuresUnlimited(true),
+        }),
+        retries: Some(p.retries),
+        transaction: match p.transaction {
+            TransactionMode::PerScript => v1::TransactionMode::PerScript,
+            TransactionMode::PerTenant => v1::TransactionMode::PerTenant,
+        } as i32,
+        lock_timeout_ms: Some(p.lock_timeout_ms),
+        statement_timeout_ms: Some(p.statement_timeout_ms),
+        allow_drift: p.drift == DriftPolicy::Allow,
+        allow_out_of_order: p.order == OrderPolicy::AllowOutOfOrder,
+    }
+}
+
+/// Most retries a policy may ask for: beyond this a retry loop is an outage, not a blip.
+const MAX_RETRIES: u32 = 100;
+
+/// A validated domain policy from a request's; `None` is refused (concurrency has no
+/// default on the wire: a client must say how wide to go).
+pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
+    use v1::policy::MaxFailures;
+    let invalid = |m: String| Err(ApiError::Invalid(format!("policy.{m}")));
+    let Some(p) = p else {
+        return invalid("concurrency: missing policy; concurrency must be at least 1".into());
+    };
+    let defaults = Policy::default();
+    if p.concurrency == 0 {
+        return invalid("concurrency must be at least 1".into());
+    }
+    if !p.rate.is_finite() || p.rate < 0.0 {
+        return invalid(format!(
+            "rate must be a positive number of starts per second or 0 for unlimited (got {})",
+            p.rate
+        ));
+    }
+    let canary = match (p.canary_count, p.canary_label.trim()) {
+        (0, "") => Canary::None,
+        (count, "") => Canary::Count { count },
+        (0, label) => match label.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => Canary::Label {
+                key: key.trim().to_string(),
+                value: value.trim().to_string(),
+            },
+            _ => return invalid(format!("canary_label must be key=value (got {label:?})")),
+        },
+        _ => return invalid("canary_count and canary_label: give one, not both".into()),
+    };
+    let after_canary = if p.pause_after_canary {
+        if canary == Canary::None {
+            return invalid("pause_after_canary needs a canary (count or label)".into());
+        }
+        AfterCanary::Pause
+    } else {
+        AfterCanary::Continue
+    };
+    let max_failures = match p.max_failures {
+        None => defaults.max_failures,
+        Some(MaxFailures::MaxFailuresCount(n)) => FailureBudget::Count(n),
+        Some(MaxFailures::MaxFailuresRatio(r)) => {
+            if !(0.0..=1.0).contains(&r) {
+                return invalid(format!("max_failures_ratio must be within 0..1 (got {r})"));
+            }
+            FailureBudget::Ratio(r)
+        }
+        Some(MaxFailures::MaxFailuresUnlimited(true)) => FailureBudget::Unlimited,
+        Some(MaxFailures::MaxFailuresUnlimited(false)) => {
+            return invalid("max_failures_unlimited, when set, must be true".into());
+        }
+    };
+    let retries = p.retries.unwrap_or(defaults.retries);
+    if retries > MAX_RETRIES {
+        return invalid(format!(
+            "retries must be at most {MAX_RETRIES} (got {retries})"
+        ));
+    }
+    let transaction = match v1::TransactionMode::try_from(p.transaction) {
+        Ok(v1::TransactionMode::Unspecified | v1::TransactionMode::PerScript) => {
+            TransactionMode::PerScript
+        }
+        Ok(v1::TransactionMode::PerTenant) => TransactionMode::PerTenant,
+        Err(_) => return invalid(format!("transaction: unknown mode {}", p.transaction)),
+    };
+    let policy = Policy {
+        concurrency: p.concurrency,
+        per_host: (p.per_host > 0).then_some(p.per_host),
+        rate: (p.rate > 0.0).then_some(p.rate),
+        canary,
+        after_canary,
+        max_failures,
+        retries,
+        transaction,
+        lock_timeout_ms: p.lock_timeout_ms.unwrap_or(defaults.lock_timeout_ms),
+        statement_timeout_ms: p.statement_timeout_ms.unwrap_or(0),
+        drift: if p.allow_drift {
+            DriftPolicy::Allow
+        } else {
+            DriftPolicy::Fail
+        },
+        order: if p.allow_out_of_order {
+            OrderPolicy::AllowOutOfOrder
+        } else {
+            OrderPolicy::Strict
+        },
+        ..defaults
+    };
+    policy
+        .validate()
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    Ok(policy)
+}
+
+/// The wire form of a bundle.
+pub fn bundle_to_proto(b: &Bundle) -> v1::Bundle {
+    v1::Bundle {
+        bundle_id: b.id().to_string(),
+        files: b
+            .files()
+            .into_iter()
+            .map(|f| v1::BundleFile {
+                name: f.name,
+                content: f.content,
+            })
+            .collect(),
+    }
+}
+
+/// A bundle from the wire: within the size limit, valid, and with the id the client
+/// computed (a mismatch means the two disagree on the bytes or on the rules).
+pub fn bundle_from_proto(b: Option<v1::Bundle>, limits: &Limits) -> Result<Bundle, ApiError> {
+    let b = b.ok_or_else(|| ApiError::Invalid("bundle: missing".into()))?;
+    let size: usize = b.files.iter().map(|f| f.content.len()).sum();
+    if size > limits.max_bundle_bytes {
+        return Err(ApiError::Invalid(format!(
+            "bundle: {size} bytes of scripts, over the daemon's limit of {} (limits.max_bundle_bytes)",
+            limits.max_bundle_bytes
+        )));
+    }
+    let files = b
+        .files
+        .into_iter()
+        .map(|f| BundleFile {
+            name: f.name,
+            content: f.content,
+        })
+        .collect();
+    let bundle = Bundle::from_files(files, "uploaded bundle")?;
+    if !b.bundle_id.is_empty() && b.bundle_id != bundle.id() {
+        return Err(ApiError::BundleIdMismatch {
+            sent: b.bundle_id,
+            computed: bundle.id().to_string(),
+        });
+    }
+    Ok(bundle)
+}
+
+/// Where a request's tenants come from, whatever request carried them.
+pub enum Targets {
+    /// Tenants listed in the request, already split into fields.
+    List(Vec<v1::Tenant>),
+    /// A source the daemon resolves.
+    Source(TargetSource),
+}
+
+impl Targets {
+    /// From `StartWaveRequest.targets`.
+    pub fn from_start(t: Option<v1::start_wave_request::Targets>) -> Result<Self, ApiError> {
+        use v1::start_wave_request::Targets as T;
+        Ok(match t {
+            None => return Err(missing_targets()),
+            Some(T::TargetList(l)) => Targets::List(l.tenants),
+            Some(T::Catalog(c)) => catalog(c)?,
+            Some(T::Discover(d)) => discover(d)?,
+        })
+    }
+
+    /// From `PlanRequest.targets`.
+    pub fn from_plan(t: Option<v1::plan_request::Targets>) -> Result<Self, ApiError> {
+        use v1::plan_request::Targets as T;
+        Ok(match t {
+            None => return Err(missing_targets()),
+            Some(T::TargetList(l)) => Targets::List(l.tenants),
+            Some(T::Catalog(c)) => catalog(c)?,
+            Some(T::Discover(d)) => discover(d)?,
+        })
+    }
+
+    /// Resolves into tenants, within the tenant limit.
+    pub async fn resolve(self, limits: &Limits) -> Result<Vec<crate::target::Tenant>, ApiError> {
+        let tenants = match self {
+            Targets::List(list) => {
+                check_count(list.len(), limits)?;
+                let entries = list
+                    .into_iter()
+                    .map(|t| {
+                        let labels: BTreeMap<String, String> = t.labels.into_iter().collect();
+                        (t.tenant_id, t.dsn, labels)
+                    })
+                    .collect();
+                crate::target::from_entries(entries, "target list")?
+            }
+            Targets::Source(source) => crate::target::resolve(&source).await?,
+        };
+        check_count(tenants.len(), limits)?;
+        Ok(tenants)
+    }
+}
+
+fn missing_targets() -> ApiError {
+    ApiError::Invalid("targets: give a target list, a catalog or a discovery spec".into())
+}
+
+fn catalog(c: v1::CatalogTargets) -> Result<Targets, ApiError> {
+    if c.catalog_dsn.is_empty() || c.catalog_query.is_empty() {
+        return Err(ApiError::Invalid(
+            "catalog: both catalog_dsn and catalog_query are needed".into(),
+        ));
+    }
+    Ok(Targets::Source(TargetSource::Catalog {
+        dsn: c.catalog_dsn,
+        query: c.catalog_query,
+    }))
+}
+
+fn discover(d: v1::DiscoverTargets) -> Result<Targets, ApiError> {
+    if d.server_dsn.is_empty() || d.db_pattern.is_empty() {
+        return Err(ApiError::Invalid(
+            "discover: both server_dsn and db_pattern are needed".into(),
+        ));
+    }
+    Ok(Targets::Source(TargetSource::Discover {
+        dsn: d.server_dsn,
+        pattern: d.db_pattern,
+    }))
+}
+
+fn check_count(n: usize, limits: &Limits) -> Result<(), ApiError> {
+    if n > limits.max_tenants {
+        return Err(ApiError::Invalid(format!(
+            "targets: {n} tenants, over the daemon's limit of {} (limits.max_tenants)",
+            limits.max_tenants
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> v1::Policy {
+        v1::Policy {
+            concurrency: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn policy_round_trips() {
+        let policies = [
+            Policy::default(),
+            Policy {
+                concurrency: 3,
+                per_host: Some(2),
+                rate: Some(2.5),
+                canary: Canary::Label {
+                    key: "tier".into(),
+                    value: "free".into(),
+                },
+                after_canary: AfterCanary::Pause,
+                max_failures: FailureBudget::Count(0),
+                retries: 0,
+                transaction: TransactionMode::PerTenant,
+                lock_timeout_ms: 0,
+                statement_timeout_ms: 60_000,
+                drift: DriftPolicy::Allow,
+                order: OrderPolicy::AllowOutOfOrder,
+                ..Policy::default()
+            },
+            Policy {
+                canary: Canary::Count { count: 5 },
+                max_failures: FailureBudget::Unlimited,
+                ..Policy::default()
+            },
+        ];
+        for p in policies {
+            let back = policy_from_proto(Some(policy_to_proto(&p))).expect("valid");
+            assert_eq!(back, p);
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        let refuse = |f: fn(&mut v1::Policy)| {
+            let mut p = base();
+            f(&mut p);
+            match policy_from_proto(Some(p)) {
+                Err(ApiError::Invalid(m)) => m,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        };
+        assert!(refuse(|p| p.concurrency = 0).contains("concurrency"));
+        assert!(
+            refuse(|p| p.max_failures = Some(v1::policy::MaxFailures::MaxFailuresRatio(1.5)))
+                .contains("max_failures_ratio")
+        );
+        assert!(refuse(|p| p.rate = -1.0).contains("rate"));
+        assert!(refuse(|p| p.canary_label = "novalue".into()).contains("canary_label"));
+        assert!(refuse(|p| p.pause_after_canary = true).contains("pause_after_canary"));
+        assert!(refuse(|p| p.transaction = 99).contains("transaction"));
+        assert!(refuse(|p| p.retries = Some(1_000)).contains("retries"));
+        assert!(policy_from_proto(None).is_err());
+    }
+
+    #[test]
+    fn unset_fields_take_the_documented_defaults() {
+        let p = policy_from_proto(Some(base())).expect("valid");
+        let d = Policy::default();
+        assert_eq!(p.max_failures, d.max_failures);
+        assert_eq!(p.retries, d.retries);
+        assert_eq!(p.lock_timeout_ms, 5_000);
+        assert_eq!(p.statement_timeout_ms, 0);
+        assert_eq!(p.per_host, None);
+        assert_eq!(p.rate, None);
+    }
+
+    #[test]
+    fn bundles_are_checked_for_size_and_id() {
+        let bundle = Bundle::from_sources(&[("V1__a.sql", "SELECT 1;")], "t").expect("bundle");
+        let wire = bundle_to_proto(&bundle);
+        let back = bundle_from_proto(Some(wire.clone()), &Limits::default()).expect("same");
+        assert_eq!(back.id(), bundle.id());
+
+        let mut tampered = wire.clone();
+        tampered.files[0].content = b"SELECT 2;".to_vec();
+        assert!(matches!(
+            bundle_from_proto(Some(tampered), &Limits::default()),
+            Err(ApiError::BundleIdMismatch { .. })
+        ));
+        let tiny = Limits {
+            max_bundle_bytes: 3,
+            ..Limits::default()
+        };
+        let err = bundle_from_proto(Some(wire), &tiny).unwrap_err();
+        assert!(err.to_string().contains("max_bundle_bytes"), "{err}");
+        assert!(bundle_from_proto(None, &Limits::default()).is_err());
+    }
+}

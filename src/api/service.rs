@@ -1,0 +1,462 @@
+//! The `RolloutService` implementation: authorizes each call, converts the request, asks
+//! the [`Engine`] (or, for plans and logs, reads tenants directly) and converts back.
+//! Handlers hold no state of their own and never decide anything about a wave: every
+//! decision is the engine's, so the API and the engine cannot disagree.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::ApiError;
+use super::auth::Authenticator;
+use super::convert::{self, Targets};
+use super::v1;
+use super::v1::rollout_service_server::{RolloutService, RolloutServiceServer};
+use crate::apply::{PlanOptions, StepAction};
+use crate::bundle::Bundle;
+use crate::config::{Limits, Role};
+use crate::dsn::Dsn;
+use crate::policy::Policy;
+use crate::target::Tenant;
+use crate::wave::{Engine, WaveStatus};
+
+/// Tenants whose logs a plan reads at once.
+const PLAN_CONCURRENCY: usize = 16;
+/// Page sizes when a request leaves them at 0, and their caps.
+const DEFAULT_WAVE_PAGE: usize = 50;
+const DEFAULT_TENANT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1_000;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The control API over one engine.
+#[derive(Clone)]
+pub struct RolloutApi {
+    engine: Engine,
+    auth: Arc<Authenticator>,
+    limits: Limits,
+}
+
+impl RolloutApi {
+    /// An API serving `engine`, checking calls with `auth`.
+    pub fn new(engine: Engine, auth: Authenticator, limits: Limits) -> Self {
+        Self {
+            engine,
+            auth: Arc::new(auth),
+            limits,
+        }
+    }
+
+    /// The tonic service, accepting requests as large as the limits allow.
+    pub fn into_server(self) -> RolloutServiceServer<Self> {
+        let max = self.limits.max_message_bytes();
+        RolloutServiceServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    }
+
+    async fn start(&self, req: Request<v1::StartWaveRequest>) -> Result<String, ApiError> {
+        let caller = self
+            .auth
+            .authorize(req.metadata(), Role::Operator, "starting a wave")?;
+        let r = req.into_inner();
+        let policy = convert::policy_from_proto(r.policy)?;
+        let bundle = convert::bundle_from_proto(r.bundle, &self.limits)?;
+        let tenants = Targets::from_start(r.targets)?
+            .resolve(&self.limits)
+            .await?;
+        let (bundle_id, count) = (bundle.id().to_string(), tenants.len());
+        let id = self
+            .engine
+            .start_wave(bundle, tenants, policy, &caller.name)?;
+        tracing::info!(wave = %id, bundle = %bundle_id, tenants = count, actor = %caller.name, "wave created");
+        Ok(id)
+    }
+
+    fn get(&self, req: Request<v1::GetWaveRequest>) -> Result<v1::Wave, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "reading a wave")?;
+        let status = self.engine.status(&req.get_ref().wave_id)?;
+        Ok(convert::wave(&status))
+    }
+
+    fn list(&self, req: Request<v1::ListWavesRequest>) -> Result<v1::ListWavesResponse, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "listing waves")?;
+        let r = req.into_inner();
+        let (offset, size) = page(r.page_size, &r.page_token, DEFAULT_WAVE_PAGE)?;
+        let all = self.engine.list();
+        let waves: Vec<v1::Wave> = all
+            .iter()
+            .skip(offset)
+            .take(size)
+            .map(convert::wave)
+            .collect();
+        let next = offset + waves.len();
+        Ok(v1::ListWavesResponse {
+            waves,
+            next_page_token: if next < all.len() {
+                next.to_string()
+            } else {
+                String::new()
+            },
+        })
+    }
+
+    fn act(
+        &self,
+        req: Request<v1::WaveActionRequest>,
+        what: &str,
+        action: fn(&Engine, &str, &str, &str) -> Result<WaveStatus, crate::wave::EngineError>,
+    ) -> Result<v1::Wave, ApiError> {
+        let caller = self.auth.authorize(req.metadata(), Role::Operator, what)?;
+        let r = req.into_inner();
+        if r.wave_id.is_empty() {
+            return Err(ApiError::Invalid("wave_id: missing".into()));
+        }
+        let status = action(&self.engine, &r.wave_id, &caller.name, &r.reason)?;
+        Ok(convert::wave(&status))
+    }
+
+    fn watch(
+        &self,
+        req: Request<v1::WatchWaveRequest>,
+    ) -> Result<ReceiverStream<Result<v1::WaveEvent, Status>>, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "watching a wave")?;
+        let id = req.into_inner().wave_id;
+        let (snapshot, events) = self.engine.watch(&id)?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(forward_events(
+            self.engine.clone(),
+            id,
+            snapshot,
+            events,
+            tx,
+        ));
+        Ok(ReceiverStream::new(rx))
+    }
+
+    fn tenants(
+        &self,
+        req: Request<v1::ListWaveTenantsRequest>,
+    ) -> Result<v1::ListWaveTenantsResponse, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "listing tenants")?;
+        let r = req.into_inner();
+        let state = convert::tenant_state_filter(r.state)?;
+        let (offset, size) = page(r.page_size, &r.page_token, DEFAULT_TENANT_PAGE)?;
+        // One more than asked tells whether another page exists.
+        let mut views = self.engine.tenants(&r.wave_id, state, offset, size + 1)?;
+        let more = views.len() > size;
+        views.truncate(size);
+        Ok(v1::ListWaveTenantsResponse {
+            next_page_token: if more {
+                (offset + size).to_string()
+            } else {
+                String::new()
+            },
+            tenants: views.iter().map(convert::tenant).collect(),
+        })
+    }
+
+    async fn dry_run(&self, req: Request<v1::PlanRequest>) -> Result<v1::PlanResponse, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "planning")?;
+        let r = req.into_inner();
+        let bundle = Arc::new(convert::bundle_from_proto(r.bundle, &self.limits)?);
+        let tenants = Targets::from_plan(r.targets)?.resolve(&self.limits).await?;
+        let options = PlanOptions {
+            drift: if r.allow_drift {
+                crate::apply::DriftPolicy::Allow
+            } else {
+                crate::apply::DriftPolicy::Fail
+            },
+            order: if r.allow_out_of_order {
+                crate::apply::OrderPolicy::AllowOutOfOrder
+            } else {
+                crate::apply::OrderPolicy::Strict
+            },
+        };
+        let permits = Arc::new(Semaphore::new(PLAN_CONCURRENCY));
+        let mut set = tokio::task::JoinSet::new();
+        let count = tenants.len();
+        for (i, tenant) in tenants.into_iter().enumerate() {
+            let (bundle, permits) = (bundle.clone(), permits.clone());
+            set.spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                (i, plan_tenant(&bundle, &tenant, options).await)
+            });
+        }
+        let mut plans: Vec<Option<v1::TenantPlan>> = vec![None; count];
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok((i, plan)) => plans[i] = Some(plan),
+                Err(e) => tracing::error!(error = %e, "a plan task panicked"),
+            }
+        }
+        Ok(v1::PlanResponse {
+            tenants: plans.into_iter().flatten().collect(),
+        })
+    }
+
+    async fn tenant_log(
+        &self,
+        req: Request<v1::GetTenantLogRequest>,
+    ) -> Result<v1::GetTenantLogResponse, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "reading a tenant log")?;
+        let r = req.into_inner();
+        let (dsn, name) = if !r.tenant_dsn.is_empty() {
+            let dsn = Dsn::parse(&r.tenant_dsn)
+                .map_err(|e| ApiError::Invalid(format!("tenant_dsn: {e}")))?;
+            let name = dsn.to_string();
+            (dsn, name)
+        } else if !r.wave_id.is_empty() && !r.tenant_id.is_empty() {
+            (
+                self.engine.tenant_dsn(&r.wave_id, &r.tenant_id)?,
+                r.tenant_id.clone(),
+            )
+        } else {
+            return Err(ApiError::Invalid(
+                "give tenant_dsn, or wave_id and tenant_id".into(),
+            ));
+        };
+        let settings = Policy::default().session_settings();
+        let entries = crate::apply::read_log_entries(&dsn, &settings)
+            .await
+            .map_err(|error| ApiError::Tenant {
+                tenant: name,
+                error,
+            })?;
+        Ok(v1::GetTenantLogResponse {
+            rows: entries.iter().map(convert::log_row).collect(),
+        })
+    }
+}
+
+/// Offset and size of a page; the token is the offset the previous page ended at.
+fn page(size: u32, token: &str, default: usize) -> Result<(usize, usize), ApiError> {
+    let offset = if token.is_empty() {
+        0
+    } else {
+        token.parse().map_err(|_| {
+            ApiError::Invalid(format!("page_token: {token:?} is not one we gave out"))
+        })?
+    };
+    let size = match size as usize {
+        0 => default,
+        n => n.min(MAX_PAGE),
+    };
+    Ok((offset, size))
+}
+
+/// True when nothing more will happen to a wave without an operator.
+fn settled(state: i32, running: u64) -> bool {
+    use v1::WaveState as S;
+    matches!(
+        v1::WaveState::try_from(state),
+        Ok(S::Completed | S::Failed | S::Cancelled)
+    ) && running == 0
+}
+
+/// Sends the snapshot, then every event, until the wave settles, the client hangs up or
+/// the daemon drains. A watcher that falls behind gets a fresh snapshot instead of the
+/// events it missed.
+async fn forward_events(
+    engine: Engine,
+    id: String,
+    snapshot: WaveStatus,
+    mut events: broadcast::Receiver<crate::wave::WaveEvent>,
+    tx: mpsc::Sender<Result<v1::WaveEvent, Status>>,
+) {
+    let send_snapshot = |s: &WaveStatus| convert::snapshot_event(s, now_ms());
+    let first = send_snapshot(&snapshot);
+    let done = settled(first.state, snapshot.counts.running);
+    if tx.send(Ok(first)).await.is_err() || done {
+        return;
+    }
+    let draining = engine.draining();
+    tokio::pin!(draining);
+    loop {
+        let event = tokio::select! {
+            _ = &mut draining => {
+                let _ = tx.send(Err(Status::unavailable(
+                    "the daemon is shutting down; the wave resumes when it restarts, watch again then",
+                ))).await;
+                return;
+            }
+            _ = tx.closed() => return,
+            received = events.recv() => match received {
+                Ok(e) => convert::event(&e, now_ms()),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(wave = %id, missed, "watcher lagged; resending a snapshot");
+                    match engine.status(&id) {
+                        Ok(s) => send_snapshot(&s),
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(ApiError::from(e)))).await;
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        };
+        let running = event.tenants.as_ref().map(|c| c.running).unwrap_or(0);
+        let done = settled(event.state, running);
+        if tx.send(Ok(event)).await.is_err() || done {
+            return;
+        }
+    }
+}
+
+/// What one tenant would get, read from its own log; problems instead of errors, so one
+/// unreachable tenant does not hide the plan of the others.
+async fn plan_tenant(bundle: &Bundle, tenant: &Tenant, options: PlanOptions) -> v1::TenantPlan {
+    let mut out = v1::TenantPlan {
+        tenant_id: tenant.id.clone(),
+        ..Default::default()
+    };
+    let settings = Policy::default().session_settings();
+    let rows = match crate::apply::read_log(&tenant.dsn, &settings).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            out.problems.push(format!("cannot read the log: {e}"));
+            return out;
+        }
+    };
+    match crate::apply::plan::plan(bundle, &rows, options) {
+        Ok(plan) => {
+            out.steps = plan
+                .steps
+                .iter()
+                .map(|step| {
+                    let script = &bundle.scripts()[step.script];
+                    v1::PlannedStep {
+                        script: script.name.clone(),
+                        version: script.version().map(|v| v.to_string()).unwrap_or_default(),
+                        action: match step.action {
+                            StepAction::Apply => "apply",
+                            StepAction::Reapply => "reapply",
+                            StepAction::Resume { .. } => "recover",
+                        }
+                        .to_string(),
+                    }
+                })
+                .collect();
+            out.problems = plan.notes;
+        }
+        Err(e) => out.problems.push(e.to_string()),
+    }
+    out
+}
+
+type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::WaveEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RolloutService for RolloutApi {
+    async fn start_wave(
+        &self,
+        request: Request<v1::StartWaveRequest>,
+    ) -> Result<Response<v1::StartWaveResponse>, Status> {
+        let wave_id = self.start(request).await?;
+        Ok(Response::new(v1::StartWaveResponse { wave_id }))
+    }
+
+    async fn get_wave(
+        &self,
+        request: Request<v1::GetWaveRequest>,
+    ) -> Result<Response<v1::Wave>, Status> {
+        Ok(Response::new(self.get(request)?))
+    }
+
+    async fn list_waves(
+        &self,
+        request: Request<v1::ListWavesRequest>,
+    ) -> Result<Response<v1::ListWavesResponse>, Status> {
+        Ok(Response::new(self.list(request)?))
+    }
+
+    async fn pause_wave(
+        &self,
+        request: Request<v1::WaveActionRequest>,
+    ) -> Result<Response<v1::Wave>, Status> {
+        Ok(Response::new(self.act(
+            request,
+            "pausing a wave",
+            Engine::pause,
+        )?))
+    }
+
+    async fn resume_wave(
+        &self,
+        request: Request<v1::WaveActionRequest>,
+    ) -> Result<Response<v1::Wave>, Status> {
+        Ok(Response::new(self.act(
+            request,
+            "resuming a wave",
+            Engine::resume,
+        )?))
+    }
+
+    async fn cancel_wave(
+        &self,
+        request: Request<v1::WaveActionRequest>,
+    ) -> Result<Response<v1::Wave>, Status> {
+        Ok(Response::new(self.act(
+            request,
+            "cancelling a wave",
+            Engine::cancel,
+        )?))
+    }
+
+    async fn retry_wave(
+        &self,
+        request: Request<v1::WaveActionRequest>,
+    ) -> Result<Response<v1::Wave>, Status> {
+        Ok(Response::new(self.act(
+            request,
+            "retrying a wave",
+            Engine::retry,
+        )?))
+    }
+
+    type WatchWaveStream = EventStream;
+
+    async fn watch_wave(
+        &self,
+        request: Request<v1::WatchWaveRequest>,
+    ) -> Result<Response<Self::WatchWaveStream>, Status> {
+        Ok(Response::new(Box::pin(self.watch(request)?)))
+    }
+
+    async fn list_wave_tenants(
+        &self,
+        request: Request<v1::ListWaveTenantsRequest>,
+    ) -> Result<Response<v1::ListWaveTenantsResponse>, Status> {
+        Ok(Response::new(self.tenants(request)?))
+    }
+
+    async fn plan(
+        &self,
+        request: Request<v1::PlanRequest>,
+    ) -> Result<Response<v1::PlanResponse>, Status> {
+        Ok(Response::new(self.dry_run(request).await?))
+    }
+
+    async fn get_tenant_log(
+        &self,
+        request: Request<v1::GetTenantLogRequest>,
+    ) -> Result<Response<v1::GetTenantLogResponse>, Status> {
+        Ok(Response::new(self.tenant_log(request).await?))
+    }
+}
