@@ -6,24 +6,18 @@ pub enum Exit {
     /// 0: success (for a wave: it completed).
     Ok,
     /// 1: a wave finished with failed tenants.
-    #[allow(dead_code)]
     WaveFailed,
     /// 2: usage error (bad flags; clap exits with 2 itself).
-    #[allow(dead_code)]
     Usage,
     /// 3: a wave is paused or was cancelled.
-    #[allow(dead_code)]
     WaveStopped,
     /// 4: cannot reach the daemon.
-    #[allow(dead_code)]
     Unavailable,
     /// 5: the daemon refused the token.
-    #[allow(dead_code)]
     Unauthorized,
     /// 6: invalid input: a bundle, targets or a request the daemon rejected.
     InvalidInput,
     /// 10: anything else (a bug or an I/O failure of the CLI itself).
-    #[allow(dead_code)]
     Internal,
 }
 

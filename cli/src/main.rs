@@ -5,8 +5,17 @@
 //! client; it never reaches into daemon internals.
 
 mod bundle_cmd;
+mod client;
+mod demo;
 mod exit;
 mod output;
+mod plan_cmd;
+mod progress;
+mod render;
+mod request;
+mod wave_cmd;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +36,10 @@ struct Cli {
     /// Bearer token for the daemon.
     #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to verify an `https://` server with, instead of the
+    /// system's roots.
+    #[arg(long, global = true, env = "FLOTILLA_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// How results are printed.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -36,16 +49,40 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Try Flotilla on a throwaway local PostgreSQL with 200 tenant databases.
+    Demo(demo::DemoArgs),
+    /// Start, follow, inspect and steer waves.
+    #[command(subcommand)]
+    Wave(wave_cmd::WaveCommand),
+    /// Dry run: what each tenant would get, read from its own execution log.
+    Plan(plan_cmd::PlanArgs),
+    /// Look at one tenant.
+    #[command(subcommand)]
+    Tenant(plan_cmd::TenantCommand),
     /// Work with a bundle directory, offline (no daemon needed).
     #[command(subcommand)]
     Bundle(bundle_cmd::BundleCommand),
 }
 
-fn main() -> std::process::ExitCode {
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let exit = match cli.command {
-        Command::Bundle(cmd) => bundle_cmd::run(cmd, cli.output),
+    let target = client::Target {
+        server: cli.server,
+        token: cli.token,
+        ca_cert: cli.ca_cert,
     };
+    let result = match cli.command {
+        Command::Bundle(cmd) => Ok(bundle_cmd::run(cmd, cli.output)),
+        Command::Wave(cmd) => wave_cmd::run(cmd, &target, cli.output).await,
+        Command::Plan(args) => plan_cmd::plan(args, &target, cli.output).await,
+        Command::Tenant(cmd) => plan_cmd::tenant(cmd, &target, cli.output).await,
+        Command::Demo(args) => demo::run(args, cli.output).await,
+    };
+    let exit = result.unwrap_or_else(|failure| {
+        eprintln!("error: {}", failure.message);
+        failure.exit
+    });
     exit.into()
 }
 

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod daemon;
+pub use daemon::Daemon;
+
 /// The superuser every cluster is created with.
 pub const SUPERUSER: &str = "postgres";
 

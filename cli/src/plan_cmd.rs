@@ -1,0 +1,196 @@
+//! `flotilla plan` (a dry run: what each tenant would get, read from its own log) and
+//! `flotilla tenant log` (one tenant's execution log). Both only read.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use flotilla::api::v1;
+use serde_json::json;
+
+use crate::client::{self, Failure};
+use crate::exit::Exit;
+use crate::output::{Output, print_json, print_table};
+use crate::render;
+use crate::request::{TargetArgs, load_bundle};
+
+/// `flotilla plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The bundle directory.
+    #[arg(long, value_name = "DIR")]
+    pub bundle: PathBuf,
+    #[command(flatten)]
+    pub targets: TargetArgs,
+    /// Plan as a wave with --allow-drift would.
+    #[arg(long)]
+    pub allow_drift: bool,
+    /// Plan as a wave with --allow-out-of-order would.
+    #[arg(long)]
+    pub allow_out_of_order: bool,
+}
+
+/// Runs a plan; exits 1 when some tenant could not be planned or would fail (drift,
+/// out-of-order, unreachable), so CI can gate a rollout on it.
+pub async fn plan(
+    args: PlanArgs,
+    target: &client::Target,
+    output: Output,
+) -> Result<Exit, Failure> {
+    let bundle = load_bundle(&args.bundle)?;
+    let targets = args.targets.load()?;
+    let mut client = client::connect(target).await?;
+    let plans = client
+        .plan(v1::PlanRequest {
+            bundle: Some(bundle),
+            targets: Some(targets.into_plan()),
+            allow_drift: args.allow_drift,
+            allow_out_of_order: args.allow_out_of_order,
+        })
+        .await?
+        .into_inner()
+        .tenants;
+    // A tenant whose plan has no steps but a problem could not be planned.
+    let blocked = plans
+        .iter()
+        .filter(|p| p.steps.is_empty() && !p.problems.is_empty())
+        .count();
+    match output {
+        Output::Json => print_json(&json!({
+            "tenants": plans.iter().map(|p| json!({
+                "tenant_id": p.tenant_id,
+                "steps": p.steps.iter().map(|s| json!({
+                    "script": s.script,
+                    "version": (!s.version.is_empty()).then_some(&s.version),
+                    "action": s.action,
+                })).collect::<Vec<_>>(),
+                "problems": p.problems,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            print_table(
+                &["TENANT", "STEPS", "PROBLEMS"],
+                &plans
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.tenant_id.clone(),
+                            if p.steps.is_empty() {
+                                "-".to_string()
+                            } else {
+                                p.steps
+                                    .iter()
+                                    .map(|s| format!("{} ({})", s.script, s.action))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            },
+                            p.problems.join("; "),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            let up_to_date = plans
+                .iter()
+                .filter(|p| p.steps.is_empty() && p.problems.is_empty())
+                .count();
+            println!(
+                "{} tenants: {} up to date, {} with steps, {} blocked",
+                plans.len(),
+                up_to_date,
+                plans.iter().filter(|p| !p.steps.is_empty()).count(),
+                blocked
+            );
+        }
+    }
+    Ok(if blocked > 0 {
+        Exit::WaveFailed
+    } else {
+        Exit::Ok
+    })
+}
+
+/// `flotilla tenant …`
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// A tenant's flotilla.execution_log, oldest first.
+    Log(LogArgs),
+}
+
+/// Which tenant: a DSN, or a tenant of a wave.
+#[derive(Debug, Args)]
+#[group(id = "which", required = true, multiple = true)]
+pub struct LogArgs {
+    /// The tenant's connection string (read by the daemon).
+    #[arg(long, conflicts_with_all = ["wave", "tenant"])]
+    pub dsn: Option<String>,
+    /// A wave the tenant is part of (with --tenant).
+    #[arg(long, requires = "tenant")]
+    pub wave: Option<String>,
+    /// The tenant id within --wave.
+    #[arg(long, requires = "wave")]
+    pub tenant: Option<String>,
+}
+
+/// Runs a tenant command.
+pub async fn tenant(
+    cmd: TenantCommand,
+    target: &client::Target,
+    output: Output,
+) -> Result<Exit, Failure> {
+    let TenantCommand::Log(args) = cmd;
+    let mut client = client::connect(target).await?;
+    let rows = client
+        .get_tenant_log(v1::GetTenantLogRequest {
+            tenant_dsn: args.dsn.unwrap_or_default(),
+            wave_id: args.wave.unwrap_or_default(),
+            tenant_id: args.tenant.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .rows;
+    match output {
+        Output::Json => print_json(&json!({
+            "rows": rows.iter().map(|r| json!({
+                "id": r.id,
+                "version": (!r.version.is_empty()).then_some(&r.version),
+                "script": r.script,
+                "kind": r.kind,
+                "checksum": r.checksum,
+                "bundle_id": r.bundle_id,
+                "wave_id": r.wave_id,
+                "status": r.status,
+                "applied_at": render::time(r.applied_at.as_ref()),
+                "applied_by": r.applied_by,
+                "xact_id": (!r.xact_id.is_empty()).then_some(&r.xact_id),
+                "duration_ms": r.duration_ms,
+            })).collect::<Vec<_>>(),
+        })),
+        Output::Table => print_table(
+            &[
+                "ID",
+                "VERSION",
+                "SCRIPT",
+                "STATUS",
+                "APPLIED AT",
+                "BY",
+                "MS",
+                "WAVE",
+            ],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.to_string(),
+                        r.version.clone(),
+                        r.script.clone(),
+                        r.status.clone(),
+                        render::time(r.applied_at.as_ref()).unwrap_or_default(),
+                        r.applied_by.clone(),
+                        r.duration_ms.to_string(),
+                        r.wave_id.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,174 @@
+//! How daemon answers look: state names, one JSON shape per message, and the human
+//! summaries. The JSON shapes are the CLI's contract with scripts (README documents
+//! them); they are built here and nowhere else.
+
+use flotilla::api::v1;
+use serde_json::{Value, json};
+
+/// `RUNNING` for `WAVE_STATE_RUNNING`.
+pub fn wave_state(raw: i32) -> &'static str {
+    v1::WaveState::try_from(raw)
+        .map(|s| s.as_str_name().trim_start_matches("WAVE_STATE_"))
+        .unwrap_or("UNKNOWN")
+}
+
+/// `FAILED` for `TENANT_STATE_FAILED`.
+pub fn tenant_state(raw: i32) -> &'static str {
+    v1::TenantState::try_from(raw)
+        .map(|s| s.as_str_name().trim_start_matches("TENANT_STATE_"))
+        .unwrap_or("UNKNOWN")
+}
+
+/// RFC 3339, seconds.
+pub fn time(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    let t = t?;
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(t.seconds.max(0) as u64)
+        + std::time::Duration::from_nanos(t.nanos.max(0) as u64);
+    Some(humantime::format_rfc3339_seconds(at).to_string())
+}
+
+/// The counts object every wave JSON carries.
+pub fn counts_json(c: Option<&v1::TenantCounts>) -> Value {
+    let c = c.cloned().unwrap_or_default();
+    json!({
+        "total": c.total,
+        "pending": c.pending,
+        "running": c.running,
+        "succeeded": c.succeeded,
+        "failed": c.failed,
+        "cancelled": c.cancelled,
+    })
+}
+
+fn policy_json(p: &v1::Policy) -> Value {
+    use v1::policy::MaxFailures as M;
+    json!({
+        "concurrency": p.concurrency,
+        "per_host": (p.per_host > 0).then_some(p.per_host),
+        "rate": (p.rate > 0.0).then_some(p.rate),
+        "canary_count": (p.canary_count > 0).then_some(p.canary_count),
+        "canary_label": (!p.canary_label.is_empty()).then_some(&p.canary_label),
+        "pause_after_canary": p.pause_after_canary,
+        "max_failures": match p.max_failures {
+            Some(M::MaxFailuresCount(n)) => json!({"count": n}),
+            Some(M::MaxFailuresRatio(r)) => json!({"ratio": r}),
+            Some(M::MaxFailuresUnlimited(_)) => json!("unlimited"),
+            None => Value::Null,
+        },
+        "retries": p.retries,
+        "transaction": v1::TransactionMode::try_from(p.transaction)
+            .map(|m| m.as_str_name().trim_start_matches("TRANSACTION_MODE_").to_ascii_lowercase().replace('_', "-"))
+            .unwrap_or_default(),
+        "lock_timeout_ms": p.lock_timeout_ms,
+        "statement_timeout_ms": p.statement_timeout_ms,
+        "allow_drift": p.allow_drift,
+        "allow_out_of_order": p.allow_out_of_order,
+    })
+}
+
+/// `wave status --output json`: one object with `wave_id`, `state` and `tenants`.
+pub fn wave_json(w: &v1::Wave) -> Value {
+    json!({
+        "wave_id": w.wave_id,
+        "state": wave_state(w.state),
+        "reason": (!w.reason.is_empty()).then_some(&w.reason),
+        "bundle_id": w.bundle_id,
+        "created_at": time(w.created_at.as_ref()),
+        "tenants": counts_json(w.tenants.as_ref()),
+        "policy": w.policy.as_ref().map(policy_json),
+        "history": w.history.iter().map(|h| json!({
+            "from": (h.from != 0).then(|| wave_state(h.from)),
+            "to": wave_state(h.to),
+            "actor": h.actor,
+            "reason": h.reason,
+            "at": time(h.at.as_ref()),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One tenant run.
+pub fn tenant_json(t: &v1::TenantRun) -> Value {
+    json!({
+        "tenant_id": t.tenant_id,
+        "host": t.host,
+        "state": tenant_state(t.state),
+        "attempts": t.attempts,
+        "labels": t.labels,
+        "started_at": time(t.started_at.as_ref()),
+        "finished_at": time(t.finished_at.as_ref()),
+        "error": t.last_error.as_ref().map(|e| json!({
+            "script": (!e.script.is_empty()).then_some(&e.script),
+            "sqlstate": (!e.sqlstate.is_empty()).then_some(&e.sqlstate),
+            "message": e.message,
+            "retryable": e.retryable,
+        })),
+    })
+}
+
+/// A failure in one line: `V2__x.sql: 42P07 relation "t" already exists`.
+pub fn failure_line(e: &v1::TenantFailure) -> String {
+    let mut out = String::new();
+    if !e.script.is_empty() {
+        out.push_str(&e.script);
+        out.push_str(": ");
+    }
+    if !e.sqlstate.is_empty() {
+        out.push_str(&e.sqlstate);
+        out.push(' ');
+    }
+    out.push_str(e.message.lines().next().unwrap_or_default());
+    out
+}
+
+/// `40/100 done (38 succeeded, 2 failed, 0 cancelled) · 4 running · 56 pending`
+pub fn counts_line(c: Option<&v1::TenantCounts>) -> String {
+    let c = c.cloned().unwrap_or_default();
+    format!(
+        "{}/{} done ({} succeeded, {} failed, {} cancelled) · {} running · {} pending",
+        c.succeeded + c.failed + c.cancelled,
+        c.total,
+        c.succeeded,
+        c.failed,
+        c.cancelled,
+        c.running,
+        c.pending
+    )
+}
+
+/// `wave status` for people.
+pub fn print_wave(w: &v1::Wave) {
+    println!("wave     {}", w.wave_id);
+    let reason = if w.reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", w.reason)
+    };
+    println!("state    {}{reason}", wave_state(w.state));
+    println!("bundle   {}", w.bundle_id);
+    if let Some(created) = time(w.created_at.as_ref()) {
+        println!("created  {created}");
+    }
+    println!("tenants  {}", counts_line(w.tenants.as_ref()));
+    if !w.history.is_empty() {
+        println!("history");
+        for h in &w.history {
+            let why = if h.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", h.reason)
+            };
+            println!(
+                "  {}  {} -> {}  by {}{why}",
+                time(h.at.as_ref()).unwrap_or_default(),
+                if h.from == 0 {
+                    "(new)"
+                } else {
+                    wave_state(h.from)
+                },
+                wave_state(h.to),
+                h.actor
+            );
+        }
+    }
+}

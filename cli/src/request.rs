@@ -1,0 +1,283 @@
+//! What `wave start` and `plan` send: the bundle read from its directory, the targets
+//! (CSV rows read here, or a catalog/discovery spec the daemon resolves) and the policy
+//! flags. Local input is checked here, before anything reaches the daemon, so a typo in
+//! a CSV names its line without a round trip.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use flotilla::api::v1;
+use flotilla::bundle::Bundle;
+
+use crate::client::Failure;
+use crate::exit::Exit;
+
+/// Where the tenants come from: exactly one source.
+#[derive(Debug, Args)]
+#[group(id = "targets", required = true, multiple = true)]
+pub struct TargetArgs {
+    /// A CSV file `tenant_id,dsn[,label…]` with a header row.
+    #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["catalog_dsn", "discover"])]
+    pub targets: Option<PathBuf>,
+    /// A catalog database to query for `tenant_id, dsn[, labels…]` (needs --catalog-query).
+    #[arg(
+        long,
+        value_name = "DSN",
+        requires = "catalog_query",
+        conflicts_with = "discover"
+    )]
+    pub catalog_dsn: Option<String>,
+    /// The catalog query.
+    #[arg(long, value_name = "SQL", requires = "catalog_dsn")]
+    pub catalog_query: Option<String>,
+    /// A server whose databases matching --db-pattern are the tenants.
+    #[arg(long, value_name = "URL", requires = "db_pattern")]
+    pub discover: Option<String>,
+    /// A `LIKE` pattern for --discover, e.g. `tenant_%`.
+    #[arg(long, value_name = "PATTERN", requires = "discover")]
+    pub db_pattern: Option<String>,
+}
+
+/// Which targets a request carries, in the shape both requests share.
+pub enum Targets {
+    List(v1::TargetList),
+    Catalog(v1::CatalogTargets),
+    Discover(v1::DiscoverTargets),
+}
+
+impl TargetArgs {
+    /// Reads and checks a CSV locally; passes catalog and discovery specs on.
+    pub fn load(&self) -> Result<Targets, Failure> {
+        if let Some(path) = &self.targets {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::new(
+                    Exit::InvalidInput,
+                    format!("--targets {}: {e}", path.display()),
+                )
+            })?;
+            let tenants = flotilla::target::parse_csv(&text, &path.display().to_string())
+                .map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
+            return Ok(Targets::List(v1::TargetList {
+                tenants: tenants
+                    .into_iter()
+                    .map(|t| v1::Tenant {
+                        tenant_id: t.id,
+                        dsn: t.dsn.secret_text().to_string(),
+                        labels: t.labels.into_iter().collect(),
+                    })
+                    .collect(),
+            }));
+        }
+        if let (Some(dsn), Some(query)) = (&self.catalog_dsn, &self.catalog_query) {
+            return Ok(Targets::Catalog(v1::CatalogTargets {
+                catalog_dsn: dsn.clone(),
+                catalog_query: query.clone(),
+            }));
+        }
+        if let (Some(dsn), Some(pattern)) = (&self.discover, &self.db_pattern) {
+            return Ok(Targets::Discover(v1::DiscoverTargets {
+                server_dsn: dsn.clone(),
+                db_pattern: pattern.clone(),
+            }));
+        }
+        Err(Failure::new(
+            Exit::Usage,
+            "give one target source: --targets, --catalog-dsn with --catalog-query, or --discover with --db-pattern",
+        ))
+    }
+}
+
+impl Targets {
+    /// For `StartWaveRequest`.
+    pub fn into_start(self) -> v1::start_wave_request::Targets {
+        use v1::start_wave_request::Targets as T;
+        match self {
+            Targets::List(l) => T::TargetList(l),
+            Targets::Catalog(c) => T::Catalog(c),
+            Targets::Discover(d) => T::Discover(d),
+        }
+    }
+
+    /// For `PlanRequest`.
+    pub fn into_plan(self) -> v1::plan_request::Targets {
+        use v1::plan_request::Targets as T;
+        match self {
+            Targets::List(l) => T::TargetList(l),
+            Targets::Catalog(c) => T::Catalog(c),
+            Targets::Discover(d) => T::Discover(d),
+        }
+    }
+}
+
+/// Reads and validates a bundle directory into its wire form.
+pub fn load_bundle(dir: &Path) -> Result<v1::Bundle, Failure> {
+    let bundle =
+        Bundle::load_dir(dir).map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
+    Ok(flotilla::api::convert::bundle_to_proto(&bundle))
+}
+
+/// Which tenants go first: a count or a `key=value` label.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CanaryArg {
+    Count(u32),
+    Label(String),
+}
+
+fn parse_canary(s: &str) -> Result<CanaryArg, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        if n == 0 {
+            return Err("a canary of 0 tenants is no canary; leave --canary out".into());
+        }
+        return Ok(CanaryArg::Count(n));
+    }
+    match s.split_once('=') {
+        Some((k, _)) if !k.trim().is_empty() => Ok(CanaryArg::Label(s.to_string())),
+        _ => Err("expected a number of tenants or a label key=value".into()),
+    }
+}
+
+fn parse_max_failures(s: &str) -> Result<v1::policy::MaxFailures, String> {
+    use v1::policy::MaxFailures as M;
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("unlimited") || s.eq_ignore_ascii_case("none") {
+        return Ok(M::MaxFailuresUnlimited(true));
+    }
+    let ratio = |r: f64| {
+        if (0.0..=1.0).contains(&r) {
+            Ok(M::MaxFailuresRatio(r))
+        } else {
+            Err(format!("a ratio must be within 0..1 (0%..100%), got {s}"))
+        }
+    };
+    if let Some(pct) = s.strip_suffix('%') {
+        let p: f64 = pct
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a percentage"))?;
+        return ratio(p / 100.0);
+    }
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(M::MaxFailuresCount(n));
+    }
+    match s.parse::<f64>() {
+        Ok(r) => ratio(r),
+        Err(_) => {
+            Err("expected a count (5), a percentage (10%), a ratio (0.1) or `unlimited`".into())
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5s, 1500ms, 2m, 0)"))
+}
+
+/// How the transactional scripts of a tenant are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransactionArg {
+    PerScript,
+    PerTenant,
+}
+
+/// The policy flags of `wave start`.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Tenants in flight for the whole wave.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Tenants in flight on one database server (default: only --concurrency limits).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub per_host: Option<u32>,
+    /// Tenant starts per second (default: unlimited).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Canary: the first N tenants, or those with label key=value, go first; the rest
+    /// starts only when every canary succeeded.
+    #[arg(long, value_parser = parse_canary)]
+    pub canary: Option<CanaryArg>,
+    /// Pause the wave after the canary succeeded, for an operator to resume.
+    #[arg(long, requires = "canary")]
+    pub pause_after_canary: bool,
+    /// Failed tenants before the wave pauses itself: a count (5), a percentage (10%), a
+    /// ratio (0.1) or `unlimited` [default: 10%].
+    #[arg(long, value_parser = parse_max_failures)]
+    pub max_failures: Option<v1::policy::MaxFailures>,
+    /// Attempts after the first, for retryable errors only [default: 3].
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// per-script: each script commits with its log row; per-tenant: one transaction
+    /// for all transactional scripts of a tenant.
+    #[arg(long, value_enum, default_value_t = TransactionArg::PerScript)]
+    pub transaction: TransactionArg,
+    /// `lock_timeout` for every script [default: 5s; 0: wait forever].
+    #[arg(long, value_parser = parse_duration)]
+    pub lock_timeout: Option<Duration>,
+    /// `statement_timeout` for every script [default: none].
+    #[arg(long, value_parser = parse_duration)]
+    pub statement_timeout: Option<Duration>,
+    /// Apply even when an applied script's checksum changed.
+    #[arg(long)]
+    pub allow_drift: bool,
+    /// Apply a missing older version after newer ones.
+    #[arg(long)]
+    pub allow_out_of_order: bool,
+}
+
+impl PolicyArgs {
+    /// The wire policy; the daemon validates it again and fills the defaults.
+    pub fn to_proto(&self) -> v1::Policy {
+        let (canary_count, canary_label) = match &self.canary {
+            None => (0, String::new()),
+            Some(CanaryArg::Count(n)) => (*n, String::new()),
+            Some(CanaryArg::Label(l)) => (0, l.clone()),
+        };
+        v1::Policy {
+            concurrency: self.concurrency,
+            per_host: self.per_host.unwrap_or(0),
+            rate: self.rate.unwrap_or(0.0),
+            canary_count,
+            canary_label,
+            pause_after_canary: self.pause_after_canary,
+            max_failures: self.max_failures,
+            retries: self.retries,
+            transaction: match self.transaction {
+                TransactionArg::PerScript => v1::TransactionMode::PerScript,
+                TransactionArg::PerTenant => v1::TransactionMode::PerTenant,
+            } as i32,
+            lock_timeout_ms: self.lock_timeout.map(|d| d.as_millis() as u64),
+            statement_timeout_ms: self.statement_timeout.map(|d| d.as_millis() as u64),
+            allow_drift: self.allow_drift,
+            allow_out_of_order: self.allow_out_of_order,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use v1::policy::MaxFailures as M;
+
+    #[test]
+    fn max_failures_forms() {
+        assert_eq!(parse_max_failures("5"), Ok(M::MaxFailuresCount(5)));
+        assert_eq!(parse_max_failures("10%"), Ok(M::MaxFailuresRatio(0.1)));
+        assert_eq!(parse_max_failures("0.25"), Ok(M::MaxFailuresRatio(0.25)));
+        assert_eq!(
+            parse_max_failures("unlimited"),
+            Ok(M::MaxFailuresUnlimited(true))
+        );
+        assert!(parse_max_failures("150%").is_err());
+        assert!(parse_max_failures("lots").is_err());
+    }
+
+    #[test]
+    fn canary_forms() {
+        assert_eq!(parse_canary("3"), Ok(CanaryArg::Count(3)));
+        assert_eq!(
+            parse_canary("tier=free"),
+            Ok(CanaryArg::Label("tier=free".into()))
+        );
+        assert!(parse_canary("0").is_err());
+        assert!(parse_canary("=x").is_err());
+    }
+}
