@@ -15,7 +15,7 @@ use crate::exit::Exit;
 
 /// Where the tenants come from: exactly one source.
 #[derive(Debug, Args)]
-#[group(id = "targets", required = true, multiple = true)]
+#[group(id = "target_source", required = true, multiple = true)]
 pub struct TargetArgs {
     /// A CSV file `tenant_id,dsn[,label…]` with a header row.
     #[arg(long, value_name = "FILE.csv", conflicts_with_all = ["catalog_dsn", "discover"])]

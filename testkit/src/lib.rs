@@ -381,44 +381,10 @@ impl Cluster {
     pub async fn enable_tls(&self, server_name: &str) -> Result<PathBuf> {
         let data = self.data_dir();
         let (crt, key) = (data.join("server.crt"), data.join("server.key"));
-        let (ca_crt, ca_key) = (self.root.join("ca.crt"), self.root.join("ca.key"));
-        let (csr, ext) = (self.root.join("server.csr"), self.root.join("server.ext"));
-        run(Command::new("openssl")
-            .args([
-                "req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048",
-            ])
-            .args(["-subj", "/CN=flotilla-test-ca", "-keyout"])
-            .arg(&ca_key)
-            .arg("-out")
-            .arg(&ca_crt))
-        .context("generate a test CA with openssl")?;
-        run(Command::new("openssl")
-            .args(["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj"])
-            .arg(format!("/CN={server_name}"))
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr))
-        .context("generate a server key")?;
-        std::fs::write(
-            &ext,
-            format!(
-                "subjectAltName=DNS:{server_name}\nbasicConstraints=CA:FALSE\n\
-                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-            ),
-        )?;
-        run(Command::new("openssl")
-            .args(["x509", "-req", "-days", "2", "-in"])
-            .arg(&csr)
-            .arg("-CA")
-            .arg(&ca_crt)
-            .arg("-CAkey")
-            .arg(&ca_key)
-            .args(["-CAcreateserial", "-extfile"])
-            .arg(&ext)
-            .arg("-out")
-            .arg(&crt))
-        .context("sign the server certificate")?;
+        let issued = issue_test_cert(&self.root, server_name)?;
+        std::fs::copy(&issued.cert, &crt)?;
+        std::fs::copy(&issued.key, &key)?;
+        let ca_crt = issued.ca;
         if self.run_as_postgres {
             run(Command::new("chown")
                 .arg("postgres:postgres")
@@ -502,6 +468,66 @@ impl Cluster {
         }
         Ok(names)
     }
+}
+
+/// A certificate for a server name, issued by a fresh throwaway CA.
+#[derive(Debug, Clone)]
+pub struct TestCert {
+    /// The CA certificate (PEM): what clients trust.
+    pub ca: PathBuf,
+    /// The server certificate (PEM).
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Issues a server certificate for `server_name` (as a DNS subject alternative name)
+/// from a new CA, all files in `dir`. Needs `openssl`.
+pub fn issue_test_cert(dir: &Path, server_name: &str) -> Result<TestCert> {
+    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let (csr, ext) = (dir.join("server.csr"), dir.join("server.ext"));
+    run(Command::new("openssl")
+        .args([
+            "req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048",
+        ])
+        .args(["-subj", "/CN=flotilla-test-ca", "-keyout"])
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca_crt))
+    .context("generate a test CA with openssl")?;
+    run(Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-newkey", "rsa:2048", "-subj"])
+        .arg(format!("/CN={server_name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr))
+    .context("generate a server key")?;
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=DNS:{server_name}\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        ),
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca_crt)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .args(["-CAcreateserial", "-extfile"])
+        .arg(&ext)
+        .arg("-out")
+        .arg(&crt))
+    .context("sign the server certificate")?;
+    Ok(TestCert {
+        ca: ca_crt,
+        cert: crt,
+        key,
+    })
 }
 
 impl Drop for Cluster {

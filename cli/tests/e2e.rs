@@ -1,0 +1,1008 @@
+//! End to end: the real `flotillad` and `flotilla` binaries against real PostgreSQL
+//! clusters. Each test starts its own daemon(s) on a temporary data dir and uses its own
+//! tenant databases (a distinct name prefix) on the two clusters shared by this file;
+//! a test that stops a server starts a cluster of its own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flotilla_testkit::{Cluster, Daemon, shared, shared_second};
+use serde_json::Value;
+
+/// What a CLI run left behind.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+}
+
+/// Runs `flotilla --server URL ARGS…` with no token from the environment.
+async fn flotilla(server: &str, args: &[&str]) -> Run {
+    flotilla_with(server, args, &[]).await
+}
+
+async fn flotilla_with(server: &str, args: &[&str], envs: &[(&str, &str)]) -> Run {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .env_remove("FLOTILLA_TOKEN")
+        .envs(envs.iter().copied())
+        .output()
+        .await
+        .expect("run flotilla");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A bundle directory holding `sources`.
+fn bundle(sources: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, sql) in sources {
+        std::fs::write(dir.path().join(name), sql).expect("write script");
+    }
+    dir
+}
+
+const FAST: &[(&str, &str)] = &[
+    (
+        "V1__create_items.sql",
+        "CREATE TABLE items (id bigint PRIMARY KEY);",
+    ),
+    (
+        "V2__add_name.sql",
+        "ALTER TABLE items ADD COLUMN name text;",
+    ),
+    (
+        "R__items_view.sql",
+        "CREATE OR REPLACE VIEW item_names AS SELECT name FROM items;",
+    ),
+];
+
+/// Each tenant takes at least 150 ms, so waves last long enough to be interrupted.
+const SLOW: &[(&str, &str)] = &[
+    (
+        "V1__create_items.sql",
+        "CREATE TABLE items (id bigint PRIMARY KEY, email text);",
+    ),
+    (
+        "V2__slow_step.sql",
+        "SELECT pg_sleep(0.15);\nINSERT INTO items VALUES (1, 'a@example.com');",
+    ),
+    (
+        "V3__index_email.sql",
+        "-- flotilla:no-transaction\nCREATE INDEX CONCURRENTLY items_email_idx ON items (email);",
+    ),
+];
+
+fn versions(sources: &[(&str, &str)]) -> Vec<String> {
+    sources
+        .iter()
+        .filter(|(n, _)| n.starts_with('V'))
+        .map(|(n, _)| n[1..n.find("__").expect("versioned name")].to_string())
+        .collect()
+}
+
+/// A targets CSV for `(tenant_id, dsn)` pairs, in `dir`.
+fn targets_csv(dir: &Path, rows: &[(String, String)]) -> PathBuf {
+    let mut text = String::from("tenant_id,dsn\n");
+    for (id, dsn) in rows {
+        text.push_str(&format!("{id},{dsn}\n"));
+    }
+    let path = dir.join("targets.csv");
+    std::fs::write(&path, text).expect("write csv");
+    path
+}
+
+/// Tenants `{prefix}NNNNN` on `cluster`, as CSV rows.
+async fn tenants(cluster: &Cluster, prefix: &str, n: usize) -> Vec<(String, String)> {
+    cluster
+        .create_tenants(prefix, n, "")
+        .await
+        .expect("create tenants")
+        .into_iter()
+        .map(|db| (db.clone(), cluster.url(&db)))
+        .collect()
+}
+
+/// Every versioned row of a tenant's log: version → (applied rows, all rows).
+async fn log_counts(cluster: &Cluster, db: &str) -> BTreeMap<String, (i64, i64)> {
+    let client = cluster.connect(db).await.expect("connect tenant");
+    let rows = match client
+        .query(
+            "SELECT version, count(*) FILTER (WHERE status = 'applied'), count(*) \
+             FROM flotilla.execution_log WHERE kind = 'versioned' GROUP BY version",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e)
+            if e.code().map(|c| c.code()) == Some("42P01")
+                || e.code().map(|c| c.code()) == Some("3F000") =>
+        {
+            return BTreeMap::new();
+        }
+        Err(e) => panic!("read the log of {db}: {e}"),
+    };
+    rows.iter()
+        .map(|r| (r.get::<_, String>(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Asserts each version is in each tenant's log exactly once, as `applied`.
+async fn assert_once(cluster: &Cluster, dbs: &[(String, String)], expected: &[String]) {
+    for (db, _) in dbs {
+        let counts = log_counts(cluster, db).await;
+        let want: BTreeMap<String, (i64, i64)> =
+            expected.iter().map(|v| (v.clone(), (1, 1))).collect();
+        assert_eq!(counts, want, "tenant {db}: version -> (applied, rows)");
+    }
+}
+
+fn start_daemon(args: &[&str]) -> (Daemon, tempfile::TempDir) {
+    let data = tempfile::tempdir().expect("data dir");
+    let daemon = Daemon::start(data.path(), args).expect("start flotillad");
+    (daemon, data)
+}
+
+fn count(status: &Value, state: &str) -> u64 {
+    status["tenants"][state]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tenants.{state} in {status}"))
+}
+
+/// Polls `wave status --output json` until `done` holds.
+async fn wait_for(server: &str, wave: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let run = flotilla(server, &["--output", "json", "wave", "status", wave]).await;
+        if run.code == 0 {
+            let status = run.json();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited 120s for {what}; last: {status}"
+            );
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "waited 120s for {what}; last: {run:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// 1. `wave start --wait` over 100 tenants on two servers exits 0, and every tenant's
+///    log has each version exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_wait_over_two_servers_applies_each_version_once() {
+    let (a, b) = (shared(), shared_second());
+    let mut rows = tenants(a, "e1a_", 50).await;
+    let on_b = tenants(b, "e1b_", 50).await;
+    rows.extend(on_b.clone());
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(FAST);
+    let (daemon, _data) = start_daemon(&[]);
+
+    let run = flotilla(
+        &daemon.url(),
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--concurrency",
+            "8",
+            "--per-host",
+            "4",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("COMPLETED"), "{}", run.stdout);
+    assert_once(a, &rows[..50], &versions(FAST)).await;
+    assert_once(b, &on_b, &versions(FAST)).await;
+}
+
+/// 2. `kill -9` of flotillad at three moments of one wave, restarted each time on the
+///    same data dir: the wave completes and every version is applied once per tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wave_survives_three_kill_9s_of_the_daemon() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e2_", 60).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(SLOW);
+    let (mut daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+
+    let run = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--concurrency",
+            "3",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let wave = run.json()["wave_id"].as_str().expect("wave_id").to_string();
+
+    for kill in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(250..700))).await;
+        let status = flotilla(&server, &["--output", "json", "wave", "status", &wave])
+            .await
+            .json();
+        assert_eq!(
+            status["state"], "RUNNING",
+            "kill {kill} must land mid-wave: {status}"
+        );
+        daemon.kill9().expect("kill -9");
+        daemon.restart().expect("restart on the same data dir");
+    }
+    let status = wait_for(&server, &wave, "the wave to complete", |s| {
+        s["state"] != "RUNNING"
+    })
+    .await;
+    assert_eq!(status["state"], "COMPLETED", "{status}");
+    assert_eq!(count(&status, "succeeded"), 60, "{status}");
+    assert_eq!(count(&status, "failed"), 0, "{status}");
+    assert_once(cluster, &rows, &versions(SLOW)).await;
+}
+
+/// 3. Pause stops starts (no tenant starts while paused), resume completes the wave;
+///    cancel leaves it CANCELLED and `watch` exits 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_cancel() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e3_", 30).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(SLOW);
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let start = |extra: &'static [&'static str]| {
+        let (server, dir, csv) = (server.clone(), dir.path().to_path_buf(), csv.clone());
+        async move {
+            let mut args = vec![
+                "--output",
+                "json",
+                "wave",
+                "start",
+                "--bundle",
+                path(&dir),
+                "--targets",
+                path(&csv),
+                "--concurrency",
+                "2",
+            ];
+            args.extend_from_slice(extra);
+            let run = flotilla(&server, &args).await;
+            assert_eq!(run.code, 0, "{run:?}");
+            run.json()["wave_id"].as_str().expect("wave_id").to_string()
+        }
+    };
+
+    let wave = start(&[]).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let paused = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "wave",
+            "pause",
+            &wave,
+            "--reason",
+            "look first",
+        ],
+    )
+    .await;
+    assert_eq!(paused.code, 0, "{paused:?}");
+    assert_eq!(paused.json()["state"], "PAUSED");
+    let drained = wait_for(&server, &wave, "in-flight tenants to finish", |s| {
+        count(s, "running") == 0
+    })
+    .await;
+    let finished = count(&drained, "succeeded");
+    assert!(finished < 30, "paused mid-wave: {drained}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = flotilla(&server, &["--output", "json", "wave", "status", &wave])
+        .await
+        .json();
+    assert_eq!(later["state"], "PAUSED");
+    assert_eq!(
+        count(&later, "succeeded"),
+        finished,
+        "no tenant finished while paused"
+    );
+    assert_eq!(
+        count(&later, "running"),
+        0,
+        "no tenant started while paused"
+    );
+    let mut touched = 0;
+    for (db, _) in &rows {
+        if !log_counts(cluster, db).await.is_empty() {
+            touched += 1;
+        }
+    }
+    assert_eq!(touched, finished, "only finished tenants have a log");
+
+    let resumed = flotilla(&server, &["wave", "resume", &wave]).await;
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    let watched = flotilla(&server, &["wave", "watch", &wave]).await;
+    assert_eq!(watched.code, 0, "{watched:?}");
+    assert!(watched.stdout.contains("COMPLETED"), "{}", watched.stdout);
+    assert_once(cluster, &rows, &versions(SLOW)).await;
+
+    // A second wave of a new bundle version, cancelled as it runs.
+    let mut more = SLOW.to_vec();
+    more.push(("V4__slow_again.sql", "SELECT pg_sleep(0.2);"));
+    for (name, sql) in &more[3..] {
+        std::fs::write(dir.path().join(name), sql).expect("write");
+    }
+    let wave = start(&[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelled = flotilla(&server, &["--output", "json", "wave", "cancel", &wave]).await;
+    assert_eq!(cancelled.code, 0, "{cancelled:?}");
+    assert_eq!(cancelled.json()["state"], "CANCELLED");
+    let watched = flotilla(&server, &["--output", "json", "wave", "watch", &wave]).await;
+    assert_eq!(watched.code, 3, "a cancelled wave exits 3: {watched:?}");
+    let status = watched.json();
+    assert_eq!(status["state"], "CANCELLED");
+    assert!(count(&status, "cancelled") > 0, "{status}");
+    assert_eq!(count(&status, "running"), 0, "{status}");
+}
+
+/// 4. A server down for the wave: its tenants fail; once it is back, `wave retry`
+///    finishes them and only them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_a_server_comes_back_touches_only_the_failed() {
+    let up = shared();
+    let down = Cluster::start().expect("a cluster to stop");
+    let mut rows = tenants(up, "e4up_", 6).await;
+    let on_down = tenants(&down, "e4down_", 6).await;
+    rows.extend(on_down.clone());
+    down.stop().expect("stop the server");
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(FAST);
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+
+    let run = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--retries",
+            "0",
+            "--max-failures",
+            "unlimited",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 1, "a wave with failed tenants exits 1: {run:?}");
+    let status = run.json();
+    assert_eq!(status["state"], "FAILED");
+    assert_eq!(count(&status, "failed"), 6, "{status}");
+    assert_eq!(count(&status, "succeeded"), 6, "{status}");
+    let wave = status["wave_id"].as_str().expect("id").to_string();
+
+    down.restart().expect("server back");
+    let retry = flotilla(&server, &["wave", "retry", &wave]).await;
+    assert_eq!(retry.code, 0, "{retry:?}");
+    let watched = flotilla(&server, &["--output", "json", "wave", "watch", &wave]).await;
+    assert_eq!(watched.code, 0, "{watched:?}");
+    assert_eq!(count(&watched.json(), "succeeded"), 12);
+
+    let listed = flotilla(&server, &["--output", "json", "wave", "tenants", &wave])
+        .await
+        .json();
+    for t in listed["tenants"].as_array().expect("tenants") {
+        let id = t["tenant_id"].as_str().expect("id");
+        let want = if id.starts_with("e4down_") { 2 } else { 1 };
+        assert_eq!(t["attempts"], want, "tenant {id}: {t}");
+        assert_eq!(t["state"], "SUCCEEDED", "{t}");
+    }
+    assert_once(up, &rows[..6], &versions(FAST)).await;
+    assert_once(&down, &on_down, &versions(FAST)).await;
+}
+
+/// 5. Two daemons with separate data dirs roll the same bundle over the same fleet at
+///    once: each version lands exactly once per tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_on_one_fleet_apply_once() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e5_", 30).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(SLOW);
+    let (one, _d1) = start_daemon(&[]);
+    let (two, _d2) = start_daemon(&[]);
+    let args = [
+        "wave",
+        "start",
+        "--bundle",
+        path(dir.path()),
+        "--targets",
+        path(&csv),
+        "--concurrency",
+        "4",
+        "--wait",
+    ];
+    let (url1, url2) = (one.url(), two.url());
+    let (a, b) = tokio::join!(flotilla(&url1, &args), flotilla(&url2, &args));
+    assert_eq!(a.code, 0, "{a:?}");
+    assert_eq!(b.code, 0, "{b:?}");
+    assert_once(cluster, &rows, &versions(SLOW)).await;
+}
+
+/// 6. No token, a wrong token, a viewer trying to resume: refused with the right status
+///    and exit code 5, and nothing changes; the operator's name is the recorded actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e6_", 4).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let tokens = work.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[tokens]]\nname = \"ci-bot\"\nrole = \"operator\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nname = \"dashboard\"\nrole = \"viewer\"\nsha256 = \"{}\"\n",
+            flotilla::config::hash_token("op-7f3a"),
+            flotilla::config::hash_token("view-19c2"),
+        ),
+    )
+    .expect("tokens file");
+    let (daemon, _data) = start_daemon(&["--tokens-file", path(&tokens)]);
+    let server = daemon.url();
+    let dir = bundle(FAST);
+
+    let none = flotilla(&server, &["wave", "list"]).await;
+    assert_eq!(none.code, 5, "{none:?}");
+    assert!(
+        none.stderr.contains("missing bearer token"),
+        "{}",
+        none.stderr
+    );
+    let wrong = flotilla(&server, &["--token", "guess", "wave", "list"]).await;
+    assert_eq!(wrong.code, 5, "{wrong:?}");
+    assert!(wrong.stderr.contains("unknown token"), "{}", wrong.stderr);
+    let viewer_start = flotilla_with(
+        &server,
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+        ],
+        &[("FLOTILLA_TOKEN", "view-19c2")],
+    )
+    .await;
+    assert_eq!(viewer_start.code, 5, "{viewer_start:?}");
+
+    let op = ["--token", "op-7f3a", "--output", "json"];
+    let started = flotilla(
+        &server,
+        &[
+            &op[..],
+            &[
+                "wave",
+                "start",
+                "--bundle",
+                path(dir.path()),
+                "--targets",
+                path(&csv),
+                "--canary",
+                "1",
+                "--pause-after-canary",
+            ],
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(started.code, 0, "{started:?}");
+    let wave = started.json()["wave_id"].as_str().expect("id").to_string();
+    let view = ["--token", "view-19c2", "--output", "json"];
+    let paused = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = flotilla(&server, &[&view[..], &["wave", "status", &wave]].concat()).await;
+            assert_eq!(s.code, 0, "a viewer may read: {s:?}");
+            let s = s.json();
+            if s["state"] == "PAUSED" && count(&s, "running") == 0 {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "canary pause: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let refused = flotilla(&server, &[&view[..], &["wave", "resume", &wave]].concat()).await;
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert!(refused.stderr.contains("viewer"), "{}", refused.stderr);
+    let after = flotilla(&server, &[&view[..], &["wave", "status", &wave]].concat())
+        .await
+        .json();
+    assert_eq!(after["state"], "PAUSED");
+    assert_eq!(
+        after["history"], paused["history"],
+        "a refused call changes nothing"
+    );
+
+    let resumed = flotilla(&server, &[&op[..], &["wave", "resume", &wave]].concat()).await;
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    let done = flotilla(&server, &[&op[..], &["wave", "watch", &wave]].concat()).await;
+    assert_eq!(done.code, 0, "{done:?}");
+    let history = done.json()["history"].clone();
+    let resume = history
+        .as_array()
+        .expect("history")
+        .iter()
+        .find(|h| h["from"] == "PAUSED" && h["to"] == "RUNNING")
+        .unwrap_or_else(|| panic!("a resume in {history}"));
+    assert_eq!(resume["actor"], "ci-bot");
+}
+
+/// 7. Bad input gets a clear error naming what is wrong, and the daemon stays healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_clearly() {
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = bundle(FAST);
+    let good_csv = targets_csv(work.path(), &[("t1".into(), shared().url("postgres"))]);
+
+    let missing = flotilla(
+        &server,
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            "/nonexistent/bundle",
+            "--targets",
+            path(&good_csv),
+        ],
+    )
+    .await;
+    assert_eq!(missing.code, 6, "{missing:?}");
+    assert!(
+        missing.stderr.contains("/nonexistent/bundle"),
+        "{}",
+        missing.stderr
+    );
+
+    let bad_csv = work.path().join("bad.csv");
+    std::fs::write(
+        &bad_csv,
+        "tenant_id,dsn\nt1,postgresql://h/db\nt1,postgresql://h/db2\n",
+    )
+    .expect("csv");
+    let malformed = flotilla(
+        &server,
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&bad_csv),
+        ],
+    )
+    .await;
+    assert_eq!(malformed.code, 6, "{malformed:?}");
+    assert!(
+        malformed.stderr.contains("line 3") && malformed.stderr.contains("duplicate"),
+        "{}",
+        malformed.stderr
+    );
+
+    let zero = flotilla(
+        &server,
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&good_csv),
+            "--concurrency",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(zero.code, 2, "{zero:?}");
+    assert!(zero.stderr.contains("--concurrency"), "{}", zero.stderr);
+
+    let unknown = flotilla(&server, &["wave", "status", "no-such-wave"]).await;
+    assert_eq!(unknown.code, 6, "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("no-such-wave") && unknown.stderr.contains("not found"),
+        "{}",
+        unknown.stderr
+    );
+
+    // The daemon validates on its own too: a client that skips the CLI's checks.
+    let mut client =
+        flotilla::api::v1::rollout_service_client::RolloutServiceClient::connect(server.clone())
+            .await
+            .expect("connect");
+    let bundle = flotilla::api::convert::bundle_to_proto(
+        &flotilla::bundle::Bundle::load_dir(dir.path()).expect("bundle"),
+    );
+    let targets = Some(flotilla::api::v1::start_wave_request::Targets::TargetList(
+        flotilla::api::v1::TargetList {
+            tenants: vec![flotilla::api::v1::Tenant {
+                tenant_id: "t1".into(),
+                dsn: shared().url("postgres"),
+                labels: Default::default(),
+            }],
+        },
+    ));
+    let refused = client
+        .start_wave(flotilla::api::v1::StartWaveRequest {
+            bundle: Some(bundle.clone()),
+            targets: targets.clone(),
+            policy: Some(flotilla::api::v1::Policy {
+                concurrency: 0,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("concurrency 0");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("concurrency"),
+        "{}",
+        refused.message()
+    );
+    let ratio = client
+        .start_wave(flotilla::api::v1::StartWaveRequest {
+            bundle: Some(bundle.clone()),
+            targets: targets.clone(),
+            policy: Some(flotilla::api::v1::Policy {
+                concurrency: 1,
+                max_failures: Some(flotilla::api::v1::policy::MaxFailures::MaxFailuresRatio(
+                    2.0,
+                )),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("ratio 2");
+    assert_eq!(ratio.code(), tonic::Code::InvalidArgument);
+    let mut tampered = bundle.clone();
+    tampered.bundle_id = "0".repeat(64);
+    let mismatch = client
+        .start_wave(flotilla::api::v1::StartWaveRequest {
+            bundle: Some(tampered),
+            targets: targets.clone(),
+            policy: Some(flotilla::api::v1::Policy {
+                concurrency: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("bundle id");
+    assert!(
+        mismatch.message().contains("bundle id mismatch"),
+        "{}",
+        mismatch.message()
+    );
+
+    // Resuming a completed wave is a failed precondition (exit 6), not a crash.
+    let done = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&good_csv),
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(done.code, 0, "{done:?}");
+    let wave = done.json()["wave_id"].as_str().expect("id").to_string();
+    let resume = flotilla(&server, &["wave", "resume", &wave]).await;
+    assert_eq!(resume.code, 6, "{resume:?}");
+    assert!(resume.stderr.contains("COMPLETED"), "{}", resume.stderr);
+
+    let channel = tonic::transport::Endpoint::from_shared(server.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "flotilla.v1.RolloutService".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let list = flotilla(&server, &["wave", "list"]).await;
+    assert_eq!(list.code, 0, "{list:?}");
+    let unreachable = flotilla("http://127.0.0.1:1", &["wave", "list"]).await;
+    assert_eq!(unreachable.code, 4, "{unreachable:?}");
+}
+
+/// 8. A DSN with a password: it appears nowhere in the daemon's log, the CLI's output,
+///    the JSON status or the data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_leak() {
+    const PASSWORD: &str = "Quokka-e8-Zebra-41";
+    const WRONG: &str = "Wrong-e8-Walrus-97";
+    let cluster = shared();
+    let dbs = cluster.create_tenants("e8_", 3, "").await.expect("tenants");
+    let admin = cluster.connect("postgres").await.expect("admin");
+    admin
+        .batch_execute(&format!("CREATE ROLE e8_user LOGIN PASSWORD '{PASSWORD}'"))
+        .await
+        .expect("role");
+    for db in &dbs {
+        admin
+            .batch_execute(&format!("ALTER DATABASE \"{db}\" OWNER TO e8_user"))
+            .await
+            .expect("owner");
+    }
+    let mut rows: Vec<(String, String)> = dbs
+        .iter()
+        .map(|db| {
+            (
+                db.clone(),
+                cluster.url_with_password(db, "e8_user", PASSWORD),
+            )
+        })
+        .collect();
+    rows.push((
+        "e8_wrong".into(),
+        cluster.url_with_password(&dbs[0], "e8_user", WRONG),
+    ));
+    rows.push((
+        "e8_nodb".into(),
+        cluster.url_with_password("e8_missing", "e8_user", PASSWORD),
+    ));
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(FAST);
+    let data = tempfile::tempdir().expect("data");
+    let daemon = Daemon::start_with_env(data.path(), &[], &[("RUST_LOG", "info,flotilla=debug")])
+        .expect("daemon");
+    let server = daemon.url();
+
+    let mut outputs = Vec::new();
+    let start = flotilla(
+        &server,
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--retries",
+            "0",
+            "--max-failures",
+            "unlimited",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(start.code, 1, "two tenants cannot connect: {start:?}");
+    let wave = start
+        .stdout
+        .lines()
+        .next()
+        .expect("wave id")
+        .trim()
+        .to_string();
+    outputs.push(start);
+    for args in [
+        vec!["--output", "json", "wave", "status", &wave],
+        vec!["--output", "json", "wave", "tenants", &wave],
+        vec!["wave", "tenants", &wave, "--state", "failed"],
+        vec!["--output", "json", "wave", "list"],
+        vec![
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+        ],
+        vec![
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+        ],
+        vec!["tenant", "log", "--wave", &wave, "--tenant", &dbs[0]],
+        vec!["tenant", "log", "--wave", &wave, "--tenant", "e8_wrong"],
+    ] {
+        outputs.push(flotilla(&server, &args).await);
+    }
+    let failed = outputs[2].json();
+    let failures: Vec<&Value> = failed["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .filter(|t| t["state"] == "FAILED")
+        .collect();
+    assert_eq!(failures.len(), 2, "{failed}");
+    assert!(
+        failures.iter().any(|t| t["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("password authentication failed")),
+        "the failure says why: {failed}"
+    );
+    for run in &outputs {
+        for secret in [PASSWORD, WRONG] {
+            assert!(!run.stdout.contains(secret), "password in stdout: {run:?}");
+            assert!(!run.stderr.contains(secret), "password in stderr: {run:?}");
+        }
+    }
+    let log = daemon.log_text();
+    assert!(log.contains("wave created"), "the log is captured: {log}");
+    for secret in [PASSWORD, WRONG] {
+        assert!(!log.contains(secret), "password in the daemon log");
+    }
+    drop(daemon);
+    for entry in walk(data.path()) {
+        let bytes = std::fs::read(&entry).expect("read store file");
+        for secret in [PASSWORD, WRONG] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "password in plain text in {}",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// SIGTERM mid-wave with a watcher attached: the daemon drains and exits 0; the watcher
+/// reconnects to the restarted daemon, which finishes the wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_the_watcher_follows_the_restart() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e9_", 24).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(SLOW);
+    let (mut daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let run = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--concurrency",
+            "2",
+        ],
+    )
+    .await;
+    let wave = run.json()["wave_id"].as_str().expect("id").to_string();
+    let watcher = {
+        let (server, wave) = (server.clone(), wave.clone());
+        tokio::spawn(async move { flotilla(&server, &["wave", "watch", &wave]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let exit = daemon.terminate(Duration::from_secs(30)).expect("drain");
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "SIGTERM drains and exits 0:\n{}",
+        daemon.log_text()
+    );
+    // Drained: nothing was left half-applied (no `started` row without its end).
+    for (db, _) in &rows {
+        for (version, (applied, all)) in log_counts(cluster, db).await {
+            assert_eq!(applied, all, "tenant {db} version {version} left started");
+        }
+    }
+    daemon.restart().expect("restart");
+    let watched = tokio::time::timeout(Duration::from_secs(90), watcher)
+        .await
+        .expect("the watcher ends")
+        .expect("join");
+    assert_eq!(watched.code, 0, "{watched:?}");
+    assert!(
+        watched.stdout.contains("reconnecting"),
+        "{}",
+        watched.stdout
+    );
+    assert_once(cluster, &rows, &versions(SLOW)).await;
+}
+
+/// The API over TLS: a client trusting the CA connects; one that does not is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_tls_with_cert_and_key_files() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let issued = flotilla_testkit::issue_test_cert(certs.path(), "localhost").expect("openssl");
+    let (daemon, _data) = start_daemon(&[
+        "--tls-cert",
+        path(&issued.cert),
+        "--tls-key",
+        path(&issued.key),
+    ]);
+    let port = daemon.addr().rsplit(':').next().expect("port").to_string();
+    let https = format!("https://localhost:{port}");
+    let trusted = flotilla(&https, &["--ca-cert", path(&issued.ca), "wave", "list"]).await;
+    assert_eq!(trusted.code, 0, "{trusted:?}");
+    let untrusted = flotilla(&https, &["wave", "list"]).await;
+    assert_eq!(untrusted.code, 4, "an unknown CA is refused: {untrusted:?}");
+    let plain = flotilla(&daemon.url(), &["wave", "list"]).await;
+    assert_ne!(plain.code, 0, "plain HTTP/2 to a TLS port fails: {plain:?}");
+}
