@@ -586,6 +586,47 @@ async fn interrupted_create_index_concurrently_is_cleaned_and_rebuilt() {
     assert!(rows.iter().all(|r| r.2 == "applied"));
 }
 
+/// The runner died while `CREATE INDEX CONCURRENTLY` ran, and the server finished the
+/// build anyway (it completes a statement whose client is gone): the log says `started`
+/// at that statement, the index is VALID. The next run keeps the index and completes.
+#[tokio::test]
+async fn create_index_concurrently_that_finished_after_its_runner_died_is_kept() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "cicdone_").await;
+    let b = bundle(&[
+        ("V1__table.sql", "CREATE TABLE t (id int);"),
+        (
+            "V2__index.sql",
+            "-- flotilla:no-transaction\nCREATE INDEX CONCURRENTLY t_id_idx ON t (id);\nSELECT 2;",
+        ),
+    ]);
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 2, "{outcome:?}");
+    // What a lost runner leaves: the started row at statement 0, the index built.
+    exec(
+        cluster,
+        &db,
+        "UPDATE flotilla.execution_log SET status = 'started', statements_done = 0, \
+         applied_at = NULL WHERE version = '2'",
+    )
+    .await;
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome), ["V2__index.sql"], "{outcome:?}");
+    let side = cluster.connect(&db).await.expect("side");
+    let valid: bool = side
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 't_id_idx'::regclass",
+            &[],
+        )
+        .await
+        .expect("index kept")
+        .get(0);
+    assert!(valid);
+    let rows = log(cluster, &db).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|r| r.2 == "applied"), "{rows:?}");
+}
+
 #[tokio::test]
 async fn drift_fails_and_a_changed_repeatable_is_reapplied() {
     let cluster = shared();

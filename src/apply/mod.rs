@@ -9,7 +9,8 @@
 //! transaction. A `no-transaction` script commits a `started` row, runs statement by
 //! statement recording progress, then marks the row `applied`; a run that finds a
 //! `started` row resumes at the recorded statement, first dropping an index left
-//! `INVALID` by an interrupted `CREATE INDEX CONCURRENTLY`.
+//! `INVALID` by an interrupted `CREATE INDEX CONCURRENTLY` (one that finished after its
+//! runner was lost is kept, and the statement counted as done).
 //!
 //! This module never retries and never sleeps: it reports an [`Outcome`] and leaves the
 //! decision to the scheduler. It never trusts anything but the tenant's own log.
@@ -571,14 +572,17 @@ impl Runner<'_, '_> {
             if n > from && self.stop.is_stopping() {
                 return Ok(true);
             }
+            let mut already_done = false;
             if n == from
                 && matches!(action, StepAction::Resume { .. })
                 && let Some(index) = rules::concurrent_index(&stmt.leading)
-                && let Err(e) = self.drop_invalid_index(&index).await
             {
-                return fail(e, line);
+                match self.recover_concurrent_index(&index).await {
+                    Ok(built) => already_done = built,
+                    Err(e) => return fail(e, line),
+                }
             }
-            if let Err(e) = self.batch(stmt.sql(&script.sql)).await {
+            if !already_done && let Err(e) = self.batch(stmt.sql(&script.sql)).await {
                 return fail(e, line);
             }
             if let Err(e) = self.batch(&log::progress_sql(log_id, n + 1)).await {
@@ -604,8 +608,15 @@ impl Runner<'_, '_> {
         Ok(false)
     }
 
-    /// Drops the index an interrupted `CREATE INDEX CONCURRENTLY` left `INVALID`, if any.
-    async fn drop_invalid_index(&self, index: &rules::ConcurrentIndex) -> Result<(), BatchError> {
+    /// Makes an interrupted `CREATE INDEX CONCURRENTLY` safe to continue. An `INVALID`
+    /// index it left is dropped (the statement runs again). A `VALID` one means the build
+    /// finished after the runner was lost — the server completes a statement whose
+    /// client died, and the session's advisory lock kept us out until it had — so the
+    /// statement's effect is there: `true`, skip it rather than fail on "already exists".
+    async fn recover_concurrent_index(
+        &self,
+        index: &rules::ConcurrentIndex,
+    ) -> Result<bool, BatchError> {
         let table = index
             .table
             .iter()
@@ -613,18 +624,33 @@ impl Runner<'_, '_> {
             .collect::<Vec<_>>()
             .join(".");
         let find = format!(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i \
+            "SELECT format('%I.%I', n.nspname, c.relname), i.indisvalid FROM pg_index i \
              JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE NOT i.indisvalid AND c.relname = {} AND i.indrelid = to_regclass({})",
+             WHERE c.relname = {} AND i.indrelid = to_regclass({})",
             log::quote_literal(&index.index),
             log::quote_literal(&table)
         );
-        if let Some(name) = first_value(&self.batch(&find).await?) {
-            tracing::info!(index = %name, "dropping an index left INVALID by an interrupted run");
-            self.batch(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
-                .await?;
+        let rows = self.batch(&find).await?;
+        let found = rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_string(),
+                r.get(1) == Some("t"),
+            )),
+            _ => None,
+        });
+        match found {
+            Some((name, true)) => {
+                tracing::info!(index = %name, "an interrupted CREATE INDEX CONCURRENTLY finished; keeping its index");
+                Ok(true)
+            }
+            Some((name, false)) => {
+                tracing::info!(index = %name, "dropping an index left INVALID by an interrupted run");
+                self.batch(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                    .await?;
+                Ok(false)
+            }
+            None => Ok(false),
         }
-        Ok(())
     }
 }
 
