@@ -275,7 +275,14 @@ async fn wave_survives_three_kill_9s_of_the_daemon() {
         s["state"] != "RUNNING"
     })
     .await;
-    assert_eq!(status["state"], "COMPLETED", "{status}");
+    if status["state"] != "COMPLETED" {
+        let failed = flotilla(&server, &["wave", "tenants", &wave, "--state", "failed"]).await;
+        panic!(
+            "{status}\nfailed tenants:\n{}\ndaemon log:\n{}",
+            failed.stdout,
+            daemon.log_text()
+        );
+    }
     assert_eq!(count(&status, "succeeded"), 60, "{status}");
     assert_eq!(count(&status, "failed"), 0, "{status}");
     assert_once(cluster, &rows, &versions(SLOW)).await;

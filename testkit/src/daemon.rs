@@ -31,6 +31,9 @@ pub struct Daemon {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     child: Option<Child>,
+    /// Passed as `--listen`: `127.0.0.1:0` first, then the address learned, so a restart
+    /// comes back where clients expect it. `None`: the daemon's own configuration.
+    listen: Option<String>,
     addr: String,
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -51,15 +54,27 @@ impl Daemon {
             "2s".to_string(),
         ];
         all.extend(args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = all.iter().map(String::as_str).collect();
+        Self::spawn_with(&args, envs, Some("127.0.0.1:0".to_string()))
+    }
+
+    /// Starts `flotillad ARGS…` exactly as given (no `--data-dir`, no `--listen`): for
+    /// testing configuration files and environment variables.
+    pub fn start_exact(args: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_with(args, envs, None)
+    }
+
+    fn spawn_with(args: &[&str], envs: &[(&str, &str)], listen: Option<String>) -> Result<Self> {
         let mut daemon = Self {
             binary: binary("flotillad"),
-            args: all,
+            args: args.iter().map(|a| a.to_string()).collect(),
             envs: envs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             child: None,
-            addr: "127.0.0.1:0".to_string(),
+            listen,
+            addr: String::new(),
             log: Arc::new(Mutex::new(Vec::new())),
         };
         daemon.spawn()?;
@@ -67,9 +82,12 @@ impl Daemon {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let mut child = Command::new(&self.binary)
-            .args(&self.args)
-            .args(["--listen", &self.addr])
+        let mut command = Command::new(&self.binary);
+        command.args(&self.args);
+        if let Some(listen) = &self.listen {
+            command.args(["--listen", listen]);
+        }
+        let mut child = command
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")
             .env(
@@ -109,6 +127,9 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(addr) = rx.recv_timeout(Duration::from_millis(100)) {
+                if self.listen.is_some() {
+                    self.listen = Some(addr.clone());
+                }
                 self.addr = addr;
                 break;
             }

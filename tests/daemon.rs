@@ -1,0 +1,161 @@
+//! flotillad as a real process: health, SIGTERM, configuration layering (file < env <
+//! flags), token enforcement, refusals of a bad config or a data dir in use, and
+//! `hash-token`. Waves over real tenants are driven end to end in `cli/tests/e2e.rs`.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flotilla::api::v1;
+use flotilla::api::v1::rollout_service_client::RolloutServiceClient;
+use flotilla_testkit::Daemon;
+use flotilla_testkit::daemon::binary;
+
+async fn channel(url: String) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url)
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_health_and_drains_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut daemon = Daemon::start(data.path(), &[]).expect("start");
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(channel(daemon.url()).await);
+    for service in ["", "flotilla.v1.RolloutService"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    // An idle client that stays connected does not hold up the drain.
+    let exit = daemon.terminate(Duration::from_secs(20)).expect("exit");
+    assert_eq!(exit.code(), Some(0), "SIGTERM drains and exits 0");
+    assert!(daemon.log_text().contains("flotillad stopped"));
+    drop(health);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_env_and_flags_layer_and_tokens_are_enforced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (from_file, from_env) = (dir.path().join("from-file"), dir.path().join("from-env"));
+    let config = dir.path().join("flotillad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[tokens]]\nname = \"dash\"\nrole = \"viewer\"\nsha256 = \"{}\"\n",
+            from_file.display(),
+            flotilla::config::hash_token("v-token"),
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let env_dir = from_env.display().to_string();
+    let daemon = Daemon::start_exact(
+        &["--config", &config_arg],
+        &[("FLOTILLA_DATA_DIR", &env_dir)],
+    )
+    .expect("start from the config file");
+    assert!(
+        from_env.join("secret.key").is_file(),
+        "the environment beats the file"
+    );
+    assert!(!from_file.exists(), "the file's data_dir was overridden");
+
+    let mut client = RolloutServiceClient::new(channel(daemon.url()).await);
+    let refused = client
+        .list_waves(v1::ListWavesRequest::default())
+        .await
+        .expect_err("a token is required");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut request = tonic::Request::new(v1::ListWavesRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer v-token".parse().expect("ascii"));
+    client.list_waves(request).await.expect("a viewer may list");
+    let mut request = tonic::Request::new(v1::WaveActionRequest {
+        wave_id: "x".into(),
+        reason: String::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer v-token".parse().expect("ascii"));
+    let denied = client
+        .pause_wave(request)
+        .await
+        .expect_err("a viewer may not pause");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+
+    // A second daemon on the same data dir refuses to start, saying why.
+    let second = Daemon::start_exact(
+        &["--config", &config_arg, "--listen", "127.0.0.1:0"],
+        &[("FLOTILLA_DATA_DIR", &env_dir)],
+    );
+    let err = format!("{:#}", second.err().expect("the data dir is locked"));
+    assert!(err.contains("in use by another flotillad"), "{err}");
+}
+
+#[test]
+fn bad_config_is_refused_naming_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("listne = \"127.0.0.1:0\"\n", "listne"),
+        (
+            "[[tokens]]\nname = \"ci\"\nrole = \"operator\"\nsha256 = \"plaintext\"\n",
+            "sha256",
+        ),
+        (
+            "[[tokens]]\nname = \"ci\"\nrole = \"admin\"\nsha256 = \"\"\n",
+            "admin",
+        ),
+    ];
+    for (text, needle) in cases {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, text).expect("write");
+        let out = Command::new(binary("flotillad"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .expect("run flotillad");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{text}: {stderr}");
+        assert!(stderr.contains(needle), "{text}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn hash_token_prints_what_the_config_stores() {
+    let mut child = Command::new(binary("flotillad"))
+        .arg("hash-token")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"s3cret-token\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        flotilla::config::hash_token("s3cret-token")
+    );
+}
