@@ -152,6 +152,27 @@ async fn assert_once(cluster: &Cluster, dbs: &[(String, String)], expected: &[St
     }
 }
 
+/// `wave start --output json` without waiting; the new wave's id.
+async fn start_wave(server: &str, bundle_dir: &Path, csv: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "--output",
+        "json",
+        "wave",
+        "start",
+        "--bundle",
+        path(bundle_dir),
+        "--targets",
+        path(csv),
+    ];
+    args.extend_from_slice(extra);
+    let run = flotilla(server, &args).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    run.json()["wave_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no wave_id: {run:?}"))
+        .to_string()
+}
+
 fn start_daemon(args: &[&str]) -> (Daemon, tempfile::TempDir) {
     let data = tempfile::tempdir().expect("data dir");
     let daemon = Daemon::start(data.path(), args).expect("start flotillad");
@@ -240,24 +261,7 @@ async fn wave_survives_three_kill_9s_of_the_daemon() {
     let (mut daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
 
-    let run = flotilla(
-        &server,
-        &[
-            "--output",
-            "json",
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-            "--concurrency",
-            "3",
-        ],
-    )
-    .await;
-    assert_eq!(run.code, 0, "{run:?}");
-    let wave = run.json()["wave_id"].as_str().expect("wave_id").to_string();
+    let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "3"]).await;
 
     for kill in 1..=3 {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(250..700))).await;
@@ -299,29 +303,7 @@ async fn pause_resume_and_cancel() {
     let dir = bundle(SLOW);
     let (daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
-    let start = |extra: &'static [&'static str]| {
-        let (server, dir, csv) = (server.clone(), dir.path().to_path_buf(), csv.clone());
-        async move {
-            let mut args = vec![
-                "--output",
-                "json",
-                "wave",
-                "start",
-                "--bundle",
-                path(&dir),
-                "--targets",
-                path(&csv),
-                "--concurrency",
-                "2",
-            ];
-            args.extend_from_slice(extra);
-            let run = flotilla(&server, &args).await;
-            assert_eq!(run.code, 0, "{run:?}");
-            run.json()["wave_id"].as_str().expect("wave_id").to_string()
-        }
-    };
-
-    let wave = start(&[]).await;
+    let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     let paused = flotilla(
         &server,
@@ -380,7 +362,7 @@ async fn pause_resume_and_cancel() {
     for (name, sql) in &more[3..] {
         std::fs::write(dir.path().join(name), sql).expect("write");
     }
-    let wave = start(&[]).await;
+    let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cancelled = flotilla(&server, &["--output", "json", "wave", "cancel", &wave]).await;
     assert_eq!(cancelled.code, 0, "{cancelled:?}");
@@ -944,23 +926,7 @@ async fn sigterm_drains_and_the_watcher_follows_the_restart() {
     let dir = bundle(SLOW);
     let (mut daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
-    let run = flotilla(
-        &server,
-        &[
-            "--output",
-            "json",
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-            "--concurrency",
-            "2",
-        ],
-    )
-    .await;
-    let wave = run.json()["wave_id"].as_str().expect("id").to_string();
+    let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
     let watcher = {
         let (server, wave) = (server.clone(), wave.clone());
         tokio::spawn(async move { flotilla(&server, &["wave", "watch", &wave]).await })

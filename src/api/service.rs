@@ -5,7 +5,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,7 +21,7 @@ use crate::config::{Limits, Role};
 use crate::dsn::Dsn;
 use crate::policy::Policy;
 use crate::target::Tenant;
-use crate::wave::{Engine, WaveStatus};
+use crate::wave::{Engine, WaveStatus, now_ms};
 
 /// Tenants whose logs a plan reads at once.
 const PLAN_CONCURRENCY: usize = 16;
@@ -30,13 +29,6 @@ const PLAN_CONCURRENCY: usize = 16;
 const DEFAULT_WAVE_PAGE: usize = 50;
 const DEFAULT_TENANT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1_000;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// The control API over one engine.
 #[derive(Clone)]

@@ -44,7 +44,8 @@ pub const DAEMON_ACTOR: &str = "flotillad";
 /// How many events a watcher may fall behind before it must resync from a snapshot.
 const EVENT_BUFFER: usize = 1024;
 
-fn now_ms() -> u64 {
+/// Milliseconds since the epoch: the one clock of persisted and reported times.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
