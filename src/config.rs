@@ -106,6 +106,8 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     pub drain_timeout: Option<Duration>,
     pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics over HTTP at `/metrics` on this address.
+    pub metrics_listen: Option<SocketAddr>,
     /// A TOML file holding only `[[tokens]]`, kept apart from the rest.
     pub tokens_file: Option<PathBuf>,
     #[serde(default)]
@@ -233,6 +235,7 @@ listen = "0.0.0.0:50051"
 data_dir = "/var/lib/flotilla"
 drain_timeout = "30s"
 log_format = "json"
+metrics_listen = "0.0.0.0:9090"
 [tls]
 cert = "/etc/flotilla/tls.crt"
 key = "/etc/flotilla/tls.key"

@@ -12,6 +12,7 @@
 //! - [`store`]: the progress store (sled) and its records.
 //! - [`wave`]: the wave engine: scheduling, control, resume.
 //! - [`config`]: the daemon's config file (listen, data dir, tokens, TLS, limits).
+//! - [`telemetry`]: logs, traces (OTLP) and metrics (Prometheus, OTLP).
 //! - [`api`]: the gRPC control API: generated types, conversions, auth, the service.
 //!   Only the API layer and the CLI name protobuf types; the core never does.
 //!
@@ -29,4 +30,5 @@ pub mod policy;
 pub mod secret;
 pub mod store;
 pub mod target;
+pub mod telemetry;
 pub mod wave;

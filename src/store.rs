@@ -47,6 +47,16 @@ pub enum WaveState {
 }
 
 impl WaveState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [WaveState; 6] = [
+        WaveState::Pending,
+        WaveState::Running,
+        WaveState::Paused,
+        WaveState::Completed,
+        WaveState::Failed,
+        WaveState::Cancelled,
+    ];
+
     /// Finished: nothing runs and nothing will start without a retry.
     pub fn is_finished(self) -> bool {
         matches!(

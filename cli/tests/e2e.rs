@@ -979,3 +979,145 @@ async fn serves_tls_with_cert_and_key_files() {
     let plain = flotilla(&daemon.url(), &["wave", "list"]).await;
     assert_ne!(plain.code, 0, "plain HTTP/2 to a TLS port fails: {plain:?}");
 }
+
+/// `GET /metrics` over plain HTTP/1.0.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: flotilla\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The value of the sample `name{labels…}` whose labels include every `want` pair.
+fn sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches = metric == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            matches.then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// Scraping `/metrics` during a wave: the per-state gauges move, never exceed what the
+/// policy allows, agree with `wave status` at the end, and the counters add up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_wave_and_agree_with_its_status() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e10_", 20).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(SLOW);
+    let (daemon, _data) = start_daemon(&["--metrics-listen", "127.0.0.1:0"]);
+    let server = daemon.url();
+    let metrics = daemon.metrics_addr().expect("metrics address logged");
+
+    let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
+    let gauge = |text: &str, state: &str| {
+        sample(
+            text,
+            "flotilla_wave_tenants",
+            &[("wave_id", &wave), ("state", state)],
+        )
+        .unwrap_or(0.0)
+    };
+    let mut seen_mid_wave = false;
+    let mut last_done = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = tokio::task::spawn_blocking({
+            let metrics = metrics.clone();
+            move || scrape(&metrics)
+        })
+        .await
+        .expect("scrape");
+        let (succeeded, running) = (gauge(&text, "succeeded"), gauge(&text, "running"));
+        let total: f64 = ["pending", "running", "succeeded", "failed", "cancelled"]
+            .iter()
+            .map(|s| gauge(&text, s))
+            .sum();
+        assert_eq!(
+            total, 20.0,
+            "the states add up to the wave's tenants:\n{text}"
+        );
+        assert!(
+            running <= 2.0,
+            "never more in flight than the concurrency:\n{text}"
+        );
+        let in_flight = sample(
+            &text,
+            "flotilla_tenants_in_flight",
+            &[("host", &cluster.host())],
+        )
+        .unwrap_or(0.0);
+        assert!(in_flight <= 2.0, "{text}");
+        assert!(succeeded >= last_done, "succeeded never goes down");
+        last_done = succeeded;
+        if succeeded > 0.0 && succeeded < 20.0 {
+            seen_mid_wave = true;
+            let status = flotilla(&server, &["--output", "json", "wave", "status", &wave])
+                .await
+                .json();
+            assert!(
+                count(&status, "succeeded") as f64 >= succeeded,
+                "status is at least as far as the earlier scrape: {status}"
+            );
+        }
+        if succeeded == 20.0 && running == 0.0 {
+            let status = flotilla(&server, &["--output", "json", "wave", "status", &wave])
+                .await
+                .json();
+            for state in ["pending", "running", "succeeded", "failed", "cancelled"] {
+                assert_eq!(
+                    count(&status, state) as f64,
+                    gauge(&text, state),
+                    "{state}: {status}"
+                );
+            }
+            assert_eq!(
+                sample(&text, "flotilla_waves", &[("state", "completed")]),
+                Some(1.0),
+                "{text}"
+            );
+            assert_eq!(
+                sample(
+                    &text,
+                    "flotilla_tenant_runs_total",
+                    &[("outcome", "succeeded")]
+                ),
+                Some(20.0),
+                "{text}"
+            );
+            assert_eq!(
+                sample(&text, "flotilla_script_duration_seconds_count", &[]),
+                Some(60.0),
+                "three scripts for each of 20 tenants:\n{text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the wave did not finish:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(seen_mid_wave, "a scrape landed mid-wave");
+}

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::SimpleQueryMessage;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::bundle::{Bundle, Script, TransactionUse, rules};
 use crate::connect::{Session, SessionSettings};
@@ -352,7 +353,12 @@ impl Runner<'_, '_> {
             let step = &plan.steps[i];
             let script = &scripts[step.script];
             if script.directives.transaction == TransactionUse::NoTransaction {
-                if self.run_without_transaction(script, &step.action).await? {
+                let span = script_span(&[script]);
+                let stopped = self
+                    .run_without_transaction(script, &step.action)
+                    .instrument(span.clone())
+                    .await;
+                if traced(&span, stopped)? {
                     return Ok(Completion::Stopped);
                 }
                 i += 1;
@@ -373,7 +379,9 @@ impl Runner<'_, '_> {
                 .iter()
                 .map(|s| &scripts[s.script])
                 .collect();
-            if self.run_transaction(&group).await? {
+            let span = script_span(&group);
+            let stopped = self.run_transaction(&group).instrument(span.clone()).await;
+            if traced(&span, stopped)? {
                 return Ok(Completion::Stopped);
             }
             i = end;
@@ -652,6 +660,26 @@ impl Runner<'_, '_> {
             None => Ok(false),
         }
     }
+}
+
+/// The span of one script, or of the scripts sharing one transaction (`per-tenant`).
+fn script_span(scripts: &[&Script]) -> tracing::Span {
+    let names: Vec<&str> = scripts.iter().map(|s| s.name.as_str()).collect();
+    tracing::info_span!(
+        "script",
+        script = %names.join(","),
+        sqlstate = tracing::field::Empty,
+    )
+}
+
+/// Records a script's failure on its span and passes the result on.
+fn traced<T>(span: &tracing::Span, result: Result<T, ApplyError>) -> Result<T, ApplyError> {
+    if let Err(e) = &result
+        && let Some(sqlstate) = e.sqlstate()
+    {
+        span.record("sqlstate", sqlstate);
+    }
+    result
 }
 
 /// Maps a 1-based character position in a batch (`prefix` + script) to a script line.

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use flotilla::api::RolloutApi;
 use flotilla::api::auth::Authenticator;
 use flotilla::config::{self, FileConfig, LogFormat, TlsFiles};
+use flotilla::telemetry::Telemetry;
 use flotilla::wave::Engine;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -50,6 +51,11 @@ struct Args {
     /// Log line format [default: human].
     #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics at http://ADDR/metrics [default: off]. Traces and
+    /// metrics are also exported over OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT (or the
+    /// per-signal variables) is set.
+    #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -58,6 +64,16 @@ struct Args {
 enum Command {
     /// Reads a token from stdin and prints the sha256 a config stores for it.
     HashToken,
+    /// Asks a running daemon's grpc.health.v1 service whether it serves; exits 0 if so,
+    /// 1 if not (for container health checks).
+    Healthcheck {
+        /// The daemon's gRPC address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Settings after layering flags, environment, file and defaults.
@@ -66,6 +82,7 @@ struct Settings {
     data_dir: PathBuf,
     drain_timeout: Duration,
     log_format: LogFormat,
+    metrics_listen: Option<SocketAddr>,
     tokens: Vec<config::TokenConfig>,
     tls: Option<TlsFiles>,
     limits: config::Limits,
@@ -102,45 +119,41 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
             .or(file.drain_timeout)
             .unwrap_or(config::DEFAULT_DRAIN_TIMEOUT),
         log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        metrics_listen: args.metrics_listen.or(file.metrics_listen),
         tokens,
         tls,
         limits: file.limits,
     })
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
-    if let Some(Command::HashToken) = args.command.take() {
-        let mut token = String::new();
-        std::io::stdin()
-            .read_line(&mut token)
-            .context("read the token from stdin")?;
-        let token = token.trim_end_matches(['\r', '\n']);
-        anyhow::ensure!(!token.is_empty(), "no token on stdin");
-        println!("{}", config::hash_token(token));
-        return Ok(());
+    match args.command.take() {
+        Some(Command::Healthcheck { addr, timeout }) => return healthcheck(&addr, timeout).await,
+        Some(Command::HashToken) => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .context("read the token from stdin")?;
+            let token = token.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!token.is_empty(), "no token on stdin");
+            println!("{}", config::hash_token(token));
+            return Ok(());
+        }
+        None => {}
     }
     let settings = settings(args)?;
-    init_logging(settings.log_format);
-    serve(settings).await
+    let telemetry = Telemetry::init(settings.log_format, settings.metrics_listen.is_some())?;
+    let result = serve(settings, &telemetry).await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "flotillad failed");
+    }
+    telemetry.shutdown();
+    result
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<()> {
+async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("create data dir {}", settings.data_dir.display()))?;
     let auth = Authenticator::new(&settings.tokens)?;
@@ -150,6 +163,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let engine = Engine::open(&settings.data_dir)
         .with_context(|| format!("open data dir {}", settings.data_dir.display()))?;
     let api = RolloutApi::new(engine.clone(), auth, settings.limits);
+    let _gauges = flotilla::telemetry::metrics::observe_engine(&engine);
+    let metrics_server = match settings.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, telemetry).await?),
+        None => None,
+    };
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -224,7 +242,69 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             server_result?;
         }
     }
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     tracing::info!("flotillad stopped");
+    Ok(())
+}
+
+/// Serves `GET /metrics` (Prometheus text) on its own listener, apart from the API so a
+/// scraper never needs a token or TLS client setup.
+async fn serve_metrics(
+    addr: SocketAddr,
+    telemetry: &Telemetry,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen for metrics on {addr}"))?;
+    let local = listener.local_addr()?;
+    let text = telemetry.prometheus_renderer();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = text.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    text(),
+                )
+            }
+        }),
+    );
+    tracing::info!(metrics_addr = %local, "serving Prometheus metrics at /metrics");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    }))
+}
+
+/// One grpc.health.v1 check of the daemon at `addr` (the overall status).
+async fn healthcheck(addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_string())?
+            .connect()
+            .await?;
+        let status = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await?
+            .into_inner()
+            .status;
+        anyhow::Ok(status)
+    };
+    let status = tokio::time::timeout(timeout, check)
+        .await
+        .with_context(|| format!("no answer from {addr} within {timeout:?}"))?
+        .with_context(|| format!("health check of {addr}"))?;
+    anyhow::ensure!(
+        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "{addr} is not serving (status {status})"
+    );
+    println!("serving");
     Ok(())
 }
 

@@ -36,7 +36,9 @@ use crate::store::{
     TenantState, WaveRecord, WaveState,
 };
 use crate::target::Tenant;
+use crate::telemetry::metrics::RunDecision;
 use queue::{Limits, Queue};
+use tracing::Instrument as _;
 
 /// The actor name of the daemon's own decisions.
 pub const DAEMON_ACTOR: &str = "flotillad";
@@ -474,9 +476,11 @@ impl Engine {
         drop(inner);
         let engine = self.clone();
         let wave = wave.clone();
-        self.inner
-            .tasks
-            .spawn(async move { engine.dispatch(wave).await });
+        self.inner.tasks.spawn(async move {
+            let span =
+                tracing::info_span!("wave", wave_id = %wave.id, bundle_id = %wave.bundle.id());
+            engine.dispatch(wave).instrument(span).await
+        });
     }
 
     /// One wave's dispatcher: starts tenants while the policy allows, until the wave
@@ -614,7 +618,23 @@ impl Engine {
     ) {
         let engine = self.clone();
         let wave = wave.clone();
-        self.inner.tasks.spawn(async move {
+        // A child of the dispatcher's wave span, with what a trace needs to find a tenant.
+        let span = {
+            let inner = wave.lock();
+            let t = &inner.tenants[seq as usize];
+            tracing::info_span!(
+                "tenant",
+                wave_id = %wave.id,
+                tenant_id = %t.tenant_id,
+                host = %t.host,
+                attempt = t.attempts,
+                decision = tracing::field::Empty,
+                sqlstate = tracing::field::Empty,
+                failed_script = tracing::field::Empty,
+                error = tracing::field::Empty,
+            )
+        };
+        let task = async move {
             let policy = wave.lock().record.policy.clone();
             let outcome = match engine
                 .inner
@@ -637,7 +657,8 @@ impl Engine {
                 Err(e) => failed_before_start(e.to_string()),
             };
             engine.finish_tenant(&wave, seq, generation, outcome);
-        });
+        };
+        self.inner.tasks.spawn(task.instrument(span));
     }
 
     fn finish_tenant(&self, wave: &Wave, seq: u32, generation: u64, outcome: Outcome) {
@@ -689,6 +710,15 @@ impl Engine {
                 }
             }
         };
+        let decision = match next {
+            TenantState::Succeeded => RunDecision::Succeeded,
+            TenantState::Failed => RunDecision::Failed,
+            TenantState::Cancelled => RunDecision::Cancelled,
+            _ if matches!(outcome, Outcome::Busy) => RunDecision::Busy,
+            _ => RunDecision::Retried,
+        };
+        crate::telemetry::metrics::runs().record(&outcome, decision);
+        record_on_span(&outcome, decision);
         inner.set_tenant(seq, next);
         if next == TenantState::Succeeded {
             inner.tenants[seq as usize].last_error = None;
@@ -929,6 +959,24 @@ impl Engine {
             .collect())
     }
 
+    /// Tenants running now per database server, over every unfinished wave; servers of
+    /// those waves with nothing running report 0, so a gauge falls back to zero.
+    pub fn running_per_host(&self) -> BTreeMap<String, u64> {
+        let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
+        let mut out = BTreeMap::new();
+        for wave in waves {
+            let inner = wave.lock();
+            if inner.record.state.is_finished() && inner.counts.running == 0 {
+                continue;
+            }
+            for t in &inner.tenants {
+                *out.entry(t.host.clone()).or_insert(0) +=
+                    u64::from(t.state == TenantState::Running);
+            }
+        }
+        out
+    }
+
     /// A snapshot and the stream of changes after it.
     pub fn watch(
         &self,
@@ -979,6 +1027,21 @@ impl Engine {
         self.inner.tasks.wait().await;
         self.inner.store.flush()?;
         Ok(())
+    }
+}
+
+/// Puts the result of a run on the current (tenant) span, for traces.
+fn record_on_span(outcome: &Outcome, decision: RunDecision) {
+    let span = tracing::Span::current();
+    span.record("decision", format!("{decision:?}").to_ascii_lowercase());
+    if let Outcome::Failed { error, .. } = outcome {
+        if let Some(sqlstate) = error.sqlstate() {
+            span.record("sqlstate", sqlstate);
+        }
+        if let Some(script) = error.script() {
+            span.record("failed_script", script);
+        }
+        span.record("error", error.to_string());
     }
 }
 

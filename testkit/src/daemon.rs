@@ -159,6 +159,17 @@ impl Daemon {
         format!("http://{}", self.addr)
     }
 
+    /// The Prometheus listener's `host:port`, when started with `--metrics-listen`.
+    pub fn metrics_addr(&self) -> Option<String> {
+        let log = self.log.lock().ok()?;
+        log.iter().rev().find_map(|line| {
+            line.split("metrics_addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        })
+    }
+
     /// Every log line so far.
     pub fn log_text(&self) -> String {
         self.log.lock().map(|l| l.join("\n")).unwrap_or_default()

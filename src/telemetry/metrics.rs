@@ -1,0 +1,174 @@
+//! The daemon's metrics, one definition each. Counters and the script-duration histogram
+//! are recorded where tenant runs finish; the gauges (tenants by state per wave, waves by
+//! state, tenants in flight per host) are read from the engine when a reader collects,
+//! so they can never drift from what `wave status` says. Instruments come from the
+//! global meter: no-ops unless [`super::Telemetry`] installed a provider first.
+
+use std::sync::OnceLock;
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, ObservableGauge};
+
+use crate::apply::Outcome;
+use crate::wave::Engine;
+
+/// The lock-timeout SQLSTATE, counted on its own.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// Instruments recorded as tenant runs finish.
+pub struct RunMetrics {
+    script_duration: Histogram<f64>,
+    runs: Counter<u64>,
+    retries: Counter<u64>,
+    failures: Counter<u64>,
+    lock_timeouts: Counter<u64>,
+}
+
+/// What the engine decided about a finished run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunDecision {
+    Succeeded,
+    Retried,
+    Busy,
+    Failed,
+    Cancelled,
+}
+
+impl RunDecision {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunDecision::Succeeded => "succeeded",
+            RunDecision::Retried => "retried",
+            RunDecision::Busy => "busy",
+            RunDecision::Failed => "failed",
+            RunDecision::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The run instruments, created from the global meter on first use.
+pub fn runs() -> &'static RunMetrics {
+    static METRICS: OnceLock<RunMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let meter = opentelemetry::global::meter("flotilla");
+        RunMetrics {
+            script_duration: meter
+                .f64_histogram("flotilla_script_duration")
+                .with_unit("s")
+                .with_description("Time to apply one script, log row included")
+                .with_boundaries(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0,
+                ])
+                .build(),
+            runs: meter
+                .u64_counter("flotilla_tenant_runs")
+                .with_description("Finished tenant runs by what the engine decided")
+                .build(),
+            retries: meter
+                .u64_counter("flotilla_tenant_retries")
+                .with_description("Retryable failures that will be retried, by SQLSTATE")
+                .build(),
+            failures: meter
+                .u64_counter("flotilla_tenant_failures")
+                .with_description("Tenants that failed for good, by SQLSTATE")
+                .build(),
+            lock_timeouts: meter
+                .u64_counter("flotilla_lock_timeouts")
+                .with_description("Runs that hit lock_timeout (SQLSTATE 55P03)")
+                .build(),
+        }
+    })
+}
+
+impl RunMetrics {
+    /// Records one finished run and the engine's decision about it.
+    pub fn record(&self, outcome: &Outcome, decision: RunDecision) {
+        self.runs
+            .add(1, &[KeyValue::new("outcome", decision.as_str())]);
+        let scripts = match outcome {
+            Outcome::Applied { scripts, .. }
+            | Outcome::Cancelled { scripts }
+            | Outcome::Failed { scripts, .. } => scripts.as_slice(),
+            Outcome::UpToDate { .. } | Outcome::Busy => &[],
+        };
+        for s in scripts {
+            self.script_duration.record(s.duration.as_secs_f64(), &[]);
+        }
+        if let Outcome::Failed { error, .. } = outcome {
+            let sqlstate = error.sqlstate().unwrap_or("none").to_string();
+            if sqlstate == LOCK_NOT_AVAILABLE {
+                self.lock_timeouts.add(1, &[]);
+            }
+            let labels = [KeyValue::new("sqlstate", sqlstate)];
+            match decision {
+                RunDecision::Retried => self.retries.add(1, &labels),
+                RunDecision::Failed => self.failures.add(1, &labels),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The engine's gauges; keep this alive as long as the engine serves.
+pub struct EngineGauges {
+    _gauges: Vec<ObservableGauge<u64>>,
+}
+
+/// Registers gauges read from `engine` at each collection.
+pub fn observe_engine(engine: &Engine) -> EngineGauges {
+    let meter = opentelemetry::global::meter("flotilla");
+    let for_tenants = engine.clone();
+    let tenants = meter
+        .u64_observable_gauge("flotilla_wave_tenants")
+        .with_description("Tenants of each wave by state")
+        .with_callback(move |observer| {
+            for wave in for_tenants.list() {
+                let c = wave.counts;
+                for (state, n) in [
+                    ("pending", c.pending),
+                    ("running", c.running),
+                    ("succeeded", c.succeeded),
+                    ("failed", c.failed),
+                    ("cancelled", c.cancelled),
+                ] {
+                    observer.observe(
+                        n,
+                        &[
+                            KeyValue::new("wave_id", wave.id.clone()),
+                            KeyValue::new("state", state),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    let for_waves = engine.clone();
+    let waves = meter
+        .u64_observable_gauge("flotilla_waves")
+        .with_description("Waves by state")
+        .with_callback(move |observer| {
+            let waves = for_waves.list();
+            for state in crate::store::WaveState::ALL {
+                let n = waves.iter().filter(|w| w.state == state).count() as u64;
+                observer.observe(
+                    n,
+                    &[KeyValue::new("state", state.as_str().to_ascii_lowercase())],
+                );
+            }
+        })
+        .build();
+    let for_hosts = engine.clone();
+    let in_flight = meter
+        .u64_observable_gauge("flotilla_tenants_in_flight")
+        .with_description("Tenants running now on each database server (host:port)")
+        .with_callback(move |observer| {
+            for (host, n) in for_hosts.running_per_host() {
+                observer.observe(n, &[KeyValue::new("host", host)]);
+            }
+        })
+        .build();
+    EngineGauges {
+        _gauges: vec![tenants, waves, in_flight],
+    }
+}
