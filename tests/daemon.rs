@@ -159,3 +159,22 @@ fn hash_token_prints_what_the_config_stores() {
         flotilla::config::hash_token("s3cret-token")
     );
 }
+
+#[test]
+fn healthcheck_says_whether_a_daemon_serves() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(data.path(), &[]).expect("start");
+    let check = |addr: &str| {
+        Command::new(binary("flotillad"))
+            .args(["healthcheck", "--timeout", "2s", "--addr", addr])
+            .output()
+            .expect("run healthcheck")
+    };
+    let up = check(&daemon.url());
+    assert!(up.status.success(), "{up:?}");
+    assert_eq!(String::from_utf8_lossy(&up.stdout).trim(), "serving");
+    drop(daemon);
+    let down = check("http://127.0.0.1:1");
+    assert_eq!(down.status.code(), Some(1), "{down:?}");
+    assert!(String::from_utf8_lossy(&down.stderr).contains("127.0.0.1:1"));
+}
