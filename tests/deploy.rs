@@ -309,11 +309,7 @@ fn dockerfile_runs_as_non_root_with_a_volume_and_a_grpc_health_check() {
     let health = instruction("HEALTHCHECK");
     let check = json_words(&health[0]);
     assert_eq!(&check[..2], ["flotillad", "healthcheck"]);
-    assert_flags_exist(
-        &check[2..],
-        &flags(Some("healthcheck")),
-        "HEALTHCHECK",
-    );
+    assert_flags_exist(&check[2..], &flags(Some("healthcheck")), "HEALTHCHECK");
     let addr = flag_value(&check, "--addr").expect("--addr");
     assert_eq!(
         port(addr),

@@ -1121,3 +1121,129 @@ async fn metrics_move_with_the_wave_and_agree_with_its_status() {
     }
     assert!(seen_mid_wave, "a scrape landed mid-wave");
 }
+
+/// `plan` reads each tenant's own log: everything to apply before a wave, nothing after;
+/// `tenant log --dsn` shows the rows the wave wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_and_tenant_log_read_the_tenants_themselves() {
+    let cluster = shared();
+    let rows = tenants(cluster, "e11_", 3).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(FAST);
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let plan_args = [
+        "--output",
+        "json",
+        "plan",
+        "--bundle",
+        path(dir.path()),
+        "--targets",
+        path(&csv),
+    ];
+
+    let before = flotilla(&server, &plan_args).await;
+    assert_eq!(before.code, 0, "{before:?}");
+    let before = before.json();
+    for t in before["tenants"].as_array().expect("tenants") {
+        let steps: Vec<(&str, &str)> = t["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .map(|s| {
+                (
+                    s["script"].as_str().unwrap_or(""),
+                    s["action"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("V1__create_items.sql", "apply"),
+                ("V2__add_name.sql", "apply"),
+                ("R__items_view.sql", "apply")
+            ],
+            "{t}"
+        );
+    }
+
+    let wave = flotilla(
+        &server,
+        &[
+            "wave",
+            "start",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(wave.code, 0, "{wave:?}");
+    let after = flotilla(&server, &plan_args).await.json();
+    for t in after["tenants"].as_array().expect("tenants") {
+        assert_eq!(
+            t["steps"].as_array().map(Vec::len),
+            Some(0),
+            "up to date: {t}"
+        );
+        assert_eq!(t["problems"].as_array().map(Vec::len), Some(0), "{t}");
+    }
+
+    let log = flotilla(
+        &server,
+        &["--output", "json", "tenant", "log", "--dsn", &rows[0].1],
+    )
+    .await;
+    assert_eq!(log.code, 0, "{log:?}");
+    let log = log.json();
+    let scripts: Vec<&str> = log["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["script"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        scripts,
+        [
+            "V1__create_items.sql",
+            "V2__add_name.sql",
+            "R__items_view.sql"
+        ]
+    );
+    assert!(
+        log["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .all(|r| r["status"] == "applied")
+    );
+
+    // A blocked tenant (an unreachable server) makes plan exit 1, naming it.
+    let unreachable = work.path().join("unreachable.csv");
+    std::fs::write(
+        &unreachable,
+        "tenant_id,dsn\nghost,postgresql://postgres@127.0.0.1:1/ghost\n",
+    )
+    .expect("csv");
+    let blocked = flotilla(
+        &server,
+        &[
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&unreachable),
+        ],
+    )
+    .await;
+    assert_eq!(blocked.code, 1, "{blocked:?}");
+    assert!(
+        blocked.stdout.contains("ghost") && blocked.stdout.contains("cannot read the log"),
+        "{}",
+        blocked.stdout
+    );
+}
