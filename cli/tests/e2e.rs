@@ -1247,3 +1247,42 @@ async fn plan_and_tenant_log_read_the_tenants_themselves() {
         blocked.stdout
     );
 }
+
+/// `flotilla demo` end to end: its own PostgreSQL and daemon, a wave paused and resumed
+/// once, a summary with the psql line, and nothing left running afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_pauses_resumes_and_cleans_up() {
+    let run = flotilla(
+        "http://127.0.0.1:1",
+        &["demo", "--tenants", "40", "--no-wait"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let out = &run.stdout;
+    assert!(out.contains("state    COMPLETED"), "{out}");
+    assert!(
+        out.contains("RUNNING -> PAUSED") && out.contains("PAUSED -> RUNNING"),
+        "paused and resumed once: {out}"
+    );
+    assert!(out.contains("40/40 done (40 succeeded"), "{out}");
+    let psql = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("psql '"))
+        .unwrap_or_else(|| panic!("a psql line: {out}"));
+    assert!(psql.contains("TABLE flotilla.execution_log"), "{psql}");
+    assert!(
+        out.contains("V3__index_accounts_email.sql"),
+        "the log is shown: {out}"
+    );
+    // The demo's server is gone: its port no longer answers.
+    let port = psql
+        .split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port in the psql line");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the demo's PostgreSQL still answers on {port}"
+    );
+}
