@@ -100,7 +100,7 @@ impl Daemon {
             .spawn()
             .with_context(|| {
                 format!(
-                    "spawn {} (build it first: cargo build --bin flotillad)",
+                    "start {} (build it first: `cargo build` in the Flotilla workspace builds it next to flotilla)",
                     self.binary.display()
                 )
             })?;
