@@ -152,11 +152,9 @@ async fn assert_once(cluster: &Cluster, dbs: &[(String, String)], expected: &[St
     }
 }
 
-/// `wave start --output json` without waiting; the new wave's id.
-async fn start_wave(server: &str, bundle_dir: &Path, csv: &Path, extra: &[&str]) -> String {
+/// `wave start --bundle DIR --targets CSV EXTRA…` (global flags may come last).
+fn start_args<'a>(bundle_dir: &'a Path, csv: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
-        "--output",
-        "json",
         "wave",
         "start",
         "--bundle",
@@ -165,12 +163,45 @@ async fn start_wave(server: &str, bundle_dir: &Path, csv: &Path, extra: &[&str])
         path(csv),
     ];
     args.extend_from_slice(extra);
-    let run = flotilla(server, &args).await;
+    args
+}
+
+/// `wave start --output json` without waiting; the new wave's id.
+async fn start_wave(server: &str, bundle_dir: &Path, csv: &Path, extra: &[&str]) -> String {
+    let mut extra = extra.to_vec();
+    extra.extend(["--output", "json"]);
+    let run = flotilla(server, &start_args(bundle_dir, csv, &extra)).await;
     assert_eq!(run.code, 0, "{run:?}");
     run.json()["wave_id"]
         .as_str()
         .unwrap_or_else(|| panic!("no wave_id: {run:?}"))
         .to_string()
+}
+
+/// `n` tenants on `cluster`, their targets CSV, and a bundle of `sources`; the temp dir
+/// holding the CSV comes last (keep it alive).
+async fn fleet(
+    cluster: &Cluster,
+    prefix: &str,
+    n: usize,
+    sources: &[(&str, &str)],
+) -> (
+    Vec<(String, String)>,
+    PathBuf,
+    tempfile::TempDir,
+    tempfile::TempDir,
+) {
+    let rows = tenants(cluster, prefix, n).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    (rows, csv, bundle(sources), work)
+}
+
+/// `wave status --output json`.
+async fn status(server: &str, wave: &str) -> Value {
+    let run = flotilla(server, &["--output", "json", "wave", "status", wave]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    run.json()
 }
 
 fn start_daemon(args: &[&str]) -> (Daemon, tempfile::TempDir) {
@@ -228,19 +259,11 @@ async fn start_wait_over_two_servers_applies_each_version_once() {
 
     let run = flotilla(
         &daemon.url(),
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-            "--concurrency",
-            "8",
-            "--per-host",
-            "4",
-            "--wait",
-        ],
+        &start_args(
+            dir.path(),
+            &csv,
+            &["--concurrency", "8", "--per-host", "4", "--wait"],
+        ),
     )
     .await;
     assert_eq!(run.code, 0, "{run:?}");
@@ -254,10 +277,7 @@ async fn start_wait_over_two_servers_applies_each_version_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wave_survives_three_kill_9s_of_the_daemon() {
     let cluster = shared();
-    let rows = tenants(cluster, "e2_", 60).await;
-    let work = tempfile::tempdir().expect("tempdir");
-    let csv = targets_csv(work.path(), &rows);
-    let dir = bundle(SLOW);
+    let (rows, csv, dir, _work) = fleet(cluster, "e2_", 60, SLOW).await;
     let (mut daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
 
@@ -265,9 +285,7 @@ async fn wave_survives_three_kill_9s_of_the_daemon() {
 
     for kill in 1..=3 {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(250..700))).await;
-        let status = flotilla(&server, &["--output", "json", "wave", "status", &wave])
-            .await
-            .json();
+        let status = status(&server, &wave).await;
         assert_eq!(
             status["state"], "RUNNING",
             "kill {kill} must land mid-wave: {status}"
@@ -297,10 +315,7 @@ async fn wave_survives_three_kill_9s_of_the_daemon() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_and_cancel() {
     let cluster = shared();
-    let rows = tenants(cluster, "e3_", 30).await;
-    let work = tempfile::tempdir().expect("tempdir");
-    let csv = targets_csv(work.path(), &rows);
-    let dir = bundle(SLOW);
+    let (rows, csv, dir, _work) = fleet(cluster, "e3_", 30, SLOW).await;
     let (daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
     let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
@@ -327,9 +342,7 @@ async fn pause_resume_and_cancel() {
     let finished = count(&drained, "succeeded");
     assert!(finished < 30, "paused mid-wave: {drained}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let later = flotilla(&server, &["--output", "json", "wave", "status", &wave])
-        .await
-        .json();
+    let later = status(&server, &wave).await;
     assert_eq!(later["state"], "PAUSED");
     assert_eq!(
         count(&later, "succeeded"),
@@ -393,21 +406,19 @@ async fn retry_after_a_server_comes_back_touches_only_the_failed() {
 
     let run = flotilla(
         &server,
-        &[
-            "--output",
-            "json",
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-            "--retries",
-            "0",
-            "--max-failures",
-            "unlimited",
-            "--wait",
-        ],
+        &start_args(
+            dir.path(),
+            &csv,
+            &[
+                "--retries",
+                "0",
+                "--max-failures",
+                "unlimited",
+                "--wait",
+                "--output",
+                "json",
+            ],
+        ),
     )
     .await;
     assert_eq!(run.code, 1, "a wave with failed tenants exits 1: {run:?}");
@@ -442,23 +453,10 @@ async fn retry_after_a_server_comes_back_touches_only_the_failed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_on_one_fleet_apply_once() {
     let cluster = shared();
-    let rows = tenants(cluster, "e5_", 30).await;
-    let work = tempfile::tempdir().expect("tempdir");
-    let csv = targets_csv(work.path(), &rows);
-    let dir = bundle(SLOW);
+    let (rows, csv, dir, _work) = fleet(cluster, "e5_", 30, SLOW).await;
     let (one, _d1) = start_daemon(&[]);
     let (two, _d2) = start_daemon(&[]);
-    let args = [
-        "wave",
-        "start",
-        "--bundle",
-        path(dir.path()),
-        "--targets",
-        path(&csv),
-        "--concurrency",
-        "4",
-        "--wait",
-    ];
+    let args = start_args(dir.path(), &csv, &["--concurrency", "4", "--wait"]);
     let (url1, url2) = (one.url(), two.url());
     let (a, b) = tokio::join!(flotilla(&url1, &args), flotilla(&url2, &args));
     assert_eq!(a.code, 0, "{a:?}");
@@ -501,14 +499,7 @@ async fn tokens_and_roles() {
     assert!(wrong.stderr.contains("unknown token"), "{}", wrong.stderr);
     let viewer_start = flotilla_with(
         &server,
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-        ],
+        &start_args(dir.path(), &csv, &[]),
         &[("FLOTILLA_TOKEN", "view-19c2")],
     )
     .await;
@@ -519,17 +510,7 @@ async fn tokens_and_roles() {
         &server,
         &[
             &op[..],
-            &[
-                "wave",
-                "start",
-                "--bundle",
-                path(dir.path()),
-                "--targets",
-                path(&csv),
-                "--canary",
-                "1",
-                "--pause-after-canary",
-            ],
+            &start_args(dir.path(), &csv, &["--canary", "1", "--pause-after-canary"]),
         ]
         .concat(),
     )
@@ -587,14 +568,7 @@ async fn bad_input_is_refused_clearly() {
 
     let missing = flotilla(
         &server,
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            "/nonexistent/bundle",
-            "--targets",
-            path(&good_csv),
-        ],
+        &start_args(Path::new("/nonexistent/bundle"), &good_csv, &[]),
     )
     .await;
     assert_eq!(missing.code, 6, "{missing:?}");
@@ -610,18 +584,7 @@ async fn bad_input_is_refused_clearly() {
         "tenant_id,dsn\nt1,postgresql://h/db\nt1,postgresql://h/db2\n",
     )
     .expect("csv");
-    let malformed = flotilla(
-        &server,
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&bad_csv),
-        ],
-    )
-    .await;
+    let malformed = flotilla(&server, &start_args(dir.path(), &bad_csv, &[])).await;
     assert_eq!(malformed.code, 6, "{malformed:?}");
     assert!(
         malformed.stderr.contains("line 3") && malformed.stderr.contains("duplicate"),
@@ -631,16 +594,7 @@ async fn bad_input_is_refused_clearly() {
 
     let zero = flotilla(
         &server,
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&good_csv),
-            "--concurrency",
-            "0",
-        ],
+        &start_args(dir.path(), &good_csv, &["--concurrency", "0"]),
     )
     .await;
     assert_eq!(zero.code, 2, "{zero:?}");
@@ -725,17 +679,7 @@ async fn bad_input_is_refused_clearly() {
     // Resuming a completed wave is a failed precondition (exit 6), not a crash.
     let done = flotilla(
         &server,
-        &[
-            "--output",
-            "json",
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&good_csv),
-            "--wait",
-        ],
+        &start_args(dir.path(), &good_csv, &["--wait", "--output", "json"]),
     )
     .await;
     assert_eq!(done.code, 0, "{done:?}");
@@ -813,19 +757,11 @@ async fn passwords_never_leak() {
     let mut outputs = Vec::new();
     let start = flotilla(
         &server,
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-            "--retries",
-            "0",
-            "--max-failures",
-            "unlimited",
-            "--wait",
-        ],
+        &start_args(
+            dir.path(),
+            &csv,
+            &["--retries", "0", "--max-failures", "unlimited", "--wait"],
+        ),
     )
     .await;
     assert_eq!(start.code, 1, "two tenants cannot connect: {start:?}");
@@ -920,10 +856,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_the_watcher_follows_the_restart() {
     let cluster = shared();
-    let rows = tenants(cluster, "e9_", 24).await;
-    let work = tempfile::tempdir().expect("tempdir");
-    let csv = targets_csv(work.path(), &rows);
-    let dir = bundle(SLOW);
+    let (rows, csv, dir, _work) = fleet(cluster, "e9_", 24, SLOW).await;
     let (mut daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
     let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
@@ -1022,10 +955,7 @@ fn sample(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_the_wave_and_agree_with_its_status() {
     let cluster = shared();
-    let rows = tenants(cluster, "e10_", 20).await;
-    let work = tempfile::tempdir().expect("tempdir");
-    let csv = targets_csv(work.path(), &rows);
-    let dir = bundle(SLOW);
+    let (_rows, csv, dir, _work) = fleet(cluster, "e10_", 20, SLOW).await;
     let (daemon, _data) = start_daemon(&["--metrics-listen", "127.0.0.1:0"]);
     let server = daemon.url();
     let metrics = daemon.metrics_addr().expect("metrics address logged");
@@ -1073,18 +1003,14 @@ async fn metrics_move_with_the_wave_and_agree_with_its_status() {
         last_done = succeeded;
         if succeeded > 0.0 && succeeded < 20.0 {
             seen_mid_wave = true;
-            let status = flotilla(&server, &["--output", "json", "wave", "status", &wave])
-                .await
-                .json();
+            let status = status(&server, &wave).await;
             assert!(
                 count(&status, "succeeded") as f64 >= succeeded,
                 "status is at least as far as the earlier scrape: {status}"
             );
         }
         if succeeded == 20.0 && running == 0.0 {
-            let status = flotilla(&server, &["--output", "json", "wave", "status", &wave])
-                .await
-                .json();
+            let status = status(&server, &wave).await;
             for state in ["pending", "running", "succeeded", "failed", "cancelled"] {
                 assert_eq!(
                     count(&status, state) as f64,
@@ -1127,10 +1053,7 @@ async fn metrics_move_with_the_wave_and_agree_with_its_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_and_tenant_log_read_the_tenants_themselves() {
     let cluster = shared();
-    let rows = tenants(cluster, "e11_", 3).await;
-    let work = tempfile::tempdir().expect("tempdir");
-    let csv = targets_csv(work.path(), &rows);
-    let dir = bundle(FAST);
+    let (rows, csv, dir, work) = fleet(cluster, "e11_", 3, FAST).await;
     let (daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
     let plan_args = [
@@ -1169,19 +1092,7 @@ async fn plan_and_tenant_log_read_the_tenants_themselves() {
         );
     }
 
-    let wave = flotilla(
-        &server,
-        &[
-            "wave",
-            "start",
-            "--bundle",
-            path(dir.path()),
-            "--targets",
-            path(&csv),
-            "--wait",
-        ],
-    )
-    .await;
+    let wave = flotilla(&server, &start_args(dir.path(), &csv, &["--wait"])).await;
     assert_eq!(wave.code, 0, "{wave:?}");
     let after = flotilla(&server, &plan_args).await.json();
     for t in after["tenants"].as_array().expect("tenants") {
