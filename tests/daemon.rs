@@ -178,3 +178,84 @@ fn healthcheck_says_whether_a_daemon_serves() {
     assert_eq!(down.status.code(), Some(1), "{down:?}");
     assert!(String::from_utf8_lossy(&down.stderr).contains("127.0.0.1:1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_limits_come_from_the_config_and_are_named_when_hit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("flotillad.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nmax_tenants = 2\nmax_bundle_bytes = 64\n",
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let data = dir.path().join("data").display().to_string();
+    let daemon = Daemon::start_exact(
+        &[
+            "--config",
+            &config_arg,
+            "--data-dir",
+            &data,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    )
+    .expect("start");
+    let mut client = RolloutServiceClient::new(channel(daemon.url()).await);
+    let small =
+        flotilla::bundle::Bundle::from_sources(&[("V1__a.sql", "SELECT 1;")], "t").expect("bundle");
+    let large = flotilla::bundle::Bundle::from_sources(
+        &[("V1__a.sql", &format!("SELECT '{}';", "x".repeat(100)))],
+        "t",
+    )
+    .expect("bundle");
+    let tenants = |n: usize| {
+        Some(v1::start_wave_request::Targets::TargetList(
+            v1::TargetList {
+                tenants: (0..n)
+                    .map(|i| v1::Tenant {
+                        tenant_id: format!("t{i}"),
+                        dsn: format!("postgresql://u@db{i}.invalid/t{i}"),
+                        labels: Default::default(),
+                    })
+                    .collect(),
+            },
+        ))
+    };
+    let request = |bundle: &flotilla::bundle::Bundle, n: usize| v1::StartWaveRequest {
+        bundle: Some(flotilla::api::convert::bundle_to_proto(bundle)),
+        targets: tenants(n),
+        policy: Some(v1::Policy {
+            concurrency: 1,
+            ..Default::default()
+        }),
+    };
+    let too_many = client
+        .start_wave(request(&small, 3))
+        .await
+        .expect_err("3 tenants over a limit of 2");
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    assert!(
+        too_many.message().contains("limits.max_tenants"),
+        "{}",
+        too_many.message()
+    );
+    let too_big = client
+        .start_wave(request(&large, 1))
+        .await
+        .expect_err("a bundle over 64 bytes");
+    assert_eq!(too_big.code(), tonic::Code::InvalidArgument);
+    assert!(
+        too_big.message().contains("limits.max_bundle_bytes"),
+        "{}",
+        too_big.message()
+    );
+    let waves = client
+        .list_waves(v1::ListWavesRequest::default())
+        .await
+        .expect("still serving")
+        .into_inner()
+        .waves;
+    assert!(waves.is_empty(), "nothing was created");
+}
