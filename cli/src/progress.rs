@@ -28,18 +28,26 @@ enum View {
 }
 
 impl View {
-    fn new(output: Output, wave_id: &str) -> Self {
+    fn new(output: Output) -> Self {
         match output {
             Output::Json => View::Quiet,
             Output::Table if std::io::stdout().is_terminal() => {
                 let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stdout());
+                // Compact enough for 80 columns: the bar takes what is left.
                 let style = ProgressStyle::with_template(
-                    "{spinner} {prefix} [{elapsed_precise}] [{wide_bar}] {pos}/{len} · {per_sec} · ETA {eta} · {msg}",
+                    "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} {rate} ETA {eta} {msg}",
                 )
+                .map(|s| {
+                    s.with_key(
+                        "rate",
+                        |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.1}/s", state.per_sec());
+                        },
+                    )
+                })
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> ");
                 bar.set_style(style);
-                bar.set_prefix(short(wave_id).to_string());
                 bar.enable_steady_tick(Duration::from_millis(200));
                 View::Bar(bar)
             }
@@ -69,10 +77,7 @@ impl View {
             View::Bar(bar) => {
                 bar.set_length(c.total);
                 bar.set_position(c.succeeded + c.failed + c.cancelled);
-                bar.set_message(format!(
-                    "{state} · {} running · {} failed · {} pending",
-                    c.running, c.failed, c.pending
-                ));
+                bar.set_message(format!("{state} {} running {} failed", c.running, c.failed));
                 if let Some(text) = failure_text {
                     bar.println(text);
                 }
@@ -104,14 +109,12 @@ impl View {
     }
 
     fn finish(&self) {
+        // The summary that follows repeats the final counts; a bar left behind would
+        // also leave the cursor at the end of its line.
         if let View::Bar(bar) = self {
-            bar.finish();
+            bar.finish_and_clear();
         }
     }
-}
-
-fn short(id: &str) -> &str {
-    id.get(..13).unwrap_or(id)
 }
 
 /// True when following should stop at this event.
@@ -134,7 +137,7 @@ pub async fn follow(
     output: Output,
     through_pause: bool,
 ) -> Result<v1::Wave, Failure> {
-    let mut view = View::new(output, wave_id);
+    let mut view = View::new(output);
     let mut unreachable_since: Option<Instant> = None;
     'watch: loop {
         let request = v1::WatchWaveRequest {
