@@ -128,11 +128,13 @@ impl RolloutApi {
         let id = req.into_inner().wave_id;
         let (snapshot, events) = self.engine.watch(&id)?;
         let (tx, rx) = mpsc::channel(64);
+        let engine = self.engine.clone();
+        let draining = engine.draining();
         tokio::spawn(forward_events(
-            self.engine.clone(),
-            id,
             snapshot,
             events,
+            move || engine.status(&id),
+            draining,
             tx,
         ));
         Ok(ReceiverStream::new(rx))
@@ -262,13 +264,13 @@ fn settled(state: i32, running: u64) -> bool {
 }
 
 /// Sends the snapshot, then every event, until the wave settles, the client hangs up or
-/// the daemon drains. A watcher that falls behind gets a fresh snapshot instead of the
-/// events it missed.
+/// `draining` resolves. A watcher that falls behind gets a fresh snapshot from `resync`
+/// instead of the events it missed.
 async fn forward_events(
-    engine: Engine,
-    id: String,
     snapshot: WaveStatus,
     mut events: broadcast::Receiver<crate::wave::WaveEvent>,
+    resync: impl Fn() -> Result<WaveStatus, crate::wave::EngineError> + Send + 'static,
+    draining: impl std::future::Future<Output = ()> + Send + 'static,
     tx: mpsc::Sender<Result<v1::WaveEvent, Status>>,
 ) {
     let send_snapshot = |s: &WaveStatus| convert::snapshot_event(s, now_ms());
@@ -277,7 +279,6 @@ async fn forward_events(
     if tx.send(Ok(first)).await.is_err() || done {
         return;
     }
-    let draining = engine.draining();
     tokio::pin!(draining);
     loop {
         let event = tokio::select! {
@@ -291,8 +292,8 @@ async fn forward_events(
             received = events.recv() => match received {
                 Ok(e) => convert::event(&e, now_ms()),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(wave = %id, missed, "watcher lagged; resending a snapshot");
-                    match engine.status(&id) {
+                    tracing::debug!(wave = %snapshot.id, missed, "watcher lagged; resending a snapshot");
+                    match resync() {
                         Ok(s) => send_snapshot(&s),
                         Err(e) => {
                             let _ = tx.send(Err(Status::from(ApiError::from(e)))).await;
@@ -450,5 +451,103 @@ impl RolloutService for RolloutApi {
         request: Request<v1::GetTenantLogRequest>,
     ) -> Result<Response<v1::GetTenantLogResponse>, Status> {
         Ok(Response::new(self.tenant_log(request).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WaveState;
+    use crate::wave::{Counts, WaveEvent};
+
+    fn status(state: WaveState, succeeded: u64, running: u64) -> WaveStatus {
+        WaveStatus {
+            id: "w".into(),
+            bundle_id: "b".into(),
+            state,
+            reason: None,
+            counts: Counts {
+                total: 10,
+                pending: 10 - succeeded - running,
+                running,
+                succeeded,
+                ..Counts::default()
+            },
+            policy: crate::policy::Policy::default(),
+            created_at_ms: 0,
+            history: Vec::new(),
+        }
+    }
+
+    fn event(s: &WaveStatus) -> WaveEvent {
+        WaveEvent {
+            wave_id: s.id.clone(),
+            state: s.state,
+            counts: s.counts,
+            tenant: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lagging_watcher_gets_a_fresh_snapshot_and_the_stream_ends_when_settled() {
+        let (events, rx) = broadcast::channel(2);
+        // Five events into a buffer of two before the forwarder reads: it lags.
+        for n in 1..=5 {
+            events
+                .send(event(&status(WaveState::Running, n, 1)))
+                .expect("send");
+        }
+        let (tx, mut out) = mpsc::channel(16);
+        let resynced = status(WaveState::Running, 7, 1);
+        let task = tokio::spawn(forward_events(
+            status(WaveState::Running, 0, 1),
+            rx,
+            move || Ok(resynced.clone()),
+            std::future::pending(),
+            tx,
+        ));
+        let first = out.recv().await.expect("snapshot").expect("ok");
+        assert_eq!(first.tenants.map(|c| c.succeeded), Some(0));
+        let resync = out.recv().await.expect("resync").expect("ok");
+        assert_eq!(
+            resync.tenants.map(|c| c.succeeded),
+            Some(7),
+            "the snapshot, not event 4"
+        );
+        assert!(resync.tenant.is_none(), "a snapshot carries no tenant");
+        // What is still buffered follows, then the settling event ends the stream.
+        let mut rest = Vec::new();
+        events
+            .send(event(&status(WaveState::Completed, 10, 0)))
+            .expect("send");
+        while let Some(e) = out.recv().await {
+            rest.push(e.expect("ok"));
+        }
+        assert_eq!(
+            rest.last().map(|e| e.state),
+            Some(v1::WaveState::Completed as i32)
+        );
+        task.await.expect("forwarder ends");
+    }
+
+    #[tokio::test]
+    async fn draining_ends_the_stream_with_unavailable() {
+        let (_events, rx) = broadcast::channel::<WaveEvent>(4);
+        let (tx, mut out) = mpsc::channel(4);
+        tokio::spawn(forward_events(
+            status(WaveState::Running, 0, 1),
+            rx,
+            || Err(crate::wave::EngineError::ShuttingDown),
+            async {},
+            tx,
+        ));
+        assert!(out.recv().await.expect("snapshot").is_ok());
+        let end = out
+            .recv()
+            .await
+            .expect("a last message")
+            .expect_err("unavailable");
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert!(out.recv().await.is_none());
     }
 }
