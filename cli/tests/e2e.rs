@@ -270,6 +270,41 @@ async fn start_wait_over_two_servers_applies_each_version_once() {
     assert!(run.stdout.contains("COMPLETED"), "{}", run.stdout);
     assert_once(a, &rows[..50], &versions(FAST)).await;
     assert_once(b, &on_b, &versions(FAST)).await;
+
+    // Paging through the tenants in small pages sees each exactly once, in order.
+    let wave = run
+        .stdout
+        .lines()
+        .next()
+        .expect("wave id")
+        .trim()
+        .to_string();
+    let mut client =
+        flotilla::api::v1::rollout_service_client::RolloutServiceClient::connect(daemon.url())
+            .await
+            .expect("connect");
+    let (mut seen, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = client
+            .list_wave_tenants(flotilla::api::v1::ListWaveTenantsRequest {
+                wave_id: wave.clone(),
+                state: 0,
+                page_size: 7,
+                page_token: token,
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        assert!(page.tenants.len() <= 7);
+        seen.extend(page.tenants.into_iter().map(|t| t.tenant_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut expected: Vec<String> = rows.iter().map(|(id, _)| id.clone()).collect();
+    expected.sort();
+    assert_eq!(seen, expected, "every tenant once, in the wave's order");
 }
 
 /// 2. `kill -9` of flotillad at three moments of one wave, restarted each time on the

@@ -148,17 +148,22 @@ impl RolloutApi {
             .authorize(req.metadata(), Role::Viewer, "listing tenants")?;
         let r = req.into_inner();
         let state = convert::tenant_state_filter(r.state)?;
-        let (offset, size) = page(r.page_size, &r.page_token, DEFAULT_TENANT_PAGE)?;
-        // One more than asked tells whether another page exists.
-        let mut views = self.engine.tenants(&r.wave_id, state, offset, size + 1)?;
-        let more = views.len() > size;
-        views.truncate(size);
+        let (from_seq, size) = page(r.page_size, &r.page_token, DEFAULT_TENANT_PAGE)?;
+        let from_seq = u32::try_from(from_seq)
+            .map_err(|_| ApiError::Invalid("page_token: out of range".into()))?;
+        // One more than asked tells whether another page exists; it starts the next one.
+        let mut views = self.engine.tenants(&r.wave_id, state, from_seq, size + 1)?;
+        let next_page_token = if views.len() > size {
+            views.truncate(size);
+            views
+                .last()
+                .map(|v| (v.seq + 1).to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         Ok(v1::ListWaveTenantsResponse {
-            next_page_token: if more {
-                (offset + size).to_string()
-            } else {
-                String::new()
-            },
+            next_page_token,
             tenants: views.iter().map(convert::tenant).collect(),
         })
     }
@@ -238,7 +243,8 @@ impl RolloutApi {
     }
 }
 
-/// Offset and size of a page; the token is the offset the previous page ended at.
+/// Where a page starts and its size; the token is where the previous page ended (an
+/// offset for waves, a tenant `seq` for tenants).
 fn page(size: u32, token: &str, default: usize) -> Result<(usize, usize), ApiError> {
     let offset = if token.is_empty() {
         0

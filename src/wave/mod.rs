@@ -939,12 +939,14 @@ impl Engine {
         waves.iter().map(|w| Wave::status(&w.lock())).collect()
     }
 
-    /// A wave's tenants in `seq` order, optionally only those in `state`, from `offset`.
+    /// A wave's tenants in `seq` order, optionally only those in `state`, starting at
+    /// `from_seq`. Paging by `seq` (not by position in the filtered list) means a tenant
+    /// that changes state between two pages is neither skipped nor repeated.
     pub fn tenants(
         &self,
         id: &str,
         state: Option<TenantState>,
-        offset: usize,
+        from_seq: u32,
         limit: usize,
     ) -> Result<Vec<TenantView>, EngineError> {
         let wave = self.wave(id)?;
@@ -952,8 +954,8 @@ impl Engine {
         Ok(inner
             .tenants
             .iter()
+            .skip(from_seq as usize)
             .filter(|t| state.is_none_or(|s| t.state == s))
-            .skip(offset)
             .take(limit)
             .map(TenantView::from)
             .collect())
