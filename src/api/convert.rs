@@ -10,7 +10,7 @@ use prost_types::Timestamp;
 use super::ApiError;
 use super::v1;
 use crate::apply::log::LogEntry;
-use crate::apply::{DriftPolicy, OrderPolicy, TransactionMode};
+use crate::apply::{DriftPolicy, OrderPolicy, PlanOptions, TransactionMode};
 use crate::bundle::{Bundle, BundleFile};
 use crate::config::Limits;
 use crate::policy::{AfterCanary, Canary, FailureBudget, Policy};
@@ -192,6 +192,22 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
     }
 }
 
+/// The planner's rules from the two wire flags `Policy` and `PlanRequest` both carry.
+pub fn plan_options(allow_drift: bool, allow_out_of_order: bool) -> PlanOptions {
+    PlanOptions {
+        drift: if allow_drift {
+            DriftPolicy::Allow
+        } else {
+            DriftPolicy::Fail
+        },
+        order: if allow_out_of_order {
+            OrderPolicy::AllowOutOfOrder
+        } else {
+            OrderPolicy::Strict
+        },
+    }
+}
+
 /// Most retries a policy may ask for: beyond this a retry loop is an outage, not a blip.
 const MAX_RETRIES: u32 = 100;
 
@@ -260,6 +276,7 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         Ok(v1::TransactionMode::PerTenant) => TransactionMode::PerTenant,
         Err(_) => return invalid(format!("transaction: unknown mode {}", p.transaction)),
     };
+    let rules = plan_options(p.allow_drift, p.allow_out_of_order);
     let policy = Policy {
         concurrency: p.concurrency,
         per_host: (p.per_host > 0).then_some(p.per_host),
@@ -271,16 +288,8 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         transaction,
         lock_timeout_ms: p.lock_timeout_ms.unwrap_or(defaults.lock_timeout_ms),
         statement_timeout_ms: p.statement_timeout_ms.unwrap_or(0),
-        drift: if p.allow_drift {
-            DriftPolicy::Allow
-        } else {
-            DriftPolicy::Fail
-        },
-        order: if p.allow_out_of_order {
-            OrderPolicy::AllowOutOfOrder
-        } else {
-            OrderPolicy::Strict
-        },
+        drift: rules.drift,
+        order: rules.order,
         ..defaults
     };
     policy

@@ -30,6 +30,9 @@ pub enum ApiError {
     Tenant { tenant: String, error: ApplyError },
     #[error("{0}")]
     Unauthenticated(String),
+    /// A bug or a lost task: the daemon could not finish the call.
+    #[error("{0}")]
+    Internal(String),
     #[error("{0}")]
     PermissionDenied(String),
 }
@@ -56,6 +59,7 @@ impl ApiError {
                 crate::failure::Retryability::Permanent => Code::FailedPrecondition,
             },
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::Internal(_) => Code::Internal,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
         }
     }

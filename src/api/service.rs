@@ -67,9 +67,9 @@ impl RolloutApi {
             .resolve(&self.limits)
             .await?;
         let (bundle_id, count) = (bundle.id().to_string(), tenants.len());
-        let id = self
-            .engine
-            .start_wave(bundle, tenants, policy, &caller.name)?;
+        let engine = self.engine.clone();
+        let actor = caller.name.clone();
+        let id = off_runtime(move || engine.start_wave(bundle, tenants, policy, &actor)).await?;
         tracing::info!(wave = %id, bundle = %bundle_id, tenants = count, actor = %caller.name, "wave created");
         Ok(id)
     }
@@ -104,7 +104,7 @@ impl RolloutApi {
         })
     }
 
-    fn act(
+    async fn act(
         &self,
         req: Request<v1::WaveActionRequest>,
         what: &str,
@@ -115,7 +115,9 @@ impl RolloutApi {
         if r.wave_id.is_empty() {
             return Err(ApiError::Invalid("wave_id: missing".into()));
         }
-        let status = action(&self.engine, &r.wave_id, &caller.name, &r.reason)?;
+        let engine = self.engine.clone();
+        let status =
+            off_runtime(move || action(&engine, &r.wave_id, &caller.name, &r.reason)).await?;
         Ok(convert::wave(&status))
     }
 
@@ -174,18 +176,7 @@ impl RolloutApi {
         let r = req.into_inner();
         let bundle = Arc::new(convert::bundle_from_proto(r.bundle, &self.limits)?);
         let tenants = Targets::from_plan(r.targets)?.resolve(&self.limits).await?;
-        let options = PlanOptions {
-            drift: if r.allow_drift {
-                crate::apply::DriftPolicy::Allow
-            } else {
-                crate::apply::DriftPolicy::Fail
-            },
-            order: if r.allow_out_of_order {
-                crate::apply::OrderPolicy::AllowOutOfOrder
-            } else {
-                crate::apply::OrderPolicy::Strict
-            },
-        };
+        let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
         let permits = Arc::new(Semaphore::new(PLAN_CONCURRENCY));
         let mut set = tokio::task::JoinSet::new();
         let count = tenants.len();
@@ -241,6 +232,17 @@ impl RolloutApi {
             rows: entries.iter().map(convert::log_row).collect(),
         })
     }
+}
+
+/// Runs an engine call that writes (and flushes) the store on the blocking pool, so an
+/// fsync never stalls the runtime threads that answer status calls and stream events.
+async fn off_runtime<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, crate::wave::EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|e| ApiError::Internal(format!("an engine call did not finish: {e}")))?
+        .map_err(ApiError::from)
 }
 
 /// Where a page starts and its size; the token is where the previous page ended (an
@@ -389,44 +391,37 @@ impl RolloutService for RolloutApi {
         &self,
         request: Request<v1::WaveActionRequest>,
     ) -> Result<Response<v1::Wave>, Status> {
-        Ok(Response::new(self.act(
-            request,
-            "pausing a wave",
-            Engine::pause,
-        )?))
+        Ok(Response::new(
+            self.act(request, "pausing a wave", Engine::pause).await?,
+        ))
     }
 
     async fn resume_wave(
         &self,
         request: Request<v1::WaveActionRequest>,
     ) -> Result<Response<v1::Wave>, Status> {
-        Ok(Response::new(self.act(
-            request,
-            "resuming a wave",
-            Engine::resume,
-        )?))
+        Ok(Response::new(
+            self.act(request, "resuming a wave", Engine::resume).await?,
+        ))
     }
 
     async fn cancel_wave(
         &self,
         request: Request<v1::WaveActionRequest>,
     ) -> Result<Response<v1::Wave>, Status> {
-        Ok(Response::new(self.act(
-            request,
-            "cancelling a wave",
-            Engine::cancel,
-        )?))
+        Ok(Response::new(
+            self.act(request, "cancelling a wave", Engine::cancel)
+                .await?,
+        ))
     }
 
     async fn retry_wave(
         &self,
         request: Request<v1::WaveActionRequest>,
     ) -> Result<Response<v1::Wave>, Status> {
-        Ok(Response::new(self.act(
-            request,
-            "retrying a wave",
-            Engine::retry,
-        )?))
+        Ok(Response::new(
+            self.act(request, "retrying a wave", Engine::retry).await?,
+        ))
     }
 
     type WatchWaveStream = EventStream;

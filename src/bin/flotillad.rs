@@ -164,9 +164,9 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
         .with_context(|| format!("open data dir {}", settings.data_dir.display()))?;
     let api = RolloutApi::new(engine.clone(), auth, settings.limits);
     let _gauges = flotilla::telemetry::metrics::observe_engine(&engine);
-    let metrics_server = match settings.metrics_listen {
-        Some(addr) => Some(serve_metrics(addr, telemetry).await?),
-        None => None,
+    let metrics_server = match (settings.metrics_listen, telemetry.prometheus()) {
+        (Some(addr), Some(metrics)) => Some(serve_metrics(addr, metrics).await?),
+        _ => None,
     };
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -253,24 +253,23 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
 /// scraper never needs a token or TLS client setup.
 async fn serve_metrics(
     addr: SocketAddr,
-    telemetry: &Telemetry,
+    metrics: flotilla::telemetry::PrometheusMetrics,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("listen for metrics on {addr}"))?;
     let local = listener.local_addr()?;
-    let text = telemetry.prometheus_renderer();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let text = text.clone();
+            let metrics = metrics.clone();
             async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    text(),
+                    metrics.render(),
                 )
             }
         }),

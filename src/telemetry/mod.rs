@@ -42,13 +42,21 @@ pub struct Telemetry {
     registry: Option<prometheus::Registry>,
 }
 
-fn render(registry: &prometheus::Registry) -> String {
-    use prometheus::Encoder as _;
-    let mut out = Vec::new();
-    if let Err(e) = prometheus::TextEncoder::new().encode(&registry.gather(), &mut out) {
-        tracing::warn!(error = %e, "cannot render metrics");
+/// Renders the daemon's metrics in the Prometheus text format; cheap to clone into an
+/// HTTP handler.
+#[derive(Clone)]
+pub struct PrometheusMetrics(prometheus::Registry);
+
+impl PrometheusMetrics {
+    /// Every metric, as `GET /metrics` serves it.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder as _;
+        let mut out = Vec::new();
+        if let Err(e) = prometheus::TextEncoder::new().encode(&self.0.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot render metrics");
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// True when the environment asks for OTLP export of `signal` (`TRACES`, `METRICS`).
@@ -71,7 +79,7 @@ fn resource() -> Resource {
 
 impl Telemetry {
     /// Sets up logging, and traces and metrics where asked: `prometheus` when a metrics
-    /// listener will serve [`Telemetry::prometheus_text`]. Must run inside a Tokio
+    /// listener will serve [`Telemetry::prometheus`]. Must run inside a Tokio
     /// runtime (the OTLP exporters use tonic).
     pub fn init(log_format: LogFormat, prometheus: bool) -> Result<Self, TelemetryError> {
         let resource = resource();
@@ -157,21 +165,9 @@ impl Telemetry {
         })
     }
 
-    /// Every metric in the Prometheus text format, when a metrics listener was asked for.
-    pub fn prometheus_text(&self) -> Option<String> {
-        self.registry.as_ref().map(render)
-    }
-
-    /// A cheap, cloneable function rendering [`Telemetry::prometheus_text`] (empty when
-    /// no metrics listener was asked for), for an HTTP handler.
-    pub fn prometheus_renderer(&self) -> std::sync::Arc<dyn Fn() -> String + Send + Sync> {
-        let registry = self.registry.clone();
-        std::sync::Arc::new(move || {
-            let Some(registry) = &registry else {
-                return String::new();
-            };
-            render(registry)
-        })
+    /// The Prometheus side of the metrics, when a metrics listener was asked for.
+    pub fn prometheus(&self) -> Option<PrometheusMetrics> {
+        self.registry.clone().map(PrometheusMetrics)
     }
 
     /// Exports what is buffered and stops the exporters.
