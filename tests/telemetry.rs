@@ -77,6 +77,9 @@ fn attributes(span: &Span) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The password of one tenant's connection string (a role that does not exist).
+const SECRET: &str = "Otter-otel-Secret-73";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_span_per_tenant_with_its_attributes_reaches_an_otlp_receiver() {
     let receiver = Receiver::default();
@@ -140,6 +143,11 @@ async fn one_span_per_tenant_with_its_attributes_reaches_an_otlp_receiver() {
                             dsn: cluster.url(db),
                             labels: Default::default(),
                         })
+                        .chain([v1::Tenant {
+                            tenant_id: "otel_secret".into(),
+                            dsn: cluster.url_with_password(&dbs[0], "otel_nobody", SECRET),
+                            labels: Default::default(),
+                        }])
                         .collect(),
                 },
             )),
@@ -159,18 +167,18 @@ async fn one_span_per_tenant_with_its_attributes_reaches_an_otlp_receiver() {
         let spans = receiver.spans.lock().expect("lock").clone();
         let tenants: Vec<Span> = spans.into_iter().filter(|s| s.name == "tenant").collect();
         let metrics = receiver.metric_names.lock().expect("lock").clone();
-        if tenants.len() >= 5 && metrics.iter().any(|m| m == "flotilla_tenant_runs") {
+        if tenants.len() >= 6 && metrics.iter().any(|m| m == "flotilla_tenant_runs") {
             break tenants;
         }
         assert!(
             Instant::now() < deadline,
-            "waited for 5 tenant spans and the run counter; got {} spans, metrics {metrics:?}\n{}",
+            "waited for 6 tenant spans and the run counter; got {} spans, metrics {metrics:?}\n{}",
             tenants.len(),
             daemon.log_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(tenant_spans.len(), 5, "one span per tenant run");
+    assert_eq!(tenant_spans.len(), 6, "one span per tenant run");
     let mut seen = Vec::new();
     for span in &tenant_spans {
         let a = attributes(span);
@@ -178,7 +186,9 @@ async fn one_span_per_tenant_with_its_attributes_reaches_an_otlp_receiver() {
         assert_eq!(a.get("host"), Some(&cluster.host()), "{a:?}");
         assert_eq!(a.get("attempt").map(String::as_str), Some("1"), "{a:?}");
         let tenant = a.get("tenant_id").cloned().expect("tenant_id");
-        if tenant == dbs[4] {
+        if tenant == "otel_secret" {
+            assert!(a.contains_key("error"), "the failure is on the span: {a:?}");
+        } else if tenant == dbs[4] {
             assert_eq!(
                 a.get("sqlstate").map(String::as_str),
                 Some("42P07"),
@@ -200,10 +210,19 @@ async fn one_span_per_tenant_with_its_attributes_reaches_an_otlp_receiver() {
         seen.push(tenant);
     }
     seen.sort();
-    assert_eq!(seen, dbs);
+    let mut expected = dbs.clone();
+    expected.push("otel_secret".into());
+    expected.sort();
+    assert_eq!(seen, expected);
+
+    // A password in a connection string appears in no exported span.
+    let spans = receiver.spans.lock().expect("lock").clone();
+    for span in &spans {
+        let text = format!("{} {:?}", span.name, attributes(span));
+        assert!(!text.contains(SECRET), "password in span {text}");
+    }
 
     // Script spans hang under their tenant's span.
-    let spans = receiver.spans.lock().expect("lock").clone();
     let tenant_ids: Vec<&Vec<u8>> = tenant_spans.iter().map(|s| &s.span_id).collect();
     let scripts: Vec<&Span> = spans.iter().filter(|s| s.name == "script").collect();
     assert!(!scripts.is_empty(), "script spans exported");

@@ -354,7 +354,10 @@ async fn pause_resume_and_cancel() {
     let (daemon, _data) = start_daemon(&[]);
     let server = daemon.url();
     let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_for(&server, &wave, "the first tenants to finish", |s| {
+        count(s, "succeeded") >= 2
+    })
+    .await;
     let paused = flotilla(
         &server,
         &[
@@ -411,7 +414,10 @@ async fn pause_resume_and_cancel() {
         std::fs::write(dir.path().join(name), sql).expect("write");
     }
     let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for(&server, &wave, "tenants in flight", |s| {
+        count(s, "running") > 0
+    })
+    .await;
     let cancelled = flotilla(&server, &["--output", "json", "wave", "cancel", &wave]).await;
     assert_eq!(cancelled.code, 0, "{cancelled:?}");
     assert_eq!(cancelled.json()["state"], "CANCELLED");
@@ -899,7 +905,11 @@ async fn sigterm_drains_and_the_watcher_follows_the_restart() {
         let (server, wave) = (server.clone(), wave.clone());
         tokio::spawn(async move { flotilla(&server, &["wave", "watch", &wave]).await })
     };
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Mid-wave: some tenants done, some in flight, most still to start.
+    wait_for(&server, &wave, "the wave to be under way", |s| {
+        count(s, "succeeded") >= 2 && count(s, "running") > 0
+    })
+    .await;
     let exit = daemon.terminate(Duration::from_secs(30)).expect("drain");
     assert_eq!(
         exit.code(),
