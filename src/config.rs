@@ -115,7 +115,18 @@ pub struct FileConfig {
     pub tls: Option<TlsFiles>,
     #[serde(default)]
     pub limits: Limits,
+    /// Where the daemon may connect (tenants, catalogs, discovery): host names or
+    /// globs, IPs, CIDRs, socket directories, each with an optional `:PORT`. Unset: any
+    /// TCP host. Also where the daemon's own `PGPASSWORD` may be sent (see `reach`).
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Finished waves older than this are forgotten, e.g. `30days`; `0` keeps them
+    /// for ever. Default: 30 days.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub wave_retention: Option<Duration>,
 }
+
+/// Default retention of finished waves.
+pub const DEFAULT_WAVE_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A tokens file: `[[tokens]]` entries only.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -236,6 +247,8 @@ data_dir = "/var/lib/flotilla"
 drain_timeout = "30s"
 log_format = "json"
 metrics_listen = "0.0.0.0:9090"
+allowed_hosts = ["*.db.internal", "10.0.0.0/8:5432"]
+wave_retention = "7days"
 [tls]
 cert = "/etc/flotilla/tls.crt"
 key = "/etc/flotilla/tls.key"
@@ -256,6 +269,11 @@ sha256 = "{}"
             Limits::default().max_bundle_bytes
         );
         assert_eq!(config.tokens[0].role, Role::Operator);
+        assert_eq!(config.allowed_hosts.as_ref().map(Vec::len), Some(2));
+        assert_eq!(
+            config.wave_retention,
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
         assert!(config.all_tokens(Path::new("/")).is_ok());
 
         let typo = toml::from_str::<FileConfig>("listne = \"0.0.0.0:1\"");

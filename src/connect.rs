@@ -3,6 +3,11 @@
 //! connect timeout, TCP keepalives, and the wave's `lock_timeout`/`statement_timeout`
 //! sent in the startup packet so they cost no round trip.
 //!
+//! TLS follows libpq's `sslmode`: `prefer` (the default) tries TLS and falls back to
+//! plain TCP when the server refuses it, `allow` tries plain first, `require` with an
+//! `sslrootcert` verifies the chain. Every connect asks `reach` first: no socket opens
+//! to a host `allowed_hosts` does not name.
+//!
 //! This module owns how Flotilla reaches a server and how a running statement is
 //! cancelled; it never decides what to run (that is `apply`).
 
@@ -13,11 +18,13 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, Error as TlsError, SignatureScheme};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::dsn::{Dsn, TlsMode};
 use crate::failure::{DbFailure, Retryability};
+use crate::reach::Reach;
 
 /// The `application_name` of every Flotilla session.
 pub const APPLICATION_NAME: &str = "flotilla";
@@ -51,9 +58,16 @@ pub struct Session {
 }
 
 impl Session {
-    /// Connects to `dsn` with `settings`.
-    pub async fn connect(dsn: &Dsn, settings: &SessionSettings) -> Result<Self, DbFailure> {
-        let mut config = dsn.config().clone();
+    /// Connects to `dsn` with `settings`, if `reach` allows it; the socket opens only
+    /// after that check.
+    pub async fn connect(
+        dsn: &Dsn,
+        settings: &SessionSettings,
+        reach: &Reach,
+    ) -> Result<Self, DbFailure> {
+        let mut config = reach
+            .connect_config(dsn)
+            .map_err(|e| DbFailure::client(e.to_string(), Retryability::Permanent))?;
         config.application_name(APPLICATION_NAME);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(settings.connect_timeout);
@@ -73,41 +87,53 @@ impl Session {
 
         // Bound the whole connect, DNS and TLS included, not only the TCP connect.
         let deadline = settings.connect_timeout + Duration::from_secs(1);
-        let timed_out = || {
-            DbFailure::client(
-                format!("connecting to {dsn} timed out after {deadline:?}"),
-                Retryability::Retryable,
-            )
+        let attempt = |config: Config, tls: Option<MakeRustlsConnect>| async move {
+            let timed_out = || {
+                DbFailure::client(
+                    format!("connecting to {dsn} timed out after {deadline:?}"),
+                    Retryability::Retryable,
+                )
+            };
+            let (client, connection) = match &tls {
+                None => {
+                    let (client, conn) = tokio::time::timeout(deadline, config.connect(NoTls))
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(|e| connect_failure(dsn, &e))?;
+                    (client, tokio::spawn(async move { drop(conn.await) }))
+                }
+                Some(tls) => {
+                    let (client, conn) =
+                        tokio::time::timeout(deadline, config.connect(tls.clone()))
+                            .await
+                            .map_err(|_| timed_out())?
+                            .map_err(|e| connect_failure(dsn, &e))?;
+                    (client, tokio::spawn(async move { drop(conn.await) }))
+                }
+            };
+            Ok::<_, DbFailure>(Self {
+                client,
+                tls,
+                connection,
+            })
         };
         match dsn.tls() {
-            TlsMode::Plain => {
-                let (client, conn) = tokio::time::timeout(deadline, config.connect(NoTls))
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|e| connect_failure(dsn, &e))?;
-                let connection = tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(Self {
-                    client,
-                    tls: None,
-                    connection,
-                })
-            }
+            TlsMode::Disable => attempt(config, None).await,
+            // libpq's `allow`: plain first, TLS only when the server insists on it
+            // (its pg_hba refuses a plain session: 28000).
+            TlsMode::Allow => match attempt(config.clone(), None).await {
+                Err(f) if f.sqlstate.as_deref() == Some("28000") => {
+                    config.ssl_mode(SslMode::Require);
+                    let tls = MakeRustlsConnect::new(tls_config(TlsMode::Require, dsn)?);
+                    attempt(config, Some(tls)).await
+                }
+                other => other,
+            },
+            // `prefer` (also the default): the DSN's config asks for TLS and falls back
+            // to plain when the server answers the SSLRequest with "no".
             mode => {
                 let tls = MakeRustlsConnect::new(tls_config(mode, dsn)?);
-                let (client, conn) = tokio::time::timeout(deadline, config.connect(tls.clone()))
-                    .await
-                    .map_err(|_| timed_out())?
-                    .map_err(|e| connect_failure(dsn, &e))?;
-                let connection = tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(Self {
-                    client,
-                    tls: Some(tls),
-                    connection,
-                })
+                attempt(config, Some(tls)).await
             }
         }
     }
@@ -123,6 +149,11 @@ impl Session {
     /// The client, for queries.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The client, for transactions with options (`READ ONLY`) and portals.
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
     }
 
     /// Asks the server to cancel whatever this session is running (a new connection, as
@@ -153,7 +184,7 @@ pub(crate) fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfi
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(format!("TLS setup for {dsn}: {e}")))?;
-    if mode == TlsMode::Require {
+    if matches!(mode, TlsMode::Require | TlsMode::Prefer | TlsMode::Allow) {
         return Ok(builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
@@ -189,7 +220,8 @@ pub(crate) fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfi
         .with_no_client_auth())
 }
 
-/// `sslmode=require`: encrypt, but check nothing (what libpq does without a root cert).
+/// `sslmode=require` without a root cert, `prefer` and `allow`: encrypt, but check
+/// nothing (what libpq does in these modes).
 #[derive(Debug)]
 struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
 

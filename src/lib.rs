@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`bundle`]: a directory of Flyway-named scripts, validated and identified.
 //! - [`dsn`]: tenant connection strings, parsed and redacted.
+//! - [`reach`]: where the daemon may connect (`allowed_hosts`) and who gets its password.
 //! - [`connect`]: sessions to tenants (TLS, timeouts, cancel).
 //! - [`failure`]: database errors and the one retryable/permanent classification.
 //! - [`apply`]: the tenant applier and its pure planner; the execution log.
@@ -27,6 +28,7 @@ pub mod connect;
 pub mod dsn;
 pub mod failure;
 pub mod policy;
+pub mod reach;
 pub mod secret;
 pub mod store;
 pub mod target;

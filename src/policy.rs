@@ -115,38 +115,131 @@ impl Default for Policy {
 #[error("invalid policy: {0}")]
 pub struct PolicyError(pub String);
 
+/// The largest timeout PostgreSQL accepts (its GUCs are 32-bit milliseconds): beyond
+/// it every session would fail at connect.
+pub const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
+/// Most tenants in flight a wave may ask for, in the whole wave or on one server.
+pub const MAX_CONCURRENCY: u32 = 10_000;
+/// Most retries a policy may ask for: beyond this a retry loop is an outage, not a blip.
+pub const MAX_RETRIES: u32 = 100;
+/// Slowest start rate: one tenant every 1,000 s. Slower is a paused wave.
+pub const MIN_RATE: f64 = 0.001;
+/// Fastest start rate; above it the limiter's period would round to nothing.
+pub const MAX_RATE: f64 = 100_000.0;
+/// Longest retry backoff.
+pub const MAX_BACKOFF_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Whether a timeout of zero means "no limit" or is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroTimeout {
+    /// 0 disables the limit (`statement_timeout`).
+    MeansNone,
+    /// The limit must be set (`lock_timeout`: every session sets one, PRODUCT.md §1.4).
+    Refused,
+}
+
+/// Checks a timeout in milliseconds against what PostgreSQL accepts, naming `field`.
+pub fn check_timeout_ms(field: &str, ms: u64, zero: ZeroTimeout) -> Result<(), PolicyError> {
+    match (ms, zero) {
+        (0, ZeroTimeout::MeansNone) => Ok(()),
+        (1..=MAX_TIMEOUT_MS, _) => Ok(()),
+        (_, ZeroTimeout::MeansNone) => Err(PolicyError(format!(
+            "{field} must be 0 (no limit) or within 1 ms..{MAX_TIMEOUT_MS} ms (got {ms} ms)"
+        ))),
+        (_, ZeroTimeout::Refused) => Err(PolicyError(format!(
+            "{field} must be within 1 ms..{MAX_TIMEOUT_MS} ms (got {ms} ms)"
+        ))),
+    }
+}
+
+/// A duration given by a person (a flag, a directive) as whole milliseconds, checked
+/// like [`check_timeout_ms`]. A sub-millisecond part is refused rather than rounded:
+/// `500us` would otherwise become 0, which PostgreSQL reads as "no timeout".
+pub fn timeout_ms(field: &str, d: Duration, zero: ZeroTimeout) -> Result<u64, PolicyError> {
+    if d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(PolicyError(format!(
+            "{field} must be whole milliseconds (got {d:?})"
+        )));
+    }
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    check_timeout_ms(field, ms, zero)?;
+    Ok(ms)
+}
+
 impl Policy {
-    /// Checks every field.
+    /// Checks every field against its allowed range; the message names the field and
+    /// the range. The one validation of a policy: the API, the CLI and the engine (for
+    /// stored waves too) all call this.
     pub fn validate(&self) -> Result<(), PolicyError> {
-        let bad = |m: &str| Err(PolicyError(m.to_string()));
-        if self.concurrency == 0 {
-            return bad("concurrency must be at least 1");
+        let bad = |m: String| Err(PolicyError(m));
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return bad(format!(
+                "concurrency must be within 1..{MAX_CONCURRENCY} (got {})",
+                self.concurrency
+            ));
         }
-        if self.per_host == Some(0) {
-            return bad("per_host must be at least 1 (or unset)");
+        if let Some(n) = self.per_host
+            && !(1..=MAX_CONCURRENCY).contains(&n)
+        {
+            return bad(format!(
+                "per_host must be within 1..{MAX_CONCURRENCY}, or unset (got {n})"
+            ));
         }
         if let Some(rate) = self.rate
-            && !(rate.is_finite() && rate > 0.0)
+            && !(rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&rate))
         {
-            return bad("rate must be a positive number of starts per second");
+            return bad(format!(
+                "rate must be within {MIN_RATE}..{MAX_RATE} starts per second, or unset for unlimited (got {rate})"
+            ));
         }
         if let FailureBudget::Ratio(r) = self.max_failures
             && !(0.0..=1.0).contains(&r)
         {
-            return bad("max_failures ratio must be within 0..1");
+            return bad(format!("max_failures ratio must be within 0..1 (got {r})"));
         }
         if let Canary::Count { count: 0 } = self.canary {
-            return bad("canary count must be at least 1 (or no canary)");
+            return bad("canary count must be at least 1 (or no canary)".into());
         }
         if let Canary::Label { key, .. } = &self.canary
-            && key.is_empty()
+            && key.trim().is_empty()
         {
-            return bad("canary label needs a key");
+            return bad("canary label needs a key (key=value)".into());
         }
-        if self.backoff_base_ms > self.backoff_max_ms {
-            return bad("backoff_base_ms must not exceed backoff_max_ms");
+        if self.retries > MAX_RETRIES {
+            return bad(format!(
+                "retries must be within 0..{MAX_RETRIES} (got {})",
+                self.retries
+            ));
         }
+        if !(1..=MAX_BACKOFF_MS).contains(&self.backoff_max_ms)
+            || !(1..=self.backoff_max_ms).contains(&self.backoff_base_ms)
+        {
+            return bad(format!(
+                "backoff must satisfy 1 <= backoff_base_ms <= backoff_max_ms <= {MAX_BACKOFF_MS} (got {} and {})",
+                self.backoff_base_ms, self.backoff_max_ms
+            ));
+        }
+        check_timeout_ms("lock_timeout", self.lock_timeout_ms, ZeroTimeout::Refused)?;
+        check_timeout_ms(
+            "statement_timeout",
+            self.statement_timeout_ms,
+            ZeroTimeout::MeansNone,
+        )?;
+        check_timeout_ms(
+            "connect_timeout",
+            self.connect_timeout_ms,
+            ZeroTimeout::Refused,
+        )?;
         Ok(())
+    }
+
+    /// Time between two tenant starts under `rate`, for the rate limiter. `None` when
+    /// the policy sets no rate, or one that [`Policy::validate`] refuses (never a panic).
+    pub fn start_interval(&self) -> Option<Duration> {
+        let rate = self.rate?;
+        Duration::try_from_secs_f64(1.0 / rate)
+            .ok()
+            .filter(|d| !d.is_zero())
     }
 
     /// The session settings a tenant run uses.
@@ -180,6 +273,43 @@ impl Policy {
 mod tests {
     use super::*;
 
+    fn p_rate(rate: f64) -> Result<(), PolicyError> {
+        Policy {
+            rate: Some(rate),
+            ..Policy::default()
+        }
+        .validate()
+    }
+
+    #[test]
+    fn every_valid_rate_has_an_interval() {
+        for rate in [MIN_RATE, 0.5, 1.0, 333.3, MAX_RATE] {
+            assert!(p_rate(rate).is_ok(), "{rate}");
+            let p = Policy {
+                rate: Some(rate),
+                ..Policy::default()
+            };
+            assert!(p.start_interval().is_some(), "{rate}");
+        }
+        let absurd = Policy {
+            rate: Some(1e-300),
+            ..Policy::default()
+        };
+        assert_eq!(absurd.start_interval(), None, "no panic on a refused rate");
+    }
+
+    #[test]
+    fn timeouts_are_whole_milliseconds_in_range() {
+        let ms = |d: Duration, z| timeout_ms("lock-timeout", d, z);
+        assert_eq!(ms(Duration::from_secs(2), ZeroTimeout::Refused), Ok(2_000));
+        assert!(ms(Duration::from_micros(500), ZeroTimeout::Refused).is_err());
+        assert!(ms(Duration::from_micros(1_500), ZeroTimeout::MeansNone).is_err());
+        assert!(ms(Duration::ZERO, ZeroTimeout::Refused).is_err());
+        assert_eq!(ms(Duration::ZERO, ZeroTimeout::MeansNone), Ok(0));
+        let err = ms(Duration::from_secs(30 * 24 * 3600), ZeroTimeout::MeansNone).unwrap_err();
+        assert!(err.0.contains("2147483647"), "{err}");
+    }
+
     #[test]
     fn validation_names_the_field() {
         let p = |f: fn(&mut Policy)| {
@@ -201,6 +331,38 @@ mod tests {
                 .contains("ratio")
         );
         assert!(p(|p| p.rate = Some(0.0)).unwrap_err().0.contains("rate"));
+        for rate in [1e-20, f64::NAN, f64::INFINITY, -1.0, 1e9] {
+            let err = p_rate(rate).unwrap_err().0;
+            assert!(
+                err.contains("rate") && err.contains("0.001"),
+                "{rate}: {err}"
+            );
+        }
+        assert!(
+            p(|p| p.lock_timeout_ms = 0)
+                .unwrap_err()
+                .0
+                .contains("lock_timeout")
+        );
+        assert!(
+            p(|p| p.statement_timeout_ms = MAX_TIMEOUT_MS + 1)
+                .unwrap_err()
+                .0
+                .contains("statement_timeout")
+        );
+        assert!(p(|p| p.statement_timeout_ms = 0).is_ok(), "0 = no limit");
+        assert!(
+            p(|p| p.retries = MAX_RETRIES + 1)
+                .unwrap_err()
+                .0
+                .contains("retries")
+        );
+        assert!(
+            p(|p| p.concurrency = MAX_CONCURRENCY + 1)
+                .unwrap_err()
+                .0
+                .contains("concurrency")
+        );
         assert!(
             p(|p| p.per_host = Some(0))
                 .unwrap_err()

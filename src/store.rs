@@ -216,10 +216,17 @@ pub trait ProgressStore: Send + Sync + 'static {
     fn save_wave(&self, wave: &WaveRecord) -> Result<(), StoreError>;
     /// Stores a tenant record (durable within the flush interval).
     fn save_tenant(&self, wave_id: &str, tenant: &TenantRecord) -> Result<(), StoreError>;
-    /// Every wave.
-    fn load_waves(&self) -> Result<Vec<WaveRecord>, StoreError>;
+    /// Every wave, by id: a record that cannot be decoded is an `Err` of its own, so
+    /// one bad record never hides the others (the engine quarantines it). The outer
+    /// error is the store itself failing.
+    fn load_waves(&self) -> Result<Vec<(String, Result<WaveRecord, StoreError>)>, StoreError>;
     /// A wave's tenants, by `seq`.
     fn load_tenants(&self, wave_id: &str) -> Result<Vec<TenantRecord>, StoreError>;
+    /// Removes a wave and its tenant records, atomically and durably. The bundle stays
+    /// (other waves may share it); see [`Self::delete_bundle`].
+    fn delete_wave(&self, wave_id: &str) -> Result<(), StoreError>;
+    /// Removes a bundle no wave uses any more.
+    fn delete_bundle(&self, id: &str) -> Result<(), StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -369,16 +376,56 @@ impl ProgressStore for SledStore {
         Ok(())
     }
 
-    fn load_waves(&self) -> Result<Vec<WaveRecord>, StoreError> {
+    fn load_waves(&self) -> Result<Vec<(String, Result<WaveRecord, StoreError>)>, StoreError> {
         let mut out = Vec::new();
         for item in self.waves.iter() {
             let (key, bytes) = item?;
-            let what = format!("wave {}", String::from_utf8_lossy(&key));
-            let record: WaveRecord = decode(&what, &bytes)?;
-            check_format(&what, record.format)?;
-            out.push(record);
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let what = format!("wave {id}");
+            let record = decode::<WaveRecord>(&what, &bytes).and_then(|record| {
+                check_format(&what, record.format)?;
+                if record.id != id {
+                    return Err(StoreError::Decode {
+                        what,
+                        message: format!("it is stored under another id ({:?})", record.id),
+                    });
+                }
+                Ok(record)
+            });
+            out.push((id, record));
         }
         Ok(out)
+    }
+
+    fn delete_wave(&self, wave_id: &str) -> Result<(), StoreError> {
+        use sled::Transactional as _;
+        let keys = self
+            .tenants
+            .scan_prefix(format!("{wave_id}/").as_bytes())
+            .keys()
+            .collect::<Result<Vec<_>, _>>()?;
+        // One transaction over both trees: a crash leaves the wave whole or gone.
+        (&self.waves, &self.tenants)
+            .transaction(|(waves, tenant_tree)| {
+                waves.remove(wave_id.as_bytes())?;
+                for key in &keys {
+                    tenant_tree.remove(key)?;
+                }
+                Ok(())
+            })
+            .map_err(|e: sled::transaction::TransactionError<()>| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => StoreError::Decode {
+                    what: format!("wave {wave_id}"),
+                    message: "deleting it was aborted".into(),
+                },
+            })?;
+        self.flush()
+    }
+
+    fn delete_bundle(&self, id: &str) -> Result<(), StoreError> {
+        self.bundles.remove(id)?;
+        self.flush()
     }
 
     fn load_tenants(&self, wave_id: &str) -> Result<Vec<TenantRecord>, StoreError> {
@@ -456,7 +503,10 @@ mod tests {
             store.flush().expect("flush");
         }
         let store = SledStore::open(dir.path()).expect("reopen");
-        assert_eq!(store.load_waves().expect("waves"), vec![wave("w1")]);
+        let waves = store.load_waves().expect("waves");
+        assert_eq!(waves.len(), 1);
+        assert_eq!(waves[0].0, "w1");
+        assert_eq!(waves[0].1.as_ref().expect("decodes"), &wave("w1"));
         let tenants = store.load_tenants("w1").expect("tenants");
         assert_eq!(
             tenants.iter().map(|t| t.seq).collect::<Vec<_>>(),
@@ -464,6 +514,10 @@ mod tests {
             "ordered by seq"
         );
         assert_eq!(tenants[1].state, TenantState::Succeeded);
+
+        store.delete_wave("w1").expect("delete");
+        assert!(store.load_waves().expect("waves").is_empty());
+        assert!(store.load_tenants("w1").expect("tenants").is_empty());
     }
 
     #[test]
@@ -476,12 +530,18 @@ mod tests {
             .replace("RUNNING", "SNOOZING")
             .into_bytes();
         store.waves.insert("w1", bytes).expect("insert");
-        assert!(matches!(store.load_waves(), Err(StoreError::Decode { .. })));
+        store
+            .waves
+            .insert("w2", encode(&wave("w2")))
+            .expect("insert");
+        let loaded = store.load_waves().expect("the store itself reads");
+        assert!(matches!(loaded[0].1, Err(StoreError::Decode { .. })));
+        assert!(loaded[1].1.is_ok(), "one bad record hides no other");
         let mut future = wave("w1");
         future.format = 99;
         store.waves.insert("w1", encode(&future)).expect("insert");
         assert!(matches!(
-            store.load_waves(),
+            store.load_waves().expect("reads")[0].1,
             Err(StoreError::Format { found: 99, .. })
         ));
     }

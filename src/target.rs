@@ -1,15 +1,18 @@
 //! Targets: which tenant databases a wave covers (PRODUCT.md §3). A CSV file
-//! (`tenant_id,dsn[,labels…]`), a catalog query run through a bb8 pool on the catalog
-//! database, or discovery of every database on a server whose name matches a `LIKE`
-//! pattern. Every source is validated as a whole: duplicate ids, bad DSNs, missing columns
+//! (`tenant_id,dsn[,labels…]`), a catalog query on the catalog database, or discovery of
+//! every database on a server whose name matches a `LIKE` pattern. A catalog query is
+//! a read: one statement (extended protocol), in a `READ ONLY` transaction that is
+//! rolled back, under a statement timeout, fetching one row past the tenant limit. Every source is validated as a whole: duplicate ids, bad DSNs, missing columns
 //! and an empty set are reported with the first offending rows and their line numbers.
 //! This module resolves targets; it never applies anything.
 
 use std::collections::{BTreeMap, HashSet};
 
-use tokio_postgres::SimpleQueryMessage;
+use std::time::Duration;
 
-use crate::dsn::{Dsn, TlsMode};
+use crate::connect::{Session, SessionSettings};
+use crate::dsn::Dsn;
+use crate::reach::Reach;
 
 /// One tenant database.
 #[derive(Debug, Clone)]
@@ -51,13 +54,21 @@ fn list(rows: &[String]) -> String {
     rows.iter().map(|r| format!("\n  {r}")).collect()
 }
 
-/// Resolves `source` into tenants, in the order the source gives them.
-pub async fn resolve(source: &TargetSource) -> Result<Vec<Tenant>, TargetError> {
-    match source {
-        TargetSource::Csv { text, origin } => parse_csv(text, origin),
-        TargetSource::Catalog { dsn, query } => catalog(dsn, query).await,
-        TargetSource::Discover { dsn, pattern } => discover(dsn, pattern).await,
-    }
+/// Resolves `source` into at most `max_tenants` tenants, in the order the source gives
+/// them. Catalog and discovery connections go only where `reach` allows.
+pub async fn resolve(
+    source: &TargetSource,
+    reach: &Reach,
+    max_tenants: usize,
+) -> Result<Vec<Tenant>, TargetError> {
+    let tenants = match source {
+        TargetSource::Csv { text, origin } => parse_csv(text, origin)?,
+        TargetSource::Catalog { dsn, query } => catalog(dsn, query, reach, max_tenants).await?,
+        TargetSource::Discover { dsn, pattern } => {
+            discover(dsn, pattern, reach, max_tenants).await?
+        }
+    };
+    Ok(tenants)
 }
 
 /// Checks rows `(line, id, dsn text, labels)` and builds tenants.
@@ -180,115 +191,178 @@ pub fn parse_csv(text: &str, origin: &str) -> Result<Vec<Tenant>, TargetError> {
     build(origin, rows)
 }
 
-async fn simple_query(
-    dsn_text: &str,
+/// Session settings of a catalog or discovery connection: a catalog query is a read
+/// that must end, whatever it was asked to do.
+fn source_settings() -> SessionSettings {
+    SessionSettings {
+        lock_timeout: Duration::from_secs(5),
+        statement_timeout: SOURCE_STATEMENT_TIMEOUT,
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+/// How long a catalog query or a discovery may run.
+pub const SOURCE_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one statement with `params` in a `READ ONLY` transaction on the server of
+/// `dsn_text`, over the extended protocol (so a second statement is refused, not run),
+/// fetching at most `max_rows + 1` rows through a portal: a catalog that returns a
+/// million rows costs one row more than the limit, not a million. The transaction is
+/// rolled back: nothing a source query does can stay.
+async fn read_rows(
+    dsn: &Dsn,
     sql: &str,
-    origin: &str,
-) -> Result<Vec<SimpleQueryMessage>, TargetError> {
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    max_rows: usize,
+    reach: &Reach,
+) -> Result<(Vec<String>, Vec<tokio_postgres::Row>), String> {
+    let mut session = Session::connect(dsn, &source_settings(), reach)
+        .await
+        .map_err(|f| f.to_string())?;
+    let db_error = |e: tokio_postgres::Error| crate::failure::DbFailure::from(&e).to_string();
+    let result = async {
+        let tx = session
+            .client_mut()
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db_error)?;
+        let statement = tx.prepare(sql).await.map_err(db_error)?;
+        let columns = statement
+            .columns()
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect();
+        let portal = tx.bind(&statement, params).await.map_err(db_error)?;
+        let limit = i32::try_from(max_rows.saturating_add(1)).unwrap_or(i32::MAX);
+        let rows = tx.query_portal(&portal, limit).await.map_err(db_error)?;
+        tx.rollback().await.map_err(db_error)?;
+        Ok((columns, rows))
+    }
+    .await;
+    session.close().await;
+    result
+}
+
+/// A result cell as text: text-like and integer columns as they are, NULL as `None`;
+/// any other type asks for a cast rather than guessing a rendering.
+fn cell_text(row: &tokio_postgres::Row, i: usize) -> Result<Option<String>, String> {
+    use tokio_postgres::types::Type;
+    let column = &row.columns()[i];
+    let ty = column.type_();
+    let text = match *ty {
+        Type::TEXT | Type::VARCHAR | Type::NAME | Type::BPCHAR | Type::UNKNOWN => row
+            .try_get::<_, Option<String>>(i)
+            .map_err(|e| e.to_string())?,
+        Type::INT2 => row
+            .try_get::<_, Option<i16>>(i)
+            .map_err(|e| e.to_string())?
+            .map(|v| v.to_string()),
+        Type::INT4 => row
+            .try_get::<_, Option<i32>>(i)
+            .map_err(|e| e.to_string())?
+            .map(|v| v.to_string()),
+        Type::INT8 => row
+            .try_get::<_, Option<i64>>(i)
+            .map_err(|e| e.to_string())?
+            .map(|v| v.to_string()),
+        Type::UUID => row
+            .try_get::<_, Option<uuid::Uuid>>(i)
+            .map_err(|e| e.to_string())?
+            .map(|v| v.to_string()),
+        _ => {
+            return Err(format!(
+                "column {:?} has type {}; cast it to text in the query ({}::text)",
+                column.name(),
+                ty.name(),
+                column.name()
+            ));
+        }
+    };
+    Ok(text)
+}
+
+fn too_many(origin: &str, max_tenants: usize) -> TargetError {
+    TargetError::Source {
+        origin: origin.to_string(),
+        message: format!(
+            "more than {max_tenants} tenants, over the daemon's limit (limits.max_tenants)"
+        ),
+    }
+}
+
+async fn catalog(
+    dsn_text: &str,
+    query: &str,
+    reach: &Reach,
+    max_tenants: usize,
+) -> Result<Vec<Tenant>, TargetError> {
+    let origin = "catalog query";
     let source_error = |message: String| TargetError::Source {
         origin: origin.to_string(),
         message,
     };
-    let dsn = Dsn::parse(dsn_text).map_err(|e| source_error(e.to_string()))?;
-    let mut config = dsn.config().clone();
-    config.application_name(crate::connect::APPLICATION_NAME);
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
+    let dsn = Dsn::parse(dsn_text).map_err(|e| source_error(format!("catalog_dsn: {e}")))?;
+    let (columns, result) = read_rows(&dsn, query, &[], max_tenants, reach)
+        .await
+        .map_err(|e| source_error(format!("{dsn}: {e}")))?;
+    if columns.len() < 2 {
+        return Err(source_error(format!(
+            "the query must return tenant_id, dsn[, labels…]; it returns {columns:?}"
+        )));
     }
-    let result = match dsn.tls() {
-        TlsMode::Plain => pooled_query(config, tokio_postgres::NoTls, sql).await,
-        mode => match crate::connect::tls_config(mode, &dsn) {
-            Ok(tls) => {
-                pooled_query(
-                    config,
-                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                    sql,
-                )
-                .await
+    if result.len() > max_tenants {
+        return Err(too_many(origin, max_tenants));
+    }
+    let mut rows = Vec::with_capacity(result.len());
+    for (n, r) in result.iter().enumerate() {
+        let line = n as u64 + 1;
+        let cell = |i: usize| cell_text(r, i).map_err(|e| source_error(format!("row {line}: {e}")));
+        let mut labels = BTreeMap::new();
+        for (i, name) in columns.iter().enumerate().skip(2) {
+            if let Some(v) = cell(i)? {
+                labels.insert(name.clone(), v);
             }
-            Err(e) => Err(e.to_string()),
-        },
-    };
-    result.map_err(|e| source_error(format!("{dsn}: {e}")))
-}
-
-/// Runs `sql` on a connection from a small bb8 pool; errors as text without secrets.
-async fn pooled_query<T>(
-    config: tokio_postgres::Config,
-    tls: T,
-    sql: &str,
-) -> Result<Vec<SimpleQueryMessage>, String>
-where
-    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Send + Sync + 'static,
-    T::Stream: Send + Sync,
-    T::TlsConnect: Send + Sync,
-    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
-{
-    let db_error = |e: tokio_postgres::Error| crate::failure::DbFailure::from(&e).to_string();
-    let manager = bb8_postgres::PostgresConnectionManager::new(config, tls);
-    let pool = bb8::Pool::builder().max_size(1).build_unchecked(manager);
-    // A dedicated connection reports why connecting failed at once; `get` would keep
-    // retrying until its timeout and then only say that it timed out.
-    let conn = pool.dedicated_connection().await.map_err(db_error)?;
-    conn.simple_query(sql).await.map_err(db_error)
-}
-
-async fn catalog(dsn: &str, query: &str) -> Result<Vec<Tenant>, TargetError> {
-    let origin = "catalog query";
-    let messages = simple_query(dsn, query, origin).await?;
-    let mut rows = Vec::new();
-    let mut n = 0u64;
-    for m in &messages {
-        let SimpleQueryMessage::Row(r) = m else {
-            continue;
-        };
-        n += 1;
-        let columns: Vec<&str> = r.columns().iter().map(|c| c.name()).collect();
-        if columns.len() < 2 {
-            return Err(TargetError::Source {
-                origin: origin.into(),
-                message: format!(
-                    "the query must return tenant_id, dsn[, labels…]; it returns {columns:?}"
-                ),
-            });
         }
-        let labels = (2..columns.len())
-            .filter_map(|i| r.get(i).map(|v| (columns[i].to_string(), v.to_string())))
-            .collect();
         rows.push((
-            n,
-            r.get(0).unwrap_or_default().to_string(),
-            r.get(1).unwrap_or_default().to_string(),
+            line,
+            cell(0)?.unwrap_or_default(),
+            cell(1)?.unwrap_or_default(),
             labels,
         ));
     }
     build(&format!("{origin} (row numbers count result rows)"), rows)
 }
 
-async fn discover(dsn_text: &str, pattern: &str) -> Result<Vec<Tenant>, TargetError> {
+async fn discover(
+    dsn_text: &str,
+    pattern: &str,
+    reach: &Reach,
+    max_tenants: usize,
+) -> Result<Vec<Tenant>, TargetError> {
     let origin = format!("discovery of {pattern:?}");
-    let server = Dsn::parse(dsn_text).map_err(|e| TargetError::Source {
+    let source_error = |message: String| TargetError::Source {
         origin: origin.clone(),
-        message: e.to_string(),
-    })?;
-    let sql = format!(
-        "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate \
-         AND datname LIKE {} ORDER BY datname",
-        crate::apply::log::quote_literal(pattern)
-    );
-    let messages = simple_query(dsn_text, &sql, &origin).await?;
-    let mut tenants = Vec::new();
-    for m in &messages {
-        let SimpleQueryMessage::Row(r) = m else {
-            continue;
-        };
-        let name = r.get(0).unwrap_or_default();
-        let dsn = server.with_dbname(name).map_err(|e| TargetError::Source {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
+        message,
+    };
+    let server = Dsn::parse(dsn_text).map_err(|e| source_error(format!("server_dsn: {e}")))?;
+    let sql = "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate \
+               AND datname LIKE $1 ORDER BY datname";
+    let (_, result) = read_rows(&server, sql, &[&pattern], max_tenants, reach)
+        .await
+        .map_err(|e| source_error(format!("{server}: {e}")))?;
+    if result.len() > max_tenants {
+        return Err(too_many(&origin, max_tenants));
+    }
+    let mut tenants = Vec::with_capacity(result.len());
+    for r in &result {
+        let name: String = r.try_get(0).map_err(|e| source_error(e.to_string()))?;
+        let dsn = server
+            .with_dbname(&name)
+            .map_err(|e| source_error(e.to_string()))?;
         tenants.push(Tenant {
-            id: name.to_string(),
+            id: name,
             dsn,
             labels: BTreeMap::new(),
         });
@@ -297,6 +371,32 @@ async fn discover(dsn_text: &str, pattern: &str) -> Result<Vec<Tenant>, TargetEr
         return Err(TargetError::Empty { origin });
     }
     Ok(tenants)
+}
+
+/// Refuses, naming them, the tenants whose servers `allowed_hosts` does not allow: a
+/// wave is refused at start rather than failing those tenants one by one.
+pub fn check_reach(tenants: &[Tenant], reach: &Reach, origin: &str) -> Result<(), TargetError> {
+    let mut bad: Vec<String> = tenants
+        .iter()
+        .filter_map(|t| {
+            reach
+                .check(&t.dsn)
+                .err()
+                .map(|e| format!("tenant {:?}: {e}", t.id))
+        })
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let more = bad.len().saturating_sub(MAX_LISTED);
+    bad.truncate(MAX_LISTED);
+    if more > 0 {
+        bad.push(format!("… and {more} more"));
+    }
+    Err(TargetError::Rows {
+        origin: origin.to_string(),
+        rows: bad,
+    })
 }
 
 #[cfg(test)]

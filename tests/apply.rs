@@ -64,6 +64,7 @@ async fn run_with(
         bundle,
         wave_id: "wave-test",
         dsn,
+        reach: &flotilla::reach::Reach::default(),
         settings,
         mode,
         plan_options,

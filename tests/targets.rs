@@ -1,7 +1,13 @@
 //! Catalog and discovery targets against a real server.
 
-use flotilla::target::{TargetError, TargetSource, resolve};
+use flotilla::reach::Reach;
+use flotilla::target::{TargetError, TargetSource};
 use flotilla_testkit::shared;
+
+/// Resolves with any host allowed and room for 1,000 tenants.
+async fn resolve(source: &TargetSource) -> Result<Vec<flotilla::target::Tenant>, TargetError> {
+    flotilla::target::resolve(source, &Reach::default(), 1_000).await
+}
 
 #[tokio::test]
 async fn discovery_finds_matching_databases_only() {
@@ -95,4 +101,122 @@ async fn catalog_query_gives_tenants_with_labels() {
         "{text}"
     );
     assert!(text.to_lowercase().contains("refused"), "says why: {text}");
+}
+
+/// A catalog query is one read: several statements are refused (not run), a write is
+/// refused by the READ ONLY transaction, the session has a statement timeout, and rows
+/// past the tenant limit are not fetched.
+#[tokio::test]
+async fn catalog_queries_are_single_bounded_reads() {
+    let cluster = shared();
+    let catalog = cluster
+        .create_tenants("catalog_ro_", 1, "")
+        .await
+        .expect("catalog db")
+        .remove(0);
+    let c = cluster.connect(&catalog).await.expect("connect");
+    c.batch_execute(
+        "CREATE TABLE tenants (id text, conn text);
+         INSERT INTO tenants SELECT 't' || i, 'postgresql://u@h/t' || i FROM generate_series(1, 5) i;",
+    )
+    .await
+    .expect("seed");
+    let query = |sql: &str| TargetSource::Catalog {
+        dsn: cluster.url(&catalog),
+        query: sql.into(),
+    };
+
+    let two = resolve(&query(
+        "CREATE TABLE pwned (); SELECT id, conn FROM tenants",
+    ))
+    .await
+    .expect_err("two statements");
+    assert!(two.to_string().contains("42601"), "{two}");
+    let wrote = resolve(&query(
+        "WITH gone AS (DELETE FROM tenants RETURNING id, conn) SELECT * FROM gone",
+    ))
+    .await
+    .expect_err("a write");
+    assert!(wrote.to_string().contains("25006"), "read-only: {wrote}");
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM tenants WHERE to_regclass('pwned') IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 5, "nothing was created or deleted");
+
+    // The session's own settings, read back as tenant ids (the dsn column is invalid,
+    // so the error lists the id).
+    let settings = resolve(&query(
+        "SELECT current_setting('transaction_read_only') || '/' || current_setting('statement_timeout'), 'not a dsn'",
+    ))
+    .await
+    .expect_err("bad dsn");
+    assert!(settings.to_string().contains("\"on/30s\""), "{settings}");
+
+    let many = flotilla::target::resolve(
+        &query("SELECT id, conn FROM tenants ORDER BY id"),
+        &Reach::default(),
+        3,
+    )
+    .await
+    .expect_err("over the limit");
+    assert!(many.to_string().contains("max_tenants"), "{many}");
+
+    let typed = resolve(&query("SELECT now(), conn FROM tenants"))
+        .await
+        .expect_err("a timestamp id");
+    assert!(typed.to_string().contains("cast it to text"), "{typed}");
+}
+
+/// A catalog or discovery server outside `allowed_hosts` is refused before any
+/// connection: nothing listens on the refused port, and the error is the refusal, not
+/// a connection failure.
+#[tokio::test]
+async fn sources_outside_allowed_hosts_are_refused_before_connecting() {
+    let cluster = shared();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    let reach = Reach::without_ambient_password(
+        flotilla::reach::AllowedHosts::parse(&[cluster.host()]).expect("rules"),
+    );
+    for source in [
+        TargetSource::Catalog {
+            dsn: format!("postgresql://u@127.0.0.1:{port}/catalog"),
+            query: "SELECT 1, 2".into(),
+        },
+        TargetSource::Discover {
+            dsn: format!("postgresql://u@127.0.0.1:{port}/postgres"),
+            pattern: "%".into(),
+        },
+    ] {
+        let err = flotilla::target::resolve(&source, &reach, 10)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.to_string().contains("allowed_hosts")
+                && err.to_string().contains(&port.to_string()),
+            "{err}"
+        );
+    }
+    assert!(
+        listener.accept().is_err(),
+        "no connection reached the refused port"
+    );
+    // The allowed server still works.
+    let ok = flotilla::target::resolve(
+        &TargetSource::Discover {
+            dsn: cluster.url("postgres"),
+            pattern: "postgres".into(),
+        },
+        &reach,
+        10,
+    )
+    .await
+    .expect("allowed");
+    assert_eq!(ok.len(), 1);
 }

@@ -4,6 +4,7 @@
 use flotilla::connect::{Session, SessionSettings};
 use flotilla::dsn::Dsn;
 use flotilla::failure::Retryability;
+use flotilla::reach::Reach;
 use flotilla_testkit::Cluster;
 
 async fn ssl_in_use(session: &Session) -> bool {
@@ -29,13 +30,40 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     let port = cluster.port();
     let connect = |dsn: String| async move {
         let dsn = Dsn::parse(&dsn).expect("dsn");
-        Session::connect(&dsn, &SessionSettings::default()).await
+        Session::connect(&dsn, &SessionSettings::default(), &Reach::default()).await
     };
+    let url = |query: &str| format!("postgresql://postgres@127.0.0.1:{port}/postgres{query}");
 
-    let plain = connect(format!("postgresql://postgres@127.0.0.1:{port}/postgres"))
+    // libpq's default is `prefer`: TLS when the server offers it.
+    for query in ["", "?sslmode=prefer"] {
+        let session = connect(url(query)).await.expect("prefer");
+        assert!(ssl_in_use(&session).await, "{query:?}: TLS first");
+    }
+    for query in ["?sslmode=allow", "?sslmode=disable"] {
+        let session = connect(url(query)).await.expect("plain");
+        assert!(!ssl_in_use(&session).await, "{query:?}: plain TCP");
+    }
+    // `prefer` against a server without TLS falls back to plain TCP.
+    let shared = flotilla_testkit::shared();
+    let fallback = connect(shared.url("postgres")).await.expect("fallback");
+    assert!(!ssl_in_use(&fallback).await, "no TLS on offer: plain");
+
+    // `require` with a root certificate verifies the chain, as libpq does.
+    let chain = connect(url(&format!("?sslmode=require&sslrootcert={ca}")))
         .await
-        .expect("plain");
-    assert!(!ssl_in_use(&plain).await, "no sslmode: plain TCP");
+        .expect("require + the right root");
+    assert!(ssl_in_use(&chain).await);
+    let other_ca_dir = tempfile::tempdir().expect("tempdir");
+    let other = flotilla_testkit::issue_test_cert(other_ca_dir.path(), "other.invalid")
+        .expect("another CA");
+    let refused = connect(url(&format!(
+        "?sslmode=require&sslrootcert={}",
+        other.ca.display()
+    )))
+    .await
+    .err()
+    .expect("require + a root that did not sign the server's certificate");
+    assert_eq!(refused.retryability, Retryability::Permanent, "{refused}");
 
     let require = connect(format!(
         "postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=require"
@@ -75,4 +103,25 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
             .contains("cannot connect to postgresql://postgres@127.0.0.1"),
         "{untrusted}"
     );
+
+    // `allow` tries plain first and takes TLS when the server insists on it.
+    let admin = cluster.connect("postgres").await.expect("admin");
+    std::fs::write(
+        cluster.data_dir().join("pg_hba.conf"),
+        "local all all trust\nhostssl all postgres 127.0.0.1/32 trust\n",
+    )
+    .expect("pg_hba");
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while connect(url("?sslmode=disable")).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "hostssl took effect");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let allow = connect(url("?sslmode=allow"))
+        .await
+        .expect("allow falls to TLS");
+    assert!(ssl_in_use(&allow).await, "the server insisted on TLS");
 }

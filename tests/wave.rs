@@ -569,3 +569,81 @@ async fn retry_finishes_only_the_failed_tenants() {
         Err(flotilla::wave::EngineError::NothingToRetry(_))
     ));
 }
+
+/// Finished waves keep no tenant records in memory yet still list their tenants (read
+/// from the store); a retry brings them back; past the retention a finished wave is
+/// forgotten, in memory and in the store, and an unfinished one never is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_waves_are_read_on_demand_and_forgotten_after_the_retention() {
+    use flotilla::wave::EngineOptions;
+    let cluster = shared();
+    let mut fleet = tenants(cluster, "retain_", 3).await;
+    mark_bad(cluster, &mut fleet[0]).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let options = EngineOptions {
+        retention: Some(Duration::from_millis(1)),
+        ..EngineOptions::default()
+    };
+    let engine = Engine::open_with(data.path(), options.clone()).expect("engine");
+    let id = engine
+        .start_wave(
+            fleet_bundle("0"),
+            fleet.clone(),
+            Policy {
+                max_failures: FailureBudget::Unlimited,
+                retries: 0,
+                ..policy()
+            },
+            "test",
+        )
+        .expect("start");
+    let done = wait_for(&engine, &id, "finished", |s| s.state == WaveState::Failed).await;
+    assert_eq!((done.counts.succeeded, done.counts.failed), (2, 1));
+    let failed = engine
+        .tenants(&id, Some(TenantState::Failed), 0, 10)
+        .expect("tenants of a finished wave");
+    assert_eq!(failed.len(), 1, "read from the store");
+    assert_eq!(failed[0].tenant_id, fleet[0].id);
+
+    // A retry hydrates the wave again; it fails again (still marked bad).
+    engine.retry(&id, "test", "").expect("retry");
+    wait_for(&engine, &id, "failed again", |s| {
+        s.state == WaveState::Failed && s.counts.running == 0
+    })
+    .await;
+    let all = engine.tenants(&id, None, 0, 10).expect("tenants");
+    assert_eq!(
+        all.iter().map(|t| t.attempts).sum::<u32>(),
+        4,
+        "one retried"
+    );
+
+    // An unfinished wave is never swept.
+    let paused = engine
+        .start_wave(fleet_bundle("0"), fleet[1..].to_vec(), policy(), "test")
+        .expect("start");
+    engine.pause(&paused, "test", "").expect("pause");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(engine.sweep_retention(), 1, "only the finished wave");
+    assert!(matches!(
+        engine.status(&id),
+        Err(flotilla::wave::EngineError::NotFound(_))
+    ));
+    assert!(engine.status(&paused).is_ok());
+    engine.shutdown().await.expect("drain");
+    drop(engine);
+    let reopened = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Engine::open(data.path()) {
+                Ok(e) => break e,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("reopen: {e}"),
+            }
+        }
+    };
+    assert!(reopened.status(&id).is_err(), "forgotten in the store too");
+    assert!(reopened.status(&paused).is_ok());
+}

@@ -188,7 +188,7 @@ pub struct PolicyArgs {
     /// Tenants in flight on one database server (default: only --concurrency limits).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub per_host: Option<u32>,
-    /// Tenant starts per second (default: unlimited).
+    /// Tenant starts per second, 0.001..100000 (default: unlimited).
     #[arg(long)]
     pub rate: Option<f64>,
     /// Canary: the first N tenants, or those with label key=value, go first; the rest
@@ -209,10 +209,10 @@ pub struct PolicyArgs {
     /// for all transactional scripts of a tenant.
     #[arg(long, value_enum, default_value_t = TransactionArg::PerScript)]
     pub transaction: TransactionArg,
-    /// `lock_timeout` for every script [default: 5s; 0: wait forever].
+    /// `lock_timeout` for every script, 1ms..2147483647ms [default: 5s].
     #[arg(long, value_parser = parse_duration)]
     pub lock_timeout: Option<Duration>,
-    /// `statement_timeout` for every script [default: none].
+    /// `statement_timeout` for every script, 1ms..2147483647ms or 0 [default: 0, none].
     #[arg(long, value_parser = parse_duration)]
     pub statement_timeout: Option<Duration>,
     /// Apply even when an applied script's checksum changed.
@@ -224,14 +224,21 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    /// The wire policy; the daemon validates it again and fills the defaults.
-    pub fn to_proto(&self) -> v1::Policy {
+    /// The wire policy, checked by the same [`flotilla::policy::Policy::validate`] the
+    /// daemon runs, so a bad flag is refused (exit 2) before anything is sent.
+    pub fn to_proto(&self) -> Result<v1::Policy, Failure> {
+        use flotilla::policy::{ZeroTimeout, timeout_ms};
+        let usage = |m: String| Failure::new(Exit::Usage, m);
+        let ms = |flag: &str, d: Option<Duration>, zero| {
+            d.map(|d| timeout_ms(flag, d, zero).map_err(|e| usage(e.to_string())))
+                .transpose()
+        };
         let (canary_count, canary_label) = match &self.canary {
             None => (0, String::new()),
             Some(CanaryArg::Count(n)) => (*n, String::new()),
             Some(CanaryArg::Label(l)) => (0, l.clone()),
         };
-        v1::Policy {
+        let policy = v1::Policy {
             concurrency: self.concurrency,
             per_host: self.per_host.unwrap_or(0),
             rate: self.rate.unwrap_or(0.0),
@@ -244,11 +251,18 @@ impl PolicyArgs {
                 TransactionArg::PerScript => v1::TransactionMode::PerScript,
                 TransactionArg::PerTenant => v1::TransactionMode::PerTenant,
             } as i32,
-            lock_timeout_ms: self.lock_timeout.map(|d| d.as_millis() as u64),
-            statement_timeout_ms: self.statement_timeout.map(|d| d.as_millis() as u64),
+            lock_timeout_ms: ms("--lock-timeout", self.lock_timeout, ZeroTimeout::Refused)?,
+            statement_timeout_ms: ms(
+                "--statement-timeout",
+                self.statement_timeout,
+                ZeroTimeout::MeansNone,
+            )?,
             allow_drift: self.allow_drift,
             allow_out_of_order: self.allow_out_of_order,
-        }
+        };
+        flotilla::api::convert::policy_from_proto(Some(policy.clone()))
+            .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;
+        Ok(policy)
     }
 }
 

@@ -35,6 +35,9 @@ pub enum WaveCommand {
     Cancel(ActionArgs),
     /// Put the failed tenants of a finished or paused wave back to pending.
     Retry(ActionArgs),
+    /// Remove a finished (or quarantined) wave from the daemon for good; the tenants'
+    /// execution logs keep what ran. Cancel an unfinished wave first.
+    Forget { wave_id: String },
     /// Waves known to the daemon, newest first.
     List {
         /// At most this many.
@@ -101,7 +104,7 @@ pub async fn run(
         WaveCommand::Start(args) => Some((
             load_bundle(&args.bundle)?,
             args.targets.load()?,
-            args.policy.to_proto(),
+            args.policy.to_proto()?,
         )),
         _ => None,
     };
@@ -162,6 +165,19 @@ pub async fn run(
         WaveCommand::Retry(a) => {
             let wave = client.retry_wave(action(a)).await?.into_inner();
             show_wave(&wave, output);
+            Ok(Exit::Ok)
+        }
+        WaveCommand::Forget { wave_id } => {
+            client
+                .forget_wave(v1::WaveActionRequest {
+                    wave_id: wave_id.clone(),
+                    reason: String::new(),
+                })
+                .await?;
+            match output {
+                Output::Json => print_json(&json!({ "wave_id": wave_id, "forgotten": true })),
+                Output::Table => println!("wave {wave_id} forgotten"),
+            }
             Ok(Exit::Ok)
         }
         WaveCommand::List { limit } => {

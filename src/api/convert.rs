@@ -14,6 +14,7 @@ use crate::apply::{DriftPolicy, OrderPolicy, PlanOptions, TransactionMode};
 use crate::bundle::{Bundle, BundleFile};
 use crate::config::Limits;
 use crate::policy::{AfterCanary, Canary, FailureBudget, Policy};
+use crate::reach::Reach;
 use crate::store::{StateChange, TenantState, WaveState};
 use crate::target::TargetSource;
 use crate::wave::{Counts, TenantView, WaveEvent, WaveStatus};
@@ -208,11 +209,9 @@ pub fn plan_options(allow_drift: bool, allow_out_of_order: bool) -> PlanOptions 
     }
 }
 
-/// Most retries a policy may ask for: beyond this a retry loop is an outage, not a blip.
-const MAX_RETRIES: u32 = 100;
-
 /// A validated domain policy from a request's; `None` is refused (concurrency has no
-/// default on the wire: a client must say how wide to go).
+/// default on the wire: a client must say how wide to go). Ranges are checked by
+/// [`Policy::validate`] alone; this only converts the wire's shapes.
 pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
     use v1::policy::MaxFailures;
     let invalid = |m: String| Err(ApiError::Invalid(format!("policy.{m}")));
@@ -220,15 +219,6 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         return invalid("concurrency: missing policy; concurrency must be at least 1".into());
     };
     let defaults = Policy::default();
-    if p.concurrency == 0 {
-        return invalid("concurrency must be at least 1".into());
-    }
-    if !p.rate.is_finite() || p.rate < 0.0 {
-        return invalid(format!(
-            "rate must be a positive number of starts per second or 0 for unlimited (got {})",
-            p.rate
-        ));
-    }
     let canary = match (p.canary_count, p.canary_label.trim()) {
         (0, "") => Canary::None,
         (count, "") => Canary::Count { count },
@@ -252,23 +242,13 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
     let max_failures = match p.max_failures {
         None => defaults.max_failures,
         Some(MaxFailures::MaxFailuresCount(n)) => FailureBudget::Count(n),
-        Some(MaxFailures::MaxFailuresRatio(r)) => {
-            if !(0.0..=1.0).contains(&r) {
-                return invalid(format!("max_failures_ratio must be within 0..1 (got {r})"));
-            }
-            FailureBudget::Ratio(r)
-        }
+        Some(MaxFailures::MaxFailuresRatio(r)) => FailureBudget::Ratio(r),
         Some(MaxFailures::MaxFailuresUnlimited(true)) => FailureBudget::Unlimited,
         Some(MaxFailures::MaxFailuresUnlimited(false)) => {
             return invalid("max_failures_unlimited, when set, must be true".into());
         }
     };
     let retries = p.retries.unwrap_or(defaults.retries);
-    if retries > MAX_RETRIES {
-        return invalid(format!(
-            "retries must be at most {MAX_RETRIES} (got {retries})"
-        ));
-    }
     let transaction = match v1::TransactionMode::try_from(p.transaction) {
         Ok(v1::TransactionMode::Unspecified | v1::TransactionMode::PerScript) => {
             TransactionMode::PerScript
@@ -280,7 +260,9 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
     let policy = Policy {
         concurrency: p.concurrency,
         per_host: (p.per_host > 0).then_some(p.per_host),
-        rate: (p.rate > 0.0).then_some(p.rate),
+        // 0 on the wire is "unlimited"; anything else, negative or NaN included, is
+        // the policy's to judge.
+        rate: (p.rate != 0.0).then_some(p.rate),
         canary,
         after_canary,
         max_failures,
@@ -373,9 +355,14 @@ impl Targets {
         })
     }
 
-    /// Resolves into tenants, within the tenant limit.
-    pub async fn resolve(self, limits: &Limits) -> Result<Vec<crate::target::Tenant>, ApiError> {
-        let tenants = match self {
+    /// Resolves into tenants, within the tenant limit, every one on a server `reach`
+    /// allows (a refused host is named now, not failed tenant by tenant later).
+    pub async fn resolve(
+        self,
+        limits: &Limits,
+        reach: &Reach,
+    ) -> Result<Vec<crate::target::Tenant>, ApiError> {
+        let (tenants, origin) = match self {
             Targets::List(list) => {
                 check_count(list.len(), limits)?;
                 let entries = list
@@ -385,11 +372,18 @@ impl Targets {
                         (t.tenant_id, t.dsn, labels)
                     })
                     .collect();
-                crate::target::from_entries(entries, "target list")?
+                (
+                    crate::target::from_entries(entries, "target list")?,
+                    "target list",
+                )
             }
-            Targets::Source(source) => crate::target::resolve(&source).await?,
+            Targets::Source(source) => (
+                crate::target::resolve(&source, reach, limits.max_tenants).await?,
+                "targets",
+            ),
         };
         check_count(tenants.len(), limits)?;
+        crate::target::check_reach(&tenants, reach, origin)?;
         Ok(tenants)
     }
 }
@@ -459,7 +453,7 @@ mod tests {
                 max_failures: FailureBudget::Count(0),
                 retries: 0,
                 transaction: TransactionMode::PerTenant,
-                lock_timeout_ms: 0,
+                lock_timeout_ms: 1,
                 statement_timeout_ms: 60_000,
                 drift: DriftPolicy::Allow,
                 order: OrderPolicy::AllowOutOfOrder,
@@ -490,13 +484,17 @@ mod tests {
         assert!(refuse(|p| p.concurrency = 0).contains("concurrency"));
         assert!(
             refuse(|p| p.max_failures = Some(v1::policy::MaxFailures::MaxFailuresRatio(1.5)))
-                .contains("max_failures_ratio")
+                .contains("max_failures")
         );
         assert!(refuse(|p| p.rate = -1.0).contains("rate"));
         assert!(refuse(|p| p.canary_label = "novalue".into()).contains("canary_label"));
         assert!(refuse(|p| p.pause_after_canary = true).contains("pause_after_canary"));
         assert!(refuse(|p| p.transaction = 99).contains("transaction"));
         assert!(refuse(|p| p.retries = Some(1_000)).contains("retries"));
+        assert!(refuse(|p| p.rate = 1e-20).contains("rate"));
+        assert!(refuse(|p| p.rate = f64::NAN).contains("rate"));
+        assert!(refuse(|p| p.lock_timeout_ms = Some(0)).contains("lock_timeout"));
+        assert!(refuse(|p| p.statement_timeout_ms = Some(1 << 40)).contains("statement_timeout"));
         assert!(policy_from_proto(None).is_err());
     }
 

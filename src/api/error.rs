@@ -35,6 +35,9 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// Too much at once (concurrent plans): try again later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ApiError {
@@ -43,9 +46,9 @@ impl ApiError {
         match self {
             ApiError::Engine(e) => match e {
                 EngineError::NotFound(_) | EngineError::TenantNotFound { .. } => Code::NotFound,
-                EngineError::InvalidState { .. } | EngineError::NothingToRetry(_) => {
-                    Code::FailedPrecondition
-                }
+                EngineError::InvalidState { .. }
+                | EngineError::NothingToRetry(_)
+                | EngineError::Unloadable { .. } => Code::FailedPrecondition,
                 EngineError::Policy(_) | EngineError::Targets(_) => Code::InvalidArgument,
                 EngineError::ShuttingDown => Code::Unavailable,
                 EngineError::Store(_) | EngineError::Secret(_) => Code::Internal,
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::Internal(_) => Code::Internal,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::Busy(_) => Code::ResourceExhausted,
         }
     }
 }

@@ -23,8 +23,11 @@ use crate::policy::Policy;
 use crate::target::Tenant;
 use crate::wave::{Engine, WaveStatus, now_ms};
 
-/// Tenants whose logs a plan reads at once.
+/// Tenants whose logs a plan reads at once, in all and on one server.
 const PLAN_CONCURRENCY: usize = 16;
+const PLAN_PER_HOST: usize = 4;
+/// Plans the daemon runs at once; more are refused (RESOURCE_EXHAUSTED), not queued.
+const MAX_CONCURRENT_PLANS: usize = 4;
 /// Page sizes when a request leaves them at 0, and their caps.
 const DEFAULT_WAVE_PAGE: usize = 50;
 const DEFAULT_TENANT_PAGE: usize = 100;
@@ -36,6 +39,7 @@ pub struct RolloutApi {
     engine: Engine,
     auth: Arc<Authenticator>,
     limits: Limits,
+    plans: Arc<Semaphore>,
 }
 
 impl RolloutApi {
@@ -45,6 +49,7 @@ impl RolloutApi {
             engine,
             auth: Arc::new(auth),
             limits,
+            plans: Arc::new(Semaphore::new(MAX_CONCURRENT_PLANS)),
         }
     }
 
@@ -64,7 +69,7 @@ impl RolloutApi {
         let policy = convert::policy_from_proto(r.policy)?;
         let bundle = convert::bundle_from_proto(r.bundle, &self.limits)?;
         let tenants = Targets::from_start(r.targets)?
-            .resolve(&self.limits)
+            .resolve(&self.limits, self.engine.reach())
             .await?;
         let (bundle_id, count) = (bundle.id().to_string(), tenants.len());
         let engine = self.engine.clone();
@@ -77,7 +82,7 @@ impl RolloutApi {
     fn get(&self, req: Request<v1::GetWaveRequest>) -> Result<v1::Wave, ApiError> {
         self.auth
             .authorize(req.metadata(), Role::Viewer, "reading a wave")?;
-        let status = self.engine.status(&req.get_ref().wave_id)?;
+        let status = self.engine.status(wave_id(&req.get_ref().wave_id)?)?;
         Ok(convert::wave(&status))
     }
 
@@ -112,9 +117,7 @@ impl RolloutApi {
     ) -> Result<v1::Wave, ApiError> {
         let caller = self.auth.authorize(req.metadata(), Role::Operator, what)?;
         let r = req.into_inner();
-        if r.wave_id.is_empty() {
-            return Err(ApiError::Invalid("wave_id: missing".into()));
-        }
+        wave_id(&r.wave_id)?;
         let engine = self.engine.clone();
         let status =
             off_runtime(move || action(&engine, &r.wave_id, &caller.name, &r.reason)).await?;
@@ -128,7 +131,7 @@ impl RolloutApi {
         self.auth
             .authorize(req.metadata(), Role::Viewer, "watching a wave")?;
         let id = req.into_inner().wave_id;
-        let (snapshot, events) = self.engine.watch(&id)?;
+        let (snapshot, events) = self.engine.watch(wave_id(&id)?)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         let draining = engine.draining();
@@ -154,7 +157,9 @@ impl RolloutApi {
         let from_seq = u32::try_from(from_seq)
             .map_err(|_| ApiError::Invalid("page_token: out of range".into()))?;
         // One more than asked tells whether another page exists; it starts the next one.
-        let mut views = self.engine.tenants(&r.wave_id, state, from_seq, size + 1)?;
+        let mut views = self
+            .engine
+            .tenants(wave_id(&r.wave_id)?, state, from_seq, size + 1)?;
         let next_page_token = if views.len() > size {
             views.truncate(size);
             views
@@ -171,20 +176,40 @@ impl RolloutApi {
     }
 
     async fn dry_run(&self, req: Request<v1::PlanRequest>) -> Result<v1::PlanResponse, ApiError> {
-        self.auth
-            .authorize(req.metadata(), Role::Viewer, "planning")?;
+        // A plan connects to targets the request names: an operator's act.
+        self.auth.authorize(
+            req.metadata(),
+            Role::Operator,
+            "planning (it connects to the targets the request names)",
+        )?;
+        let _running = self.plans.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Busy(format!(
+                "{MAX_CONCURRENT_PLANS} plans are running; try again when one has finished"
+            ))
+        })?;
         let r = req.into_inner();
         let bundle = Arc::new(convert::bundle_from_proto(r.bundle, &self.limits)?);
-        let tenants = Targets::from_plan(r.targets)?.resolve(&self.limits).await?;
+        let reach = self.engine.reach();
+        let tenants = Targets::from_plan(r.targets)?
+            .resolve(&self.limits, reach)
+            .await?;
         let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
         let permits = Arc::new(Semaphore::new(PLAN_CONCURRENCY));
+        let mut per_host: std::collections::HashMap<String, Arc<Semaphore>> =
+            std::collections::HashMap::new();
         let mut set = tokio::task::JoinSet::new();
         let count = tenants.len();
         for (i, tenant) in tenants.into_iter().enumerate() {
-            let (bundle, permits) = (bundle.clone(), permits.clone());
+            let host = per_host
+                .entry(tenant.dsn.host().to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(PLAN_PER_HOST)))
+                .clone();
+            let (bundle, permits, reach) = (bundle.clone(), permits.clone(), reach.clone());
             set.spawn(async move {
+                // The host's permit first: a busy server does not hold global slots.
+                let _host = host.acquire_owned().await;
                 let _permit = permits.acquire_owned().await;
-                (i, plan_tenant(&bundle, &tenant, options).await)
+                (i, plan_tenant(&bundle, &tenant, options, &reach).await)
             });
         }
         let mut plans: Vec<Option<v1::TenantPlan>> = vec![None; count];
@@ -203,8 +228,17 @@ impl RolloutApi {
         &self,
         req: Request<v1::GetTenantLogRequest>,
     ) -> Result<v1::GetTenantLogResponse, ApiError> {
-        self.auth
-            .authorize(req.metadata(), Role::Viewer, "reading a tenant log")?;
+        // By DSN the daemon connects where the caller says: an operator's act. By wave
+        // and tenant it reads a tenant the daemon already runs: a viewer's.
+        let (need, what) = if req.get_ref().tenant_dsn.is_empty() {
+            (Role::Viewer, "reading a tenant log")
+        } else {
+            (
+                Role::Operator,
+                "reading a tenant log by DSN (it connects where the request says)",
+            )
+        };
+        self.auth.authorize(req.metadata(), need, what)?;
         let r = req.into_inner();
         let (dsn, name) = if !r.tenant_dsn.is_empty() {
             let dsn = Dsn::parse(&r.tenant_dsn)
@@ -213,7 +247,7 @@ impl RolloutApi {
             (dsn, name)
         } else if !r.wave_id.is_empty() && !r.tenant_id.is_empty() {
             (
-                self.engine.tenant_dsn(&r.wave_id, &r.tenant_id)?,
+                self.engine.tenant_dsn(wave_id(&r.wave_id)?, &r.tenant_id)?,
                 r.tenant_id.clone(),
             )
         } else {
@@ -222,7 +256,7 @@ impl RolloutApi {
             ));
         };
         let settings = Policy::default().session_settings();
-        let entries = crate::apply::read_log_entries(&dsn, &settings)
+        let entries = crate::apply::read_log_entries(&dsn, &settings, self.engine.reach())
             .await
             .map_err(|error| ApiError::Tenant {
                 tenant: name,
@@ -232,6 +266,30 @@ impl RolloutApi {
             rows: entries.iter().map(convert::log_row).collect(),
         })
     }
+
+    async fn forget(&self, req: Request<v1::WaveActionRequest>) -> Result<(), ApiError> {
+        let caller = self
+            .auth
+            .authorize(req.metadata(), Role::Operator, "forgetting a wave")?;
+        let id = wave_id(&req.get_ref().wave_id)?.to_string();
+        let engine = self.engine.clone();
+        off_runtime(move || engine.forget(&id, &caller.name)).await
+    }
+}
+
+/// A request's `wave_id`, checked for shape: empty or not a UUID is INVALID_ARGUMENT
+/// naming the field, so NOT_FOUND only ever means "well-formed, but unknown".
+fn wave_id(id: &str) -> Result<&str, ApiError> {
+    if id.is_empty() {
+        return Err(ApiError::Invalid("wave_id: missing".into()));
+    }
+    if uuid::Uuid::try_parse(id).is_err() {
+        let shown: String = id.chars().take(64).collect();
+        return Err(ApiError::Invalid(format!(
+            "wave_id: {shown:?} is not a wave id (a UUID such as 019a…)"
+        )));
+    }
+    Ok(id)
 }
 
 /// Runs an engine call that writes (and flushes) the store on the blocking pool, so an
@@ -322,13 +380,18 @@ async fn forward_events(
 
 /// What one tenant would get, read from its own log; problems instead of errors, so one
 /// unreachable tenant does not hide the plan of the others.
-async fn plan_tenant(bundle: &Bundle, tenant: &Tenant, options: PlanOptions) -> v1::TenantPlan {
+async fn plan_tenant(
+    bundle: &Bundle,
+    tenant: &Tenant,
+    options: PlanOptions,
+    reach: &crate::reach::Reach,
+) -> v1::TenantPlan {
     let mut out = v1::TenantPlan {
         tenant_id: tenant.id.clone(),
         ..Default::default()
     };
     let settings = Policy::default().session_settings();
-    let rows = match crate::apply::read_log(&tenant.dsn, &settings).await {
+    let rows = match crate::apply::read_log(&tenant.dsn, &settings, reach).await {
         Ok(rows) => rows,
         Err(e) => {
             out.problems.push(format!("cannot read the log: {e}"));
@@ -452,6 +515,14 @@ impl RolloutService for RolloutApi {
         request: Request<v1::GetTenantLogRequest>,
     ) -> Result<Response<v1::GetTenantLogResponse>, Status> {
         Ok(Response::new(self.tenant_log(request).await?))
+    }
+
+    async fn forget_wave(
+        &self,
+        request: Request<v1::WaveActionRequest>,
+    ) -> Result<Response<v1::ForgetWaveResponse>, Status> {
+        self.forget(request).await?;
+        Ok(Response::new(v1::ForgetWaveResponse {}))
     }
 }
 

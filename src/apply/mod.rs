@@ -28,6 +28,7 @@ use crate::bundle::{Bundle, Script, TransactionUse, rules};
 use crate::connect::{Session, SessionSettings};
 use crate::dsn::Dsn;
 use crate::failure::{DbFailure, Retryability};
+use crate::reach::Reach;
 use log::RowIdentity;
 pub use plan::{DriftPolicy, OrderPolicy, Plan, PlanError, PlanOptions, StepAction};
 
@@ -163,6 +164,8 @@ pub struct TenantRun<'a> {
     pub bundle: &'a Bundle,
     pub wave_id: &'a str,
     pub dsn: &'a Dsn,
+    /// Where the daemon may connect, and with which ambient password.
+    pub reach: &'a Reach,
     pub settings: SessionSettings,
     pub mode: TransactionMode,
     pub plan_options: PlanOptions,
@@ -178,7 +181,7 @@ pub async fn apply_tenant(run: &TenantRun<'_>, stop: &StopSignal) -> Outcome {
 }
 
 async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option<Session>) {
-    let session = match Session::connect(run.dsn, &run.settings).await {
+    let session = match Session::connect(run.dsn, &run.settings, run.reach).await {
         Ok(s) => s,
         Err(f) => {
             let failed = Outcome::Failed {
@@ -240,25 +243,35 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
 pub async fn read_log(
     dsn: &Dsn,
     settings: &SessionSettings,
+    reach: &Reach,
 ) -> Result<Vec<plan::LogRow>, ApplyError> {
-    query_log(dsn, settings, log::READ_SQL, log::parse_rows).await
+    query_log(dsn, settings, reach, log::READ_SQL, log::parse_rows).await
 }
 
 /// Reads the tenant's whole log as operators see it; takes no lock, creates nothing.
 pub async fn read_log_entries(
     dsn: &Dsn,
     settings: &SessionSettings,
+    reach: &Reach,
 ) -> Result<Vec<log::LogEntry>, ApplyError> {
-    query_log(dsn, settings, log::READ_ENTRIES_SQL, log::parse_entries).await
+    query_log(
+        dsn,
+        settings,
+        reach,
+        log::READ_ENTRIES_SQL,
+        log::parse_entries,
+    )
+    .await
 }
 
 async fn query_log<T>(
     dsn: &Dsn,
     settings: &SessionSettings,
+    reach: &Reach,
     sql: &str,
     parse: fn(&[SimpleQueryMessage]) -> Result<Vec<T>, log::DecodeError>,
 ) -> Result<Vec<T>, ApplyError> {
-    let session = Session::connect(dsn, settings)
+    let session = Session::connect(dsn, settings, reach)
         .await
         .map_err(ApplyError::Connect)?;
     let result = match session.client().simple_query(sql).await {

@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand};
 use flotilla::api::RolloutApi;
 use flotilla::api::auth::Authenticator;
 use flotilla::config::{self, FileConfig, LogFormat, TlsFiles};
+use flotilla::reach::{AllowedHosts, Reach};
 use flotilla::telemetry::Telemetry;
-use flotilla::wave::Engine;
+use flotilla::wave::{Engine, EngineOptions};
 use tokio_stream::wrappers::TcpListenerStream;
 
 /// The Flotilla daemon: rolls migration bundles out across fleets of tenant databases.
@@ -39,9 +40,14 @@ struct Args {
     #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
     /// A TOML file of `[[tokens]]` (name, role, sha256), added to the config file's.
-    /// With no token configured at all, every call is allowed.
+    /// With no token configured at all, every call is allowed, as an operator: the
+    /// daemon then refuses to listen beyond loopback unless --insecure-no-auth.
     #[arg(long, env = "FLOTILLA_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
+    /// Serve a non-loopback address with no tokens configured: anyone who reaches it
+    /// may start, steer and cancel waves. Said in the log at every start.
+    #[arg(long, env = "FLOTILLA_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
     /// PEM certificate chain: serve gRPC over TLS (needs --tls-key).
     #[arg(long, env = "FLOTILLA_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -86,6 +92,9 @@ struct Settings {
     tokens: Vec<config::TokenConfig>,
     tls: Option<TlsFiles>,
     limits: config::Limits,
+    insecure_no_auth: bool,
+    allowed_hosts: AllowedHosts,
+    wave_retention: Option<Duration>,
 }
 
 fn settings(args: Args) -> anyhow::Result<Settings> {
@@ -105,7 +114,19 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         _ => file.tls.clone(),
     };
+    let allowed_hosts = match &file.allowed_hosts {
+        Some(rules) => AllowedHosts::parse(rules).context("allowed_hosts")?,
+        None => AllowedHosts::any(),
+    };
+    let wave_retention = match file.wave_retention {
+        None => Some(config::DEFAULT_WAVE_RETENTION),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    };
     Ok(Settings {
+        insecure_no_auth: args.insecure_no_auth,
+        allowed_hosts,
+        wave_retention,
         listen: match args.listen.or(file.listen) {
             Some(addr) => addr,
             None => config::DEFAULT_LISTEN.parse()?,
@@ -158,9 +179,24 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
         .with_context(|| format!("create data dir {}", settings.data_dir.display()))?;
     let auth = Authenticator::new(&settings.tokens)?;
     if !auth.is_enabled() && !settings.listen.ip().is_loopback() {
-        tracing::warn!(addr = %settings.listen, "no tokens configured: anyone who can reach this address can start and cancel waves");
+        anyhow::ensure!(
+            settings.insecure_no_auth,
+            "refusing to serve {} with no tokens configured: anyone who reaches it could start, steer and cancel waves with the daemon's database credentials; configure tokens (--tokens-file), listen on loopback, or pass --insecure-no-auth to accept that",
+            settings.listen
+        );
+        tracing::warn!(addr = %settings.listen, "--insecure-no-auth: serving a non-loopback address with no tokens; anyone who can reach it can start, steer and cancel waves");
     }
-    let engine = Engine::open(&settings.data_dir)
+    let reach = Reach::from_environment(settings.allowed_hosts.clone());
+    if reach.ignores_pgpassword() {
+        tracing::warn!(
+            "PGPASSWORD is set but allowed_hosts is not: the daemon offers it to no server (name the servers in allowed_hosts, or give passwords in the DSNs or in .pgpass lines naming each host)"
+        );
+    }
+    let options = EngineOptions {
+        reach,
+        retention: settings.wave_retention,
+    };
+    let engine = Engine::open_with(&settings.data_dir, options)
         .with_context(|| format!("open data dir {}", settings.data_dir.display()))?;
     let api = RolloutApi::new(engine.clone(), auth, settings.limits);
     let _gauges = flotilla::telemetry::metrics::observe_engine(&engine);

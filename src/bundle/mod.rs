@@ -568,8 +568,22 @@ fn parse_directives(sql: &str) -> Result<Directives, (u32, String)> {
                 }
                 d.transaction = TransactionUse::NoTransaction;
             }
-            "lock-timeout" => d.lock_timeout = Some(duration()?),
-            "statement-timeout" => d.statement_timeout = Some(duration()?),
+            "lock-timeout" | "statement-timeout" => {
+                use crate::policy::{ZeroTimeout, timeout_ms};
+                let zero = if key == "lock-timeout" {
+                    ZeroTimeout::Refused
+                } else {
+                    ZeroTimeout::MeansNone
+                };
+                let value = duration()?;
+                // Whole milliseconds in PostgreSQL's range: `500us` must not become 0.
+                timeout_ms(&format!("flotilla:{key}"), value, zero).map_err(|e| (line_no, e.0))?;
+                if key == "lock-timeout" {
+                    d.lock_timeout = Some(value);
+                } else {
+                    d.statement_timeout = Some(value);
+                }
+            }
             other => {
                 return Err((
                     line_no,
@@ -696,6 +710,17 @@ mod tests {
             p[0].starts_with("V1__a.sql:1: flotilla:lock-timeout: bad duration \"soon\""),
             "{p:?}"
         );
+        for (directive, why) in [
+            ("lock-timeout 500us", "whole milliseconds"),
+            ("lock-timeout 0s", "1 ms"),
+            ("statement-timeout 30days", "2147483647"),
+        ] {
+            let p = problems(&[("V1__a.sql", &format!("-- flotilla:{directive}\nselect 1;"))]);
+            assert!(
+                p.len() == 1 && p[0].starts_with("V1__a.sql:1: flotilla:") && p[0].contains(why),
+                "{directive}: {p:?}"
+            );
+        }
         let p = problems(&[("V1__a.sql", "-- flotilla:lock-timeout\nselect 1;")]);
         assert!(p[0].contains("needs a duration"), "{p:?}");
         let p = problems(&[(

@@ -30,6 +30,7 @@ use crate::apply::{Outcome, StopSignal, TenantRun, apply_tenant};
 use crate::bundle::Bundle;
 use crate::dsn::Dsn;
 use crate::policy::{AfterCanary, Canary, Policy, PolicyError};
+use crate::reach::Reach;
 use crate::secret::{Sealer, SecretError};
 use crate::store::{
     ErrorRecord, FORMAT, ProgressStore, SledStore, StateChange, StoreError, TenantRecord,
@@ -79,6 +80,8 @@ pub enum EngineError {
     Targets(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
+    #[error("wave {wave} is quarantined ({reason}); only `forget` applies to it")]
+    Unloadable { wave: String, reason: String },
 }
 
 /// Tenants per state.
@@ -183,7 +186,11 @@ struct Wave {
 
 struct WaveInner {
     record: WaveRecord,
+    /// Every tenant by `seq` while the wave is unfinished. A finished wave keeps only
+    /// its counts in memory (`tenants_in_store`): its tenants are read from the store
+    /// when asked for, so a daemon holding months of waves holds no tenant records.
     tenants: Vec<TenantRecord>,
+    tenants_in_store: bool,
     counts: Counts,
     queue: Queue,
     stops: HashMap<u32, StopSignal>,
@@ -249,6 +256,12 @@ impl WaveInner {
         tracing::info!(wave = %self.record.id, from = from.as_str(), to = to.as_str(), actor, reason, "wave state changed");
     }
 
+    /// Drops a finished wave's tenant records from memory; the store holds them.
+    fn release_tenants(&mut self) {
+        self.tenants = Vec::new();
+        self.tenants_in_store = true;
+    }
+
     fn set_tenant(&mut self, seq: u32, to: TenantState) {
         let t = &mut self.tenants[seq as usize];
         let from = t.state;
@@ -273,7 +286,12 @@ impl WaveInner {
 struct EngineInner {
     store: Arc<dyn ProgressStore>,
     sealer: Sealer,
+    reach: Reach,
+    retention: Option<Duration>,
     waves: Mutex<BTreeMap<String, Arc<Wave>>>,
+    /// Stored waves this build cannot load, by id, with why: shown as `FAILED`
+    /// (`unloadable: …`), never run, never rewritten, forgettable.
+    unloadable: Mutex<BTreeMap<String, String>>,
     draining: CancellationToken,
     tasks: TaskTracker,
 }
@@ -284,91 +302,98 @@ pub struct Engine {
     inner: Arc<EngineInner>,
 }
 
+/// How an engine runs, beyond its store.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Where tenant connections may go (`allowed_hosts`) and the ambient password.
+    pub reach: Reach,
+    /// Finished waves older than this are forgotten (`wave_retention`); `None` keeps
+    /// them.
+    pub retention: Option<Duration>,
+}
+
+/// How often finished waves are checked against the retention.
+const RETENTION_SWEEP: Duration = Duration::from_secs(3600);
+
 impl Engine {
-    /// Opens the data dir and resumes its waves. Must run inside a Tokio runtime.
+    /// Opens the data dir with default options and resumes its waves. Must run inside a
+    /// Tokio runtime.
     pub fn open(data_dir: &Path) -> Result<Self, EngineError> {
-        let store = SledStore::open(data_dir)?;
-        let sealer = Sealer::open_or_create(&data_dir.join("secret.key"))?;
-        Self::with_store(Arc::new(store), sealer)
+        Self::open_with(data_dir, EngineOptions::default())
     }
 
-    /// Opens with any store (a shared store later; tests).
-    pub fn with_store(store: Arc<dyn ProgressStore>, sealer: Sealer) -> Result<Self, EngineError> {
+    /// Opens the data dir and resumes its waves. Must run inside a Tokio runtime.
+    pub fn open_with(data_dir: &Path, options: EngineOptions) -> Result<Self, EngineError> {
+        let store = SledStore::open(data_dir)?;
+        let sealer = Sealer::open_or_create(&data_dir.join("secret.key"))?;
+        Self::with_store(Arc::new(store), sealer, options)
+    }
+
+    /// Opens with any store (a shared store later; tests). A wave that cannot be
+    /// loaded (an undecodable record, a bundle or policy today's rules refuse) is
+    /// quarantined: the daemon starts, that wave shows `FAILED` with the reason, and
+    /// the others run. Only the store itself failing is an error.
+    pub fn with_store(
+        store: Arc<dyn ProgressStore>,
+        sealer: Sealer,
+        options: EngineOptions,
+    ) -> Result<Self, EngineError> {
         let engine = Self {
             inner: Arc::new(EngineInner {
                 store,
                 sealer,
+                reach: options.reach,
+                retention: options.retention,
                 waves: Mutex::new(BTreeMap::new()),
+                unloadable: Mutex::new(BTreeMap::new()),
                 draining: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
         };
         let mut records = engine.inner.store.load_waves()?;
-        records.sort_by(|a, b| a.id.cmp(&b.id));
-        for record in records {
-            let bundle = Arc::new(engine.inner.store.load_bundle(&record.bundle_id)?);
-            let mut tenants = engine.inner.store.load_tenants(&record.id)?;
-            for t in tenants
-                .iter_mut()
-                .filter(|t| t.state == TenantState::Running)
-            {
-                // Interrupted mid-run: its log will tell the applier what happened.
-                t.state = TenantState::Pending;
-                engine.inner.store.save_tenant(&record.id, t)?;
-            }
-            let active = !record.state.is_finished();
-            let wave = engine.insert_wave(record, tenants, bundle);
-            if active {
-                engine.ensure_dispatcher(&wave);
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, record) in records {
+            match engine.load_wave(record) {
+                Ok(wave) => {
+                    if !wave.lock().record.state.is_finished() {
+                        engine.ensure_dispatcher(&wave);
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("unloadable: {e}");
+                    tracing::error!(wave = %id, %reason, "a stored wave cannot be loaded; it is quarantined (shown FAILED, not run); `flotilla wave forget` removes it");
+                    engine.unloadable_lock().insert(id, reason);
+                }
             }
         }
+        engine.start_retention_sweeps();
         Ok(engine)
     }
 
-    fn insert_wave(
-        &self,
-        record: WaveRecord,
-        tenants: Vec<TenantRecord>,
-        bundle: Arc<Bundle>,
-    ) -> Arc<Wave> {
-        let mut counts = Counts::default();
-        let mut queue = Queue::default();
-        let mut canaries = 0;
-        for t in &tenants {
-            counts.total += 1;
-            counts.add(t.state);
-            if t.state == TenantState::Pending {
-                queue.push_ready(t.seq, &t.host);
-            }
-            if t.canary {
-                canaries += 1;
-            }
+    /// Builds one stored wave's runtime and registers it.
+    fn load_wave(&self, record: Result<WaveRecord, StoreError>) -> Result<Arc<Wave>, EngineError> {
+        let record = record?;
+        record.policy.validate()?;
+        let bundle = Arc::new(self.inner.store.load_bundle(&record.bundle_id)?);
+        let mut tenants = self.inner.store.load_tenants(&record.id)?;
+        for t in tenants
+            .iter_mut()
+            .filter(|t| t.state == TenantState::Running)
+        {
+            // Interrupted mid-run: its log will tell the applier what happened.
+            t.state = TenantState::Pending;
+            self.inner.store.save_tenant(&record.id, t)?;
         }
-        let limiter = record.policy.rate.and_then(|rate| {
-            // governor counts whole cells per period: express fractional rates as one
-            // start per 1/rate seconds.
-            let period = Duration::from_secs_f64(1.0 / rate);
-            Quota::with_period(period).map(RateLimiter::direct)
-        });
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let wave = Arc::new(Wave {
-            id: record.id.clone(),
-            bundle,
-            inner: Mutex::new(WaveInner {
-                record,
-                tenants,
-                counts,
-                queue,
-                stops: HashMap::new(),
-                canaries,
-                dispatching: false,
-            }),
-            wake: Notify::new(),
-            events,
-            limiter,
-        });
+        let wave = build_wave(record, tenants, bundle)?;
         self.waves_lock().insert(wave.id.clone(), wave.clone());
-        wave
+        Ok(wave)
+    }
+
+    fn unloadable_lock(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        self.inner
+            .unloadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn waves_lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Wave>>> {
@@ -376,6 +401,12 @@ impl Engine {
     }
 
     fn wave(&self, id: &str) -> Result<Arc<Wave>, EngineError> {
+        if let Some(reason) = self.unloadable_lock().get(id) {
+            return Err(EngineError::Unloadable {
+                wave: id.to_string(),
+                reason: reason.clone(),
+            });
+        }
         self.waves_lock()
             .get(id)
             .cloned()
@@ -459,9 +490,12 @@ impl Engine {
                 at_ms: now,
             }],
         };
-        self.inner.store.save_bundle(&bundle)?;
+        // Everything the runtime needs is computed before the first write: a wave that
+        // is stored can always be loaded again.
+        let wave = build_wave(record.clone(), records.clone(), Arc::new(bundle))?;
+        self.inner.store.save_bundle(&wave.bundle)?;
         self.inner.store.create_wave(&record, &records)?;
-        let wave = self.insert_wave(record, records, Arc::new(bundle));
+        self.waves_lock().insert(id.clone(), wave.clone());
         tracing::info!(wave = %id, "wave started");
         self.ensure_dispatcher(&wave);
         Ok(id)
@@ -598,6 +632,9 @@ impl Engine {
         };
         if matches!(decision, Decision::Exit) {
             inner.dispatching = false;
+            if inner.record.state.is_finished() && inner.queue.running() == 0 {
+                inner.release_tenants();
+            }
         }
         decision
     }
@@ -647,6 +684,7 @@ impl Engine {
                         bundle: &wave.bundle,
                         wave_id: &wave.id,
                         dsn: &dsn,
+                        reach: &engine.inner.reach,
                         settings: policy.session_settings(),
                         mode: policy.transaction,
                         plan_options: policy.plan_options(),
@@ -795,7 +833,15 @@ impl Engine {
     ) -> Result<WaveStatus, EngineError> {
         let wave = self.wave(id)?;
         let mut inner = wave.lock();
-        let changed_tenants = apply(&mut inner)?;
+        if inner.tenants_in_store {
+            inner.tenants = self.inner.store.load_tenants(id)?;
+            inner.tenants_in_store = false;
+        }
+        let applied = apply(&mut inner);
+        if inner.record.state.is_finished() && inner.queue.running() == 0 {
+            inner.release_tenants();
+        }
+        let changed_tenants = applied?;
         // Durable before acknowledged: tenants first, the wave record (flushed) last.
         for seq in changed_tenants {
             self.inner
@@ -928,15 +974,115 @@ impl Engine {
 
     /// One wave's status.
     pub fn status(&self, id: &str) -> Result<WaveStatus, EngineError> {
+        if let Some(reason) = self.unloadable_lock().get(id) {
+            return Ok(unloadable_status(id, reason));
+        }
         let wave = self.wave(id)?;
         let inner = wave.lock();
         Ok(Wave::status(&inner))
     }
 
-    /// Every wave, newest first.
+    /// Every wave, newest first (ids are UUIDv7: they sort by creation time),
+    /// quarantined ones included.
     pub fn list(&self) -> Vec<WaveStatus> {
-        let waves: Vec<Arc<Wave>> = self.waves_lock().values().rev().cloned().collect();
-        waves.iter().map(|w| Wave::status(&w.lock())).collect()
+        let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
+        let mut all: Vec<WaveStatus> = waves.iter().map(|w| Wave::status(&w.lock())).collect();
+        all.extend(
+            self.unloadable_lock()
+                .iter()
+                .map(|(id, reason)| unloadable_status(id, reason)),
+        );
+        all.sort_by(|a, b| b.id.cmp(&a.id));
+        all
+    }
+
+    /// Removes a finished wave (or a quarantined one) from the daemon and its store:
+    /// status, tenants and history are gone for good; the tenants' own execution logs
+    /// keep what ran. A wave that is not finished must be cancelled first.
+    pub fn forget(&self, id: &str, actor: &str) -> Result<(), EngineError> {
+        if self.unloadable_lock().contains_key(id) {
+            self.inner.store.delete_wave(id)?;
+            self.unloadable_lock().remove(id);
+            tracing::info!(wave = %id, actor, "quarantined wave forgotten");
+            return Ok(());
+        }
+        let wave = self.wave(id)?;
+        {
+            let inner = wave.lock();
+            let state = inner.record.state;
+            if !state.is_finished() || inner.queue.running() > 0 {
+                return Err(EngineError::InvalidState {
+                    wave: id.to_string(),
+                    state,
+                    action: "forget (cancel it first, and let its running tenants stop)",
+                });
+            }
+        }
+        self.inner.store.delete_wave(id)?;
+        self.waves_lock().remove(id);
+        let bundle_id = wave.bundle.id();
+        let shared = self
+            .waves_lock()
+            .values()
+            .any(|w| w.bundle.id() == bundle_id);
+        if !shared {
+            self.inner.store.delete_bundle(bundle_id)?;
+        }
+        tracing::info!(wave = %id, actor, "wave forgotten");
+        Ok(())
+    }
+
+    /// Finished waves whose last change is older than the retention, oldest first.
+    fn expired(&self, retention: Duration, now: u64) -> Vec<String> {
+        let cutoff = now.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
+        waves
+            .iter()
+            .filter(|w| {
+                let inner = w.lock();
+                let last = inner
+                    .record
+                    .history
+                    .last()
+                    .map(|h| h.at_ms)
+                    .unwrap_or(inner.record.created_at_ms);
+                inner.record.state.is_finished() && inner.queue.running() == 0 && last < cutoff
+            })
+            .map(|w| w.id.clone())
+            .collect()
+    }
+
+    /// Forgets finished waves past the retention now; returns how many.
+    pub fn sweep_retention(&self) -> usize {
+        let Some(retention) = self.inner.retention else {
+            return 0;
+        };
+        let mut forgotten = 0;
+        for id in self.expired(retention, now_ms()) {
+            match self.forget(&id, DAEMON_ACTOR) {
+                Ok(()) => forgotten += 1,
+                Err(e) => tracing::warn!(wave = %id, error = %e, "cannot forget an expired wave"),
+            }
+        }
+        forgotten
+    }
+
+    fn start_retention_sweeps(&self) {
+        if self.inner.retention.is_none() {
+            return;
+        }
+        let engine = self.clone();
+        self.inner.tasks.spawn(async move {
+            loop {
+                let sweeper = engine.clone();
+                // Store deletes flush: off the runtime threads.
+                let _ = tokio::task::spawn_blocking(move || sweeper.sweep_retention()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(RETENTION_SWEEP) => {}
+                    _ = engine.inner.draining.cancelled() => return,
+                }
+            }
+        });
     }
 
     /// A wave's tenants in `seq` order, optionally only those in `state`, starting at
@@ -949,16 +1095,36 @@ impl Engine {
         from_seq: u32,
         limit: usize,
     ) -> Result<Vec<TenantView>, EngineError> {
+        let pick = |tenants: &[TenantRecord]| {
+            tenants
+                .iter()
+                .skip(from_seq as usize)
+                .filter(|t| state.is_none_or(|s| t.state == s))
+                .take(limit)
+                .map(TenantView::from)
+                .collect()
+        };
+        self.with_tenants(id, pick)
+    }
+
+    /// Runs `read` over a wave's tenants: in memory while the wave runs, read from the
+    /// store (without holding the wave's lock) once it finished.
+    fn with_tenants<T>(
+        &self,
+        id: &str,
+        read: impl FnOnce(&[TenantRecord]) -> T,
+    ) -> Result<T, EngineError> {
+        if self.unloadable_lock().contains_key(id) {
+            return Ok(read(&[]));
+        }
         let wave = self.wave(id)?;
-        let inner = wave.lock();
-        Ok(inner
-            .tenants
-            .iter()
-            .skip(from_seq as usize)
-            .filter(|t| state.is_none_or(|s| t.state == s))
-            .take(limit)
-            .map(TenantView::from)
-            .collect())
+        {
+            let inner = wave.lock();
+            if !inner.tenants_in_store {
+                return Ok(read(&inner.tenants));
+            }
+        }
+        Ok(read(&self.inner.store.load_tenants(id)?))
     }
 
     /// Tenants running now per database server, over every unfinished wave; servers of
@@ -994,21 +1160,24 @@ impl Engine {
     /// The connection string of one tenant of a wave, unsealed: for reading its log on
     /// an operator's request. Never returned to a client.
     pub fn tenant_dsn(&self, id: &str, tenant_id: &str) -> Result<Dsn, EngineError> {
-        let wave = self.wave(id)?;
-        let sealed = {
-            let inner = wave.lock();
-            inner
-                .tenants
-                .iter()
-                .find(|t| t.tenant_id == tenant_id)
-                .map(|t| t.dsn_sealed.clone())
-                .ok_or_else(|| EngineError::TenantNotFound {
-                    wave: id.to_string(),
-                    tenant: tenant_id.to_string(),
-                })?
-        };
+        let sealed = self
+            .with_tenants(id, |tenants| {
+                tenants
+                    .iter()
+                    .find(|t| t.tenant_id == tenant_id)
+                    .map(|t| t.dsn_sealed.clone())
+            })?
+            .ok_or_else(|| EngineError::TenantNotFound {
+                wave: id.to_string(),
+                tenant: tenant_id.to_string(),
+            })?;
         let text = self.inner.sealer.open(&sealed)?;
         Dsn::parse(&text).map_err(|e| EngineError::Targets(e.to_string()))
+    }
+
+    /// Where this engine's connections may go: plans and log reads use it too.
+    pub fn reach(&self) -> &Reach {
+        &self.inner.reach
     }
 
     /// True once [`Engine::shutdown`] began: long-lived readers (watch streams) end.
@@ -1029,6 +1198,79 @@ impl Engine {
         self.inner.tasks.wait().await;
         self.inner.store.flush()?;
         Ok(())
+    }
+}
+
+/// A wave's runtime from its records, computed completely before anything is stored or
+/// registered: what cannot be built is refused (a new wave) or quarantined (a stored
+/// one), never half-made. A finished wave keeps only its counts in memory.
+fn build_wave(
+    record: WaveRecord,
+    tenants: Vec<TenantRecord>,
+    bundle: Arc<Bundle>,
+) -> Result<Arc<Wave>, EngineError> {
+    let mut counts = Counts::default();
+    let mut queue = Queue::default();
+    let mut canaries = 0;
+    for (i, t) in tenants.iter().enumerate() {
+        if t.seq as usize != i {
+            return Err(EngineError::Store(StoreError::Decode {
+                what: format!("tenants of wave {}", record.id),
+                message: format!("tenant #{i} has seq {}", t.seq),
+            }));
+        }
+        counts.total += 1;
+        counts.add(t.state);
+        if t.state == TenantState::Pending {
+            queue.push_ready(t.seq, &t.host);
+        }
+        if t.canary {
+            canaries += 1;
+        }
+    }
+    // governor counts whole cells per period: express fractional rates as one start
+    // per 1/rate seconds. The policy was validated, so the interval exists.
+    let limiter = match (record.policy.rate, record.policy.start_interval()) {
+        (None, _) => None,
+        (Some(_), Some(period)) => Quota::with_period(period).map(RateLimiter::direct),
+        (Some(rate), None) => {
+            return Err(EngineError::Policy(PolicyError(format!(
+                "rate {rate} gives no start interval"
+            ))));
+        }
+    };
+    let finished = record.state.is_finished();
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    Ok(Arc::new(Wave {
+        id: record.id.clone(),
+        bundle,
+        inner: Mutex::new(WaveInner {
+            record,
+            tenants: if finished { Vec::new() } else { tenants },
+            tenants_in_store: finished,
+            counts,
+            queue,
+            stops: HashMap::new(),
+            canaries,
+            dispatching: false,
+        }),
+        wake: Notify::new(),
+        events,
+        limiter,
+    }))
+}
+
+/// How a quarantined wave shows: `FAILED`, with why, and nothing else known.
+fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
+    WaveStatus {
+        id: id.to_string(),
+        bundle_id: String::new(),
+        state: WaveState::Failed,
+        reason: Some(reason.to_string()),
+        counts: Counts::default(),
+        policy: Policy::default(),
+        created_at_ms: 0,
+        history: Vec::new(),
     }
 }
 
