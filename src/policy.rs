@@ -156,7 +156,7 @@ pub fn check_timeout_ms(field: &str, ms: u64, zero: ZeroTimeout) -> Result<(), P
 /// like [`check_timeout_ms`]. A sub-millisecond part is refused rather than rounded:
 /// `500us` would otherwise become 0, which PostgreSQL reads as "no timeout".
 pub fn timeout_ms(field: &str, d: Duration, zero: ZeroTimeout) -> Result<u64, PolicyError> {
-    if d.subsec_nanos() % 1_000_000 != 0 {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
         return Err(PolicyError(format!(
             "{field} must be whole milliseconds (got {d:?})"
         )));

@@ -518,7 +518,7 @@ mod tests {
             password(&vetted, "postgresql://app@db1.internal/t"),
             Some(b"env-pw".to_vec())
         );
-        assert!(vetted.ignores_pgpassword() == false && open.ignores_pgpassword());
+        assert!(!vetted.ignores_pgpassword() && open.ignores_pgpassword());
     }
 
     #[test]

@@ -202,6 +202,9 @@ pub enum StoreError {
     },
 }
 
+/// One stored wave: its key, and its record or why it cannot be decoded.
+pub type StoredWave = (String, Result<WaveRecord, StoreError>);
+
 /// What the wave engine needs from a store. Implementations must make
 /// [`create_wave`](Self::create_wave) and [`save_wave`](Self::save_wave) durable before
 /// returning; [`save_tenant`](Self::save_tenant) may be batched.
@@ -219,7 +222,7 @@ pub trait ProgressStore: Send + Sync + 'static {
     /// Every wave, by id: a record that cannot be decoded is an `Err` of its own, so
     /// one bad record never hides the others (the engine quarantines it). The outer
     /// error is the store itself failing.
-    fn load_waves(&self) -> Result<Vec<(String, Result<WaveRecord, StoreError>)>, StoreError>;
+    fn load_waves(&self) -> Result<Vec<StoredWave>, StoreError>;
     /// A wave's tenants, by `seq`.
     fn load_tenants(&self, wave_id: &str) -> Result<Vec<TenantRecord>, StoreError>;
     /// Removes a wave and its tenant records, atomically and durably. The bundle stays
@@ -376,7 +379,7 @@ impl ProgressStore for SledStore {
         Ok(())
     }
 
-    fn load_waves(&self) -> Result<Vec<(String, Result<WaveRecord, StoreError>)>, StoreError> {
+    fn load_waves(&self) -> Result<Vec<StoredWave>, StoreError> {
         let mut out = Vec::new();
         for item in self.waves.iter() {
             let (key, bytes) = item?;

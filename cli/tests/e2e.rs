@@ -641,10 +641,18 @@ async fn bad_input_is_refused_clearly() {
     assert_eq!(zero.code, 2, "{zero:?}");
     assert!(zero.stderr.contains("--concurrency"), "{}", zero.stderr);
 
-    let unknown = flotilla(&server, &["wave", "status", "no-such-wave"]).await;
+    let malformed = flotilla(&server, &["wave", "status", "no-such-wave"]).await;
+    assert_eq!(malformed.code, 6, "{malformed:?}");
+    assert!(
+        malformed.stderr.contains("no-such-wave") && malformed.stderr.contains("wave_id"),
+        "{}",
+        malformed.stderr
+    );
+    let unknown_id = "019a0000-0000-7000-8000-000000000000";
+    let unknown = flotilla(&server, &["wave", "status", unknown_id]).await;
     assert_eq!(unknown.code, 6, "{unknown:?}");
     assert!(
-        unknown.stderr.contains("no-such-wave") && unknown.stderr.contains("not found"),
+        unknown.stderr.contains(unknown_id) && unknown.stderr.contains("not found"),
         "{}",
         unknown.stderr
     );
@@ -728,6 +736,12 @@ async fn bad_input_is_refused_clearly() {
     let resume = flotilla(&server, &["wave", "resume", &wave]).await;
     assert_eq!(resume.code, 6, "{resume:?}");
     assert!(resume.stderr.contains("COMPLETED"), "{}", resume.stderr);
+    // A finished wave can be forgotten; then it is gone.
+    let forget = flotilla(&server, &["wave", "forget", &wave]).await;
+    assert_eq!(forget.code, 0, "{forget:?}");
+    assert!(forget.stdout.contains("forgotten"), "{forget:?}");
+    let gone = flotilla(&server, &["wave", "status", &wave]).await;
+    assert!(gone.stderr.contains("not found"), "{gone:?}");
 
     let channel = tonic::transport::Endpoint::from_shared(server.clone())
         .expect("endpoint")
