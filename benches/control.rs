@@ -90,6 +90,7 @@ async fn main() {
         .pause_wave(v1::WaveActionRequest {
             wave_id: wave_id.clone(),
             reason: "bench".into(),
+            ..Default::default()
         })
         .await
         .expect("pause");

@@ -52,6 +52,7 @@ fn seed(dir: &std::path::Path, state: WaveState) -> String {
             retries_used: 0,
             generation: 1,
             last_error: None,
+            busy_since_ms: None,
             started_at_ms: Some(1),
             finished_at_ms: Some(2),
         })

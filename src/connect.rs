@@ -38,6 +38,9 @@ pub struct SessionSettings {
     pub statement_timeout: Duration,
     /// How long to wait for the connection to come up.
     pub connect_timeout: Duration,
+    /// How long the server lets the session sit idle inside a transaction before it
+    /// ends it (and so releases its locks).
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl Default for SessionSettings {
@@ -46,6 +49,7 @@ impl Default for SessionSettings {
             lock_timeout: Duration::from_secs(5),
             statement_timeout: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
+            idle_in_transaction_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -75,9 +79,10 @@ impl Session {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         let timeouts = format!(
-            "-c lock_timeout={} -c statement_timeout={}",
+            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             settings.lock_timeout.as_millis(),
-            settings.statement_timeout.as_millis()
+            settings.statement_timeout.as_millis(),
+            settings.idle_in_transaction_timeout.as_millis()
         );
         let options = match config.get_options() {
             Some(existing) if !existing.is_empty() => format!("{existing} {timeouts}"),
@@ -124,15 +129,27 @@ impl Session {
             TlsMode::Allow => match attempt(config.clone(), None).await {
                 Err(f) if f.sqlstate.as_deref() == Some("28000") => {
                     config.ssl_mode(SslMode::Require);
-                    let tls = MakeRustlsConnect::new(tls_config(TlsMode::Require, dsn)?);
+                    let tls = MakeRustlsConnect::new(tls_config(TlsMode::Require, dsn).await?);
                     attempt(config, Some(tls)).await
                 }
                 other => other,
             },
             // `prefer` (also the default): the DSN's config asks for TLS and falls back
-            // to plain when the server answers the SSLRequest with "no".
+            // to plain when the server answers the SSLRequest with "no" — and, as
+            // libpq does, when the TLS handshake itself fails (an old server's TLS).
+            TlsMode::Prefer => {
+                let tls = MakeRustlsConnect::new(tls_config(TlsMode::Prefer, dsn).await?);
+                match attempt(config.clone(), Some(tls)).await {
+                    Err(f) if f.sqlstate.is_none() && f.message.contains("TLS") => {
+                        tracing::debug!(error = %f, "TLS failed under sslmode=prefer; trying plain TCP");
+                        config.ssl_mode(SslMode::Disable);
+                        attempt(config, None).await
+                    }
+                    other => other,
+                }
+            }
             mode => {
-                let tls = MakeRustlsConnect::new(tls_config(mode, dsn)?);
+                let tls = MakeRustlsConnect::new(tls_config(mode, dsn).await?);
                 attempt(config, Some(tls)).await
             }
         }
@@ -173,12 +190,67 @@ impl Session {
 fn connect_failure(dsn: &Dsn, e: &tokio_postgres::Error) -> DbFailure {
     let mut f = DbFailure::from(e);
     f.message = format!("cannot connect to {dsn}: {}", f.message);
+    if f.sqlstate.as_deref() == Some("08P01") {
+        // PgBouncer answers a startup `options` parameter so (its transaction mode
+        // could not honour our session settings anyway).
+        f.message.push_str(
+            " (a connection pooler? Flotilla needs a direct or session-pooled connection:              it sends its timeouts as startup options and holds a session advisory lock)",
+        );
+    }
     // 28P01 (wrong password) and 3D000 (no such database) stay permanent; a server that
     // is down or restarting is retryable (class 08, 57P03, I/O).
     f
 }
 
-pub(crate) fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfig, DbFailure> {
+/// Largest `sslrootcert` file read: CA bundles are kilobytes.
+const MAX_ROOT_CERT_BYTES: u64 = 1 << 20;
+
+/// Reads `sslrootcert` off the runtime threads: a regular file of at most
+/// [`MAX_ROOT_CERT_BYTES`] (never a FIFO or `/dev/zero` a DSN may name), parsed as PEM
+/// certificates. Errors say what is wrong with the file, never what is in it.
+async fn read_root_certs(
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, DbFailure> {
+    let shown = path.display().to_string();
+    let path = path.to_path_buf();
+    let read = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        use std::io::Read as _;
+        let meta = std::fs::metadata(&path).map_err(|e| e.kind().to_string())?;
+        if !meta.is_file() {
+            return Err("not a regular file".into());
+        }
+        if meta.len() > MAX_ROOT_CERT_BYTES {
+            return Err(format!("larger than {MAX_ROOT_CERT_BYTES} bytes"));
+        }
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_ROOT_CERT_BYTES).read_to_end(&mut bytes))
+            .map_err(|e| e.kind().to_string())?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let refuse = |why: &str| {
+        DbFailure::client(
+            format!("sslrootcert {shown}: {why}"),
+            Retryability::Permanent,
+        )
+    };
+    let bytes = read.map_err(|why| refuse(&why))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|_| refuse("not a PEM file of certificates"))?;
+    if certs.is_empty() {
+        return Err(refuse("holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+pub(crate) async fn tls_config(
+    mode: TlsMode,
+    dsn: &Dsn,
+) -> Result<rustls::ClientConfig, DbFailure> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls_error = |what: String| DbFailure::client(what, Retryability::Permanent);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -193,15 +265,21 @@ pub(crate) fn tls_config(mode: TlsMode, dsn: &Dsn) -> Result<rustls::ClientConfi
     let mut roots = rustls::RootCertStore::empty();
     match dsn.root_cert() {
         Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
-            for cert in certs {
-                let cert =
-                    cert.map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| tls_error(format!("sslrootcert {}: {e}", path.display())))?;
+            for cert in read_root_certs(path).await? {
+                roots.add(cert).map_err(|_| {
+                    tls_error(format!(
+                        "sslrootcert {}: a certificate in it is not usable as a root",
+                        path.display()
+                    ))
+                })?;
             }
+        }
+        // A chain check without a name check against every public CA vouches for any
+        // holder of any public certificate: libpq refuses verify-ca without a root file.
+        None if mode == TlsMode::VerifyCa => {
+            return Err(tls_error(format!(
+                "{dsn}: sslmode=verify-ca needs sslrootcert (the CA that signed the server's certificate)"
+            )));
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }

@@ -73,9 +73,9 @@ pub enum DsnError {
     #[error("invalid connection string: {0}")]
     Invalid(String),
     #[error(
-        "invalid connection string: sslmode {0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+        "invalid connection string: sslmode is not one of disable, allow, prefer, require, verify-ca, verify-full"
     )]
-    SslMode(String),
+    SslMode,
     #[error(
         "invalid connection string: no host (Flotilla needs host and port to schedule per server)"
     )]
@@ -141,7 +141,7 @@ impl Dsn {
             Some("require") => TlsMode::Require,
             Some("verify-ca") => TlsMode::VerifyCa,
             Some("verify-full") => TlsMode::VerifyFull,
-            Some(other) => return Err(DsnError::SslMode(other.to_string())),
+            Some(_) => return Err(DsnError::SslMode),
         };
         config.ssl_mode(match tls {
             TlsMode::Disable | TlsMode::Allow => SslMode::Disable,
@@ -150,9 +150,12 @@ impl Dsn {
         });
         let endpoints = endpoints(&config)?;
         let first = endpoints.first().ok_or(DsnError::NoHost)?;
+        // The per-host key names where the socket goes: `hostaddr` when given, so two
+        // names for one server share its per-host limit.
         let host = match &first.address {
             Address::Unix(p) => format!("{}:{}", p.display(), first.port),
-            _ => format!("{}:{}", url_host(&first.host_name), first.port),
+            Address::Ip(ip) => format!("{}:{}", url_host(&ip.to_string()), first.port),
+            Address::Name(_) => format!("{}:{}", url_host(&first.host_name), first.port),
         };
         if config.get_user().is_none() {
             let user = std::env::var("PGUSER")
@@ -280,14 +283,21 @@ fn endpoints(config: &Config) -> Result<Vec<Endpoint>, DsnError> {
     for (i, host) in hosts.iter().enumerate() {
         let port = port_of(i)?;
         let endpoint = match (host, addrs.get(i)) {
-            (Host::Unix(path), _) => Endpoint {
-                address: Address::Unix(path.clone()),
+            // `hostaddr` wins over any `host`, a socket directory included: tokio-postgres
+            // connects over TCP to it (the name is only for TLS and `.pgpass`).
+            (Host::Unix(path), Some(ip)) => Endpoint {
+                address: Address::Ip(*ip),
                 host_name: path.display().to_string(),
                 port,
             },
             (Host::Tcp(name), Some(ip)) => Endpoint {
                 address: Address::Ip(*ip),
                 host_name: name.clone(),
+                port,
+            },
+            (Host::Unix(path), None) => Endpoint {
+                address: Address::Unix(path.clone()),
+                host_name: path.display().to_string(),
                 port,
             },
             (Host::Tcp(name), None) => Endpoint {
@@ -498,9 +508,17 @@ fn extract_from_keywords(text: &str) -> Result<(String, Extracted), DsnError> {
                 if c.is_whitespace() {
                     break;
                 }
-                raw.push(c);
-                value.push(c);
                 chars.next();
+                raw.push(c);
+                // libpq: a backslash takes the next character literally, a space too.
+                if c == '\\'
+                    && let Some((_, n)) = chars.next()
+                {
+                    raw.push(n);
+                    value.push(n);
+                    continue;
+                }
+                value.push(c);
             }
         }
         match key.as_str() {
@@ -699,8 +717,6 @@ mod tests {
                             }
                         }
                     }
-                    // Only an sslmode value is ever echoed, and it is not a password.
-                    Err(DsnError::SslMode(_)) => {}
                     Err(e) => {
                         let shown = e.to_string();
                         prop_assert!(!shown.contains(SECRET), "{text:?} errs {shown}");

@@ -3,8 +3,11 @@
 //! This is the one place errors are classified (PRODUCT.md §4): connection loss and I/O
 //! (SQLSTATE class 08), serialization failure 40001, deadlock 40P01, lock timeout 55P03,
 //! admin/crash/cannot-connect-now shutdowns 57P01–57P03 and too many connections 53300
-//! are retryable; everything else is permanent. Nothing else in the library decides
-//! retryability. Messages never carry connection-string secrets: tokio-postgres errors
+//! are retryable; everything else is permanent — a protocol violation (08P01) too: it is
+//! middleware Flotilla cannot work through (a pooler refusing its startup options), not
+//! a blip. A cancelled statement (57014) is retryable when someone else cancelled it and
+//! permanent when it was our own `statement_timeout`: the caller knows which and says so
+//! with [`DbFailure::cancelled_by`]. Nothing else in the library decides retryability. Messages never carry connection-string secrets: tokio-postgres errors
 //! do not include the password, and callers identify tenants by redacted DSN only.
 
 use std::fmt;
@@ -41,7 +44,7 @@ impl fmt::Display for DbFailure {
 
 /// Classifies a SQLSTATE.
 pub fn classify_sqlstate(code: &str) -> Retryability {
-    let retryable = code.starts_with("08")
+    let retryable = (code.starts_with("08") && code != "08P01")
         || matches!(
             code,
             "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
@@ -66,6 +69,59 @@ impl DbFailure {
     /// True when trying again may succeed.
     pub fn is_retryable(&self) -> bool {
         self.retryability == Retryability::Retryable
+    }
+
+    /// True for SQLSTATE 57014: the statement was cancelled, by a timeout or by someone.
+    pub fn is_cancelled_statement(&self) -> bool {
+        self.sqlstate.as_deref() == Some(QUERY_CANCELED)
+    }
+
+    /// A cancelled statement (57014) classified by its cause: our `statement_timeout`
+    /// will fire again (permanent); a cancel from another session — a DBA, a lock-queue
+    /// watchdog — may not (retryable). The message says which.
+    pub fn cancelled_by(mut self, cause: CancelCause) -> Self {
+        let (what, retryability) = match cause {
+            CancelCause::StatementTimeout { after } => (
+                format!("statement_timeout ({after:?}) reached"),
+                Retryability::Permanent,
+            ),
+            CancelCause::External => (
+                "cancelled by another session (pg_cancel_backend); will retry".to_string(),
+                Retryability::Retryable,
+            ),
+        };
+        self.message = format!("{what}: {}", self.message);
+        self.retryability = retryability;
+        self
+    }
+
+    /// True when the connection itself was lost (no server error): what ran last may
+    /// have committed without our hearing of it.
+    pub fn is_connection_lost(&self) -> bool {
+        self.sqlstate.is_none() && self.is_retryable()
+    }
+}
+
+/// SQLSTATE of a cancelled statement.
+pub const QUERY_CANCELED: &str = "57014";
+
+/// Who cancelled a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelCause {
+    /// It ran at least as long as the `statement_timeout` in force.
+    StatementTimeout { after: std::time::Duration },
+    /// It was cancelled sooner: by another session.
+    External,
+}
+
+impl CancelCause {
+    /// Which cause fits a statement that ran `elapsed` under `timeout` (zero: none).
+    pub fn judge(timeout: std::time::Duration, elapsed: std::time::Duration) -> Self {
+        if !timeout.is_zero() && elapsed >= timeout {
+            CancelCause::StatementTimeout { after: timeout }
+        } else {
+            CancelCause::External
+        }
     }
 }
 
@@ -130,15 +186,41 @@ mod tests {
     #[test]
     fn retryable_sqlstates() {
         for code in [
-            "08000", "08006", "08P01", "40001", "40P01", "55P03", "57P01", "57P02", "57P03",
-            "53300",
+            "08000", "08006", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300",
         ] {
             assert_eq!(classify_sqlstate(code), Retryability::Retryable, "{code}");
         }
         for code in [
-            "22012", "42P01", "23505", "42601", "57014", "53100", "28P01",
+            "22012", "42P01", "23505", "42601", "57014", "53100", "28P01", "08P01",
         ] {
             assert_eq!(classify_sqlstate(code), Retryability::Permanent, "{code}");
         }
+    }
+
+    #[test]
+    fn a_cancel_is_judged_by_the_timeout_in_force() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        assert_eq!(
+            CancelCause::judge(ms(100), ms(150)),
+            CancelCause::StatementTimeout { after: ms(100) }
+        );
+        assert_eq!(CancelCause::judge(ms(100), ms(20)), CancelCause::External);
+        assert_eq!(
+            CancelCause::judge(Duration::ZERO, ms(5_000)),
+            CancelCause::External
+        );
+        let f = DbFailure {
+            sqlstate: Some(QUERY_CANCELED.into()),
+            message: "canceling statement due to user request".into(),
+            retryability: Retryability::Permanent,
+        };
+        assert!(f.clone().cancelled_by(CancelCause::External).is_retryable());
+        let timed_out = f.cancelled_by(CancelCause::StatementTimeout { after: ms(100) });
+        assert!(!timed_out.is_retryable());
+        assert!(
+            timed_out.message.starts_with("statement_timeout"),
+            "{timed_out}"
+        );
     }
 }

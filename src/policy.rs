@@ -84,8 +84,26 @@ pub struct Policy {
     /// 0: no limit.
     pub statement_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    /// `idle_in_transaction_session_timeout` of every tenant session: a daemon that
+    /// stalls (or vanishes) mid-transaction does not keep its locks for long.
+    #[serde(default = "default_idle_in_transaction_timeout_ms")]
+    pub idle_in_transaction_timeout_ms: u64,
+    /// How long a tenant may stay busy (its advisory lock held by another runner)
+    /// before it fails.
+    #[serde(default = "default_busy_timeout_ms")]
+    pub busy_timeout_ms: u64,
     pub drift: DriftPolicy,
     pub order: OrderPolicy,
+}
+
+/// The applier leaves a transaction idle only for one round trip between two batches
+/// of a `per-tenant` transaction: a few seconds covers a slow network with room.
+fn default_idle_in_transaction_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_busy_timeout_ms() -> u64 {
+    10 * 60 * 1000
 }
 
 impl Default for Policy {
@@ -104,6 +122,8 @@ impl Default for Policy {
             lock_timeout_ms: 5_000,
             statement_timeout_ms: 0,
             connect_timeout_ms: 10_000,
+            idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),
+            busy_timeout_ms: default_busy_timeout_ms(),
             drift: DriftPolicy::Fail,
             order: OrderPolicy::Strict,
         }
@@ -230,7 +250,37 @@ impl Policy {
             self.connect_timeout_ms,
             ZeroTimeout::Refused,
         )?;
+        check_timeout_ms(
+            "idle_in_transaction_timeout",
+            self.idle_in_transaction_timeout_ms,
+            ZeroTimeout::Refused,
+        )?;
+        check_timeout_ms("busy_timeout", self.busy_timeout_ms, ZeroTimeout::Refused)?;
         Ok(())
+    }
+
+    /// A policy stored by an earlier build, brought within today's ranges where its
+    /// meaning survives: `lock_timeout` 0 ("wait for ever", which the CLI once offered)
+    /// becomes the longest PostgreSQL accepts, and a rate, concurrency or retry count
+    /// beyond today's bounds is clamped to them. A running wave keeps running after an
+    /// upgrade; what cannot be mended (a NaN rate) is left for validation to refuse.
+    pub fn upgraded(mut self) -> Self {
+        if self.lock_timeout_ms == 0 {
+            self.lock_timeout_ms = MAX_TIMEOUT_MS;
+        }
+        self.lock_timeout_ms = self.lock_timeout_ms.min(MAX_TIMEOUT_MS);
+        self.statement_timeout_ms = self.statement_timeout_ms.min(MAX_TIMEOUT_MS);
+        self.rate = self.rate.map(|r| {
+            if r > 0.0 {
+                r.clamp(MIN_RATE, MAX_RATE)
+            } else {
+                r
+            }
+        });
+        self.concurrency = self.concurrency.min(MAX_CONCURRENCY);
+        self.per_host = self.per_host.map(|n| n.min(MAX_CONCURRENCY));
+        self.retries = self.retries.min(MAX_RETRIES);
+        self
     }
 
     /// Time between two tenant starts under `rate`, for the rate limiter. `None` when
@@ -248,6 +298,7 @@ impl Policy {
             lock_timeout: Duration::from_millis(self.lock_timeout_ms),
             statement_timeout: Duration::from_millis(self.statement_timeout_ms),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            idle_in_transaction_timeout: Duration::from_millis(self.idle_in_transaction_timeout_ms),
         }
     }
 
@@ -296,6 +347,26 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(absurd.start_interval(), None, "no panic on a refused rate");
+    }
+
+    #[test]
+    fn stored_policies_of_earlier_builds_still_load() {
+        let old = Policy {
+            lock_timeout_ms: 0,
+            rate: Some(1e-9),
+            concurrency: 50_000,
+            retries: 1_000,
+            ..Policy::default()
+        };
+        assert!(old.validate().is_err(), "today's rules refuse it as given");
+        let up = old.upgraded();
+        assert_eq!(up.validate(), Ok(()));
+        assert_eq!(up.lock_timeout_ms, MAX_TIMEOUT_MS, "0 meant wait for ever");
+        let broken = Policy {
+            rate: Some(f64::NAN),
+            ..Policy::default()
+        };
+        assert!(broken.upgraded().validate().is_err(), "a NaN stays refused");
     }
 
     #[test]

@@ -91,13 +91,36 @@ impl AllowedHosts {
         let Some(rules) = &self.rules else {
             return !matches!(e.address, Address::Unix(_));
         };
-        rules
+        rules.iter().any(|r| r.matches(e))
+    }
+
+    /// True when a rule that names something — a host, a domain, a network narrower
+    /// than everything — allows `e`: where the daemon's own password may go. `*` and
+    /// `0.0.0.0/0` allow connecting, but vouch for nobody.
+    fn vouches_for(&self, e: &Endpoint) -> bool {
+        self.rules
             .iter()
-            .any(|r| r.port.is_none_or(|p| p == e.port) && r.address.matches(&e.address))
+            .flatten()
+            .any(|r| r.address.names_something() && r.matches(e))
+    }
+}
+
+impl HostRule {
+    fn matches(&self, e: &Endpoint) -> bool {
+        self.port.is_none_or(|p| p == e.port) && self.address.matches(&e.address)
     }
 }
 
 impl AddressRule {
+    fn names_something(&self) -> bool {
+        match self {
+            AddressRule::AnyTcp => false,
+            AddressRule::Net(_, bits) => *bits > 0,
+            AddressRule::Name(glob) => glob.split('.').any(|label| label != "*"),
+            AddressRule::Unix(_) => true,
+        }
+    }
+
     fn matches(&self, address: &Address) -> bool {
         match (self, address) {
             (AddressRule::AnyTcp, Address::Name(_) | Address::Ip(_)) => true,
@@ -119,6 +142,11 @@ fn parse_rule(text: &str) -> Result<HostRule, ReachError> {
         return Err(bad("empty"));
     }
     if text_trimmed.starts_with('/') {
+        if text_trimmed.contains(':') {
+            return Err(bad(
+                "a socket directory takes no :PORT (the port picks the socket file; list the directory)",
+            ));
+        }
         return Ok(HostRule {
             address: AddressRule::Unix(PathBuf::from(text_trimmed)),
             port: None,
@@ -170,6 +198,11 @@ fn parse_rule(text: &str) -> Result<HostRule, ReachError> {
         AddressRule::Net(net, bits)
     } else if let Ok(ip) = address.parse::<IpAddr>() {
         AddressRule::Net(ip, if ip.is_ipv4() { 32 } else { 128 })
+    } else if looks_numeric(address) {
+        // `127.1` or `0x7f.1` is no host name: the resolver reads it as an address.
+        return Err(bad(
+            "looks like an IP address but is not one; write it in full (10.0.0.1) or as a CIDR",
+        ));
     } else if !address.is_empty()
         && address
             .bytes()
@@ -184,8 +217,30 @@ fn parse_rule(text: &str) -> Result<HostRule, ReachError> {
     Ok(HostRule { address, port })
 }
 
-/// `*` matches any run of characters; everything else matches itself.
+/// A name every label of which is a number (decimal or `0x…`), or which ends in one:
+/// what a resolver may turn into an address.
+fn looks_numeric(name: &str) -> bool {
+    let numeric = |label: &str| {
+        !label.is_empty()
+            && (label.bytes().all(|b| b.is_ascii_digit())
+                || label
+                    .strip_prefix("0x")
+                    .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit())))
+    };
+    name.rsplit('.').next().is_some_and(numeric)
+}
+
+/// Matches label by label: `*` stands for one whole label or part of one, never for a
+/// dot, so `*.db.internal` matches `t1.db.internal` but not `t1.evil.db.internal`, and
+/// `db-*` does not match `db-1.evil.example`.
 fn glob_match(glob: &str, name: &str) -> bool {
+    let (globs, names): (Vec<&str>, Vec<&str>) =
+        (glob.split('.').collect(), name.split('.').collect());
+    globs.len() == names.len() && globs.iter().zip(&names).all(|(g, n)| label_match(g, n))
+}
+
+/// `*` matches any run of characters within one label.
+fn label_match(glob: &str, name: &str) -> bool {
     let (g, n) = (glob.as_bytes(), name.as_bytes());
     let (mut gi, mut ni) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -286,10 +341,16 @@ impl Reach {
         &self.allowed
     }
 
-    /// True when `PGPASSWORD` is set but no server may receive it (no `allowed_hosts`):
-    /// worth a warning at start.
+    /// True when `PGPASSWORD` is set but no server may receive it (no `allowed_hosts`
+    /// entry names a server): worth a warning at start.
     pub fn ignores_pgpassword(&self) -> bool {
-        self.ambient.pgpassword.is_some() && !self.allowed.is_set()
+        self.ambient.pgpassword.is_some()
+            && !self
+                .allowed
+                .rules
+                .iter()
+                .flatten()
+                .any(|r| r.address.names_something())
     }
 
     /// Refuses a DSN any of whose endpoints `allowed_hosts` does not allow.
@@ -318,13 +379,22 @@ impl Reach {
     fn ambient_password(&self, dsn: &Dsn) -> Option<String> {
         let endpoints = dsn.endpoints();
         let first = endpoints.first()?;
-        let vetted = self.allowed.is_set();
-        if vetted && let Some(p) = &self.ambient.pgpassword {
+        // `hostaddr` sends the socket somewhere other than the name says; the name is
+        // what `.pgpass` and `allowed_hosts` names vouch for. No ambient password then.
+        if endpoints.iter().any(|e| match &e.address {
+            Address::Ip(ip) => {
+                ip.to_string() != e.host_name && e.host_name.parse::<IpAddr>().ok() != Some(*ip)
+            }
+            _ => false,
+        }) {
+            return None;
+        }
+        // One password goes to every host of the DSN: each must be vouched for.
+        let vouched = endpoints.iter().all(|e| self.allowed.vouches_for(e));
+        if vouched && let Some(p) = &self.ambient.pgpassword {
             return Some(p.clone());
         }
-        // Without allowed_hosts only a line naming the host may be used, and then only
-        // when every endpoint is that host (one password goes to all of them).
-        if !vetted
+        if !vouched
             && endpoints
                 .iter()
                 .any(|e| e.host_name != first.host_name || e.port != first.port)
@@ -338,10 +408,14 @@ impl Reach {
             dsn.dbname(),
             dsn.user(),
         ];
+        // Unvouched, only a line naming this host and port explicitly may be used: a
+        // wildcard (`*`, or `localhost` on any port) would let any listener collect it.
         self.ambient
             .pgpass
             .iter()
-            .find(|line| line.matches(&want) && (vetted || line.fields[0] != "*"))
+            .find(|line| {
+                line.matches(&want) && (vouched || (line.fields[0] != "*" && line.fields[1] != "*"))
+            })
             .map(|line| line.password.clone())
     }
 }
@@ -426,6 +500,11 @@ mod tests {
         ] {
             assert_eq!(a.check(&dsn(ok)), Ok(()), "{ok}");
         }
+        // A socket directory with a hostaddr connects over TCP to the hostaddr.
+        assert!(
+            a.check(&dsn("host=/var/run/postgresql hostaddr=203.0.113.5 user=u"))
+                .is_err()
+        );
         for refused in [
             "postgresql://u@evil.example/x",
             "postgresql://u@db.internal.evil.example/x",
@@ -453,7 +532,18 @@ mod tests {
 
     #[test]
     fn bad_rules_are_named() {
-        for bad in ["", "10.0.0.0/33", "h:0", "h:port", "[::1", "a b", "1.2.3/8"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "h:0",
+            "h:port",
+            "[::1",
+            "a b",
+            "1.2.3/8",
+            "127.1",
+            "0x7f.1",
+            "/var/run/postgresql:5432",
+        ] {
             let err = AllowedHosts::parse(&[bad.to_string()]).expect_err(bad);
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
@@ -466,6 +556,9 @@ mod tests {
         assert!(!glob_match("*.db", "a.db.evil"));
         assert!(glob_match("*", ""));
         assert!(!glob_match("a", "ab"));
+        assert!(!glob_match("*.db.internal", "t1.evil.db.internal"));
+        assert!(!glob_match("db-*", "db-1.evil.example"));
+        assert!(glob_match("t*.db.internal", "t42.db.internal"));
     }
 
     fn with_ambient(allowed: AllowedHosts, pgpassword: Option<&str>, lines: &[&str]) -> Reach {
@@ -519,6 +612,34 @@ mod tests {
             Some(b"env-pw".to_vec())
         );
         assert!(!vetted.ignores_pgpassword() && open.ignores_pgpassword());
+
+        // `*` and `0.0.0.0/0` let the daemon connect, but vouch for nobody.
+        for rules in [&["*"][..], &["0.0.0.0/0"][..]] {
+            let wide = with_ambient(allowed(rules), Some("env-pw"), &["*:*:*:*:wild-pw"]);
+            assert_eq!(
+                password(&wide, "postgresql://app@203.0.113.9/t"),
+                None,
+                "{rules:?}"
+            );
+            assert!(wide.ignores_pgpassword(), "{rules:?}");
+        }
+        // hostaddr sends the socket elsewhere than the name a .pgpass line vouches for.
+        let named = with_ambient(AllowedHosts::any(), None, &["db1:5432:*:app:line-pw"]);
+        assert_eq!(
+            password(&named, "host=db1 hostaddr=203.0.113.5 user=app"),
+            None
+        );
+        let vetted_addr = with_ambient(allowed(&["db1", "203.0.113.0/24"]), Some("env-pw"), &[]);
+        assert_eq!(
+            password(&vetted_addr, "host=db1 hostaddr=203.0.113.5 user=app"),
+            None
+        );
+        // Unvouched, a line for any port (localhost:*) is no line for this listener.
+        let any_port = with_ambient(AllowedHosts::any(), None, &["localhost:*:*:app:lh-pw"]);
+        assert_eq!(
+            password(&any_port, "postgresql://app@127.0.0.1:6543/t"),
+            None
+        );
     }
 
     #[test]

@@ -162,6 +162,9 @@ pub struct TenantRecord {
     /// Bumped before every start; a result for an older generation is stale.
     pub generation: u64,
     pub last_error: Option<ErrorRecord>,
+    /// Since when (ms since the epoch) the tenant has been found busy without a break.
+    #[serde(default)]
+    pub busy_since_ms: Option<u64>,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
 }
@@ -230,6 +233,8 @@ pub trait ProgressStore: Send + Sync + 'static {
     fn delete_wave(&self, wave_id: &str) -> Result<(), StoreError>;
     /// Removes a bundle no wave uses any more.
     fn delete_bundle(&self, id: &str) -> Result<(), StoreError>;
+    /// The ids of every stored bundle.
+    fn bundle_ids(&self) -> Result<Vec<String>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -431,6 +436,14 @@ impl ProgressStore for SledStore {
         self.flush()
     }
 
+    fn bundle_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.bundles
+            .iter()
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?).into_owned()))
+            .collect()
+    }
+
     fn load_tenants(&self, wave_id: &str) -> Result<Vec<TenantRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self.tenants.scan_prefix(format!("{wave_id}/").as_bytes()) {
@@ -482,6 +495,7 @@ mod tests {
             retries_used: 0,
             generation: 0,
             last_error: None,
+            busy_since_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
         }

@@ -197,7 +197,7 @@ fn source_settings() -> SessionSettings {
     SessionSettings {
         lock_timeout: Duration::from_secs(5),
         statement_timeout: SOURCE_STATEMENT_TIMEOUT,
-        connect_timeout: Duration::from_secs(10),
+        ..SessionSettings::default()
     }
 }
 
@@ -220,7 +220,7 @@ async fn read_rows(
         .await
         .map_err(|f| f.to_string())?;
     let db_error = |e: tokio_postgres::Error| crate::failure::DbFailure::from(&e).to_string();
-    let result = async {
+    let read = async {
         let tx = session
             .client_mut()
             .build_transaction()
@@ -239,8 +239,13 @@ async fn read_rows(
         let rows = tx.query_portal(&portal, limit).await.map_err(db_error)?;
         tx.rollback().await.map_err(db_error)?;
         Ok((columns, rows))
-    }
-    .await;
+    };
+    // The server enforces the statement timeout; this bounds a server that stops
+    // answering altogether (a start or plan must not hang on it).
+    let limit = SOURCE_STATEMENT_TIMEOUT + Duration::from_secs(15);
+    let result = tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")));
     session.close().await;
     result
 }

@@ -495,7 +495,7 @@ async fn two_runners_at_once_one_is_busy() {
     let (a, c) = tokio::join!(run(&b, &dsn), run(&b, &dsn));
     let busy = [&a, &c]
         .iter()
-        .filter(|o| matches!(o, Outcome::Busy))
+        .filter(|o| matches!(o, Outcome::Busy { .. }))
         .count();
     let applied = [&a, &c]
         .iter()
@@ -763,4 +763,363 @@ async fn hard_stop_cancels_the_running_script_and_soft_stop_waits_for_the_bounda
         "the cancelled script is not logged"
     );
     assert!(!exists(cluster, &db, "orders").await);
+}
+
+/// Terminates every Flotilla session on `db` once one runs a query containing `needle`.
+async fn terminate_when_running(cluster: &Cluster, db: &str, needle: &str) {
+    wait_for(&format!("a Flotilla session running {needle:?}"), || {
+        flotilla_running(cluster, db, needle)
+    })
+    .await;
+    exec(
+        cluster,
+        db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'flotilla' AND datname = current_database()",
+    )
+    .await;
+}
+
+async fn index_valid(cluster: &Cluster, db: &str, index: &str) -> Option<bool> {
+    let c = cluster.connect(db).await.expect("connect");
+    c.query_opt(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
+        &[&index],
+    )
+    .await
+    .expect("pg_index")
+    .map(|r| r.get(0))
+}
+
+/// Issue 11, case 1. A `no-transaction` script that sets `search_path` and is cut off
+/// during its `CREATE INDEX CONCURRENTLY` resumes on a new session: without replaying
+/// the `SET`, recovery looked in the wrong schema and the build failed (`t` unknown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_script_replays_its_session_settings() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "replay_").await;
+    let setup = (
+        "V1__app.sql",
+        "CREATE SCHEMA app;\n\
+         CREATE TABLE app.t (a int);\n\
+         INSERT INTO app.t SELECT generate_series(1, 2000);\n\
+         CREATE FUNCTION app.slow(i int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$\n\
+         BEGIN PERFORM pg_sleep(0.005); RETURN i; END $$;",
+    );
+    let index = (
+        "V2__index.sql",
+        "-- flotilla:no-transaction\nSET search_path TO app;\nCREATE INDEX CONCURRENTLY i ON t (slow(a));",
+    );
+    let b = bundle(&[setup, index]);
+    let running = spawn_run(&b, &dsn);
+    terminate_when_running(cluster, &db, "CONCURRENTLY").await;
+    assert!(matches!(
+        running.await.expect("join"),
+        Outcome::Failed { .. }
+    ));
+    assert_eq!(
+        index_valid(cluster, &db, "app.i").await,
+        Some(false),
+        "left INVALID"
+    );
+
+    exec(
+        cluster,
+        &db,
+        "CREATE OR REPLACE FUNCTION app.slow(i int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$ BEGIN RETURN i; END $$",
+    )
+    .await;
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome), ["V2__index.sql"], "{outcome:?}");
+    assert_eq!(index_valid(cluster, &db, "app.i").await, Some(true));
+    assert!(
+        !exists(cluster, &db, "public.i").await,
+        "built where the SET said"
+    );
+}
+
+/// Issue 11, case 2. After an interruption the statement at the cursor may have run;
+/// `ALTER TYPE … ADD VALUE` (value exists), `DROP INDEX CONCURRENTLY` (index gone) count
+/// as done, and `REINDEX … CONCURRENTLY` first drops the `_ccnew` index it left INVALID.
+/// Each failed (or left the INVALID index) before the fix.
+#[tokio::test]
+async fn interrupted_statements_postgres_leaves_half_done_are_recovered() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "recover_").await;
+    let b = bundle(&[
+        (
+            "V1__setup.sql",
+            "CREATE TYPE mood AS ENUM ('sad');\n\
+             CREATE TABLE t (a int);\n\
+             INSERT INTO t VALUES (1), (1), (2);\n\
+             CREATE INDEX t_a_idx ON t (a);\n\
+             CREATE INDEX t_gone_idx ON t (a);",
+        ),
+        (
+            "V2__enum.sql",
+            "-- flotilla:no-transaction\nALTER TYPE mood ADD VALUE 'happy';",
+        ),
+        (
+            "V3__drop.sql",
+            "-- flotilla:no-transaction\nDROP INDEX CONCURRENTLY t_gone_idx;",
+        ),
+        (
+            "V4__reindex.sql",
+            "-- flotilla:no-transaction\nREINDEX INDEX CONCURRENTLY t_a_idx;",
+        ),
+    ]);
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 4, "{outcome:?}");
+    // What a runner lost right after each statement leaves: its row `started` at the
+    // statement, the statement's effect in place — and for REINDEX an INVALID
+    // `_ccnew` index (made here the way PostgreSQL leaves one: a failed concurrent build).
+    exec(
+        cluster,
+        &db,
+        "UPDATE flotilla.execution_log SET status = 'started', statements_done = 0, \
+         applied_at = NULL WHERE version IN ('2', '3', '4')",
+    )
+    .await;
+    let c = cluster.connect(&db).await.expect("connect");
+    c.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY t_a_idx_ccnew ON t (a)")
+        .await
+        .expect_err("duplicates make the concurrent build fail");
+    assert_eq!(
+        index_valid(cluster, &db, "t_a_idx_ccnew").await,
+        Some(false)
+    );
+
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(
+        applied_names(&outcome),
+        ["V2__enum.sql", "V3__drop.sql", "V4__reindex.sql"],
+        "{outcome:?}"
+    );
+    assert_eq!(
+        index_valid(cluster, &db, "t_a_idx_ccnew").await,
+        None,
+        "dropped"
+    );
+    assert_eq!(index_valid(cluster, &db, "t_a_idx").await, Some(true));
+    let rows = log(cluster, &db).await;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(rows.iter().all(|r| r.2 == "applied"), "{rows:?}");
+}
+
+/// Issue 11, case 8. An interrupted `no-transaction` repeatable whose script changed
+/// runs its new version (it failed for ever with "interrupted script changed"), after
+/// dropping the index the old run left INVALID (else `IF NOT EXISTS` would keep it).
+#[tokio::test]
+async fn an_interrupted_repeatable_that_changed_runs_its_new_version() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "supersede_").await;
+    let table = (
+        "V1__t.sql",
+        "CREATE TABLE t (a int);\nINSERT INTO t VALUES (1), (1);",
+    );
+    let old = (
+        "R__index.sql",
+        "-- flotilla:no-transaction\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_idx ON t (a);",
+    );
+    let outcome = run(&bundle(&[table, old]), &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 2, "{outcome:?}");
+    exec(
+        cluster,
+        &db,
+        "UPDATE flotilla.execution_log SET status = 'started', statements_done = 0 \
+         WHERE script = 'R__index.sql'; DROP INDEX t_idx;",
+    )
+    .await;
+    let c = cluster.connect(&db).await.expect("connect");
+    c.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY t_idx ON t (a)")
+        .await
+        .expect_err("an INVALID t_idx, as an interrupted build leaves");
+    let new = (
+        "R__index.sql",
+        "-- flotilla:no-transaction\n-- v2: a plain index\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_idx ON t (a);",
+    );
+    let outcome = run(&bundle(&[table, new]), &dsn).await;
+    assert_eq!(applied_names(&outcome), ["R__index.sql"], "{outcome:?}");
+    assert_eq!(index_valid(cluster, &db, "t_idx").await, Some(true));
+    let rows = log(cluster, &db).await;
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.1 == "R__index.sql")
+            .map(|r| r.2.as_str())
+            .collect::<Vec<_>>(),
+        ["started", "applied"],
+        "the old run's row stays as history"
+    );
+}
+
+/// Issue 11, case 8. A log table made before the unique index on `version` existed
+/// gets it.
+#[tokio::test]
+async fn an_older_log_table_gets_its_unique_index() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "oldlog_").await;
+    exec(
+        cluster,
+        &db,
+        "CREATE SCHEMA flotilla;
+         CREATE TABLE flotilla.execution_log (
+             id bigserial PRIMARY KEY, version text, script text NOT NULL, kind text NOT NULL,
+             checksum text NOT NULL, bundle_id text NOT NULL, wave_id text NOT NULL,
+             status text NOT NULL, applied_at timestamptz,
+             applied_by text NOT NULL DEFAULT current_user, xact_id text, duration_ms bigint,
+             statements_done integer, started_at timestamptz NOT NULL DEFAULT clock_timestamp());",
+    )
+    .await;
+    assert!(!exists(cluster, &db, "flotilla.execution_log_version_once").await);
+    let outcome = run(&five(), &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 5, "{outcome:?}");
+    assert!(exists(cluster, &db, "flotilla.execution_log_version_once").await);
+}
+
+/// Issue 11, case 6. A busy tenant says who holds its lock.
+#[tokio::test]
+async fn busy_says_who_holds_the_lock() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "busywho_").await;
+    let (holder, conn) = tokio_postgres::connect(
+        &format!("{}?application_name=dba-console", cluster.url(&db)),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(conn);
+    let pid: i32 = holder
+        .query_one(
+            &format!(
+                "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock({})) l",
+                flotilla::apply::log::LOCK_KEY
+            ),
+            &[],
+        )
+        .await
+        .expect("hold the lock")
+        .get(0);
+    match run(&five(), &dsn).await {
+        Outcome::Busy { holder: Some(h) } => {
+            assert!(
+                h.contains(&format!("pid {pid}")) && h.contains("dba-console"),
+                "{h}"
+            );
+        }
+        other => panic!("expected Busy with a holder, got {other:?}"),
+    }
+}
+
+/// Issue 11, case 7. A statement cancelled by another session is retryable and says
+/// so; one cancelled by our own `statement_timeout` is permanent and says that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_is_told_apart_from_a_statement_timeout() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "cancel57014_").await;
+    let b = bundle(&[("V1__slow.sql", "SELECT pg_sleep(30);")]);
+    let running = spawn_run(&b, &dsn);
+    wait_for("the slow script", || {
+        flotilla_running(cluster, &db, "pg_sleep")
+    })
+    .await;
+    exec(
+        cluster,
+        &db,
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'flotilla' AND datname = current_database() AND state = 'active'",
+    )
+    .await;
+    match running.await.expect("join") {
+        Outcome::Failed { error, .. } => {
+            assert_eq!(error.retryability(), Retryability::Retryable, "{error}");
+            assert!(error.to_string().contains("another session"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let short = SessionSettings {
+        statement_timeout: Duration::from_millis(300),
+        ..settings()
+    };
+    let outcome = run_with(
+        &b,
+        &dsn,
+        TransactionMode::PerScript,
+        short,
+        PlanOptions::default(),
+        &StopSignal::new(),
+    )
+    .await;
+    match outcome {
+        Outcome::Failed { error, .. } => {
+            assert_eq!(error.retryability(), Retryability::Permanent, "{error}");
+            assert!(error.to_string().contains("statement_timeout"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Issue 11, case 8. The connection is cut right after a script's COMMIT reached the
+/// server, so the reply is lost: the applier asks the log on a new session and reports
+/// the tenant applied (it used to report a failure; with `retries = 0`, a FAILED tenant
+/// whose log says done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_commit_reply_is_confirmed_from_the_log() {
+    let cluster = shared();
+    let (db, _) = tenant(cluster, "lostreply_").await;
+    let proxy = flotilla_testkit::fault::LoseOneReply::start(cluster.port(), "lose-this-reply")
+        .await
+        .expect("proxy");
+    let dsn = Dsn::parse(&format!(
+        "postgresql://postgres@127.0.0.1:{}/{db}?sslmode=disable",
+        proxy.port()
+    ))
+    .expect("dsn");
+    let b = bundle(&[(
+        "V1__only.sql",
+        "-- lose-this-reply\nCREATE TABLE committed_but_unheard (id int);",
+    )]);
+    let outcome = run(&b, &dsn).await;
+    assert!(proxy.fired(), "the reply was lost");
+    match &outcome {
+        Outcome::Applied { notes, .. } => {
+            assert!(notes.iter().any(|n| n.contains("log shows")), "{notes:?}")
+        }
+        other => panic!("expected Applied from the log, got {other:?}"),
+    }
+    let rows = log(cluster, &db).await;
+    assert_eq!(rows.len(), 1, "applied once: {rows:?}");
+}
+
+/// Issue 11, case 5. Behind PgBouncer in transaction mode: if it refuses the startup
+/// options, the tenant fails with a permanent, instructive error; if it drops them
+/// (ignore_startup_parameters), the applier notices its timeouts are not in force and
+/// fails the same way — before taking a lock that would protect nothing.
+#[tokio::test]
+async fn a_transaction_pooler_is_refused_with_an_explanation() {
+    if !flotilla_testkit::pooler::PgBouncer::available() && std::env::var_os("CI").is_none() {
+        eprintln!("pgbouncer is not installed here; skipping (CI installs it)");
+        return;
+    }
+    let cluster = shared();
+    let (db, _) = tenant(cluster, "pooler_").await;
+    for ignore_options in [false, true] {
+        let bouncer = flotilla_testkit::pooler::PgBouncer::start(cluster.port(), ignore_options)
+            .expect("pgbouncer");
+        let dsn = Dsn::parse(&bouncer.url(&db)).expect("dsn");
+        match run(&five(), &dsn).await {
+            Outcome::Failed { error, .. } => {
+                assert_eq!(
+                    error.retryability(),
+                    Retryability::Permanent,
+                    "ignore_options={ignore_options}: {error}"
+                );
+                assert!(
+                    error.to_string().contains("session-pooled"),
+                    "ignore_options={ignore_options}: {error}"
+                );
+            }
+            other => panic!("ignore_options={ignore_options}: {other:?}"),
+        }
+    }
+    assert!(log(cluster, &db).await.is_empty(), "nothing was applied");
 }

@@ -88,6 +88,7 @@ async fn config_file_env_and_flags_layer_and_tokens_are_enforced() {
     let mut request = tonic::Request::new(v1::WaveActionRequest {
         wave_id: "x".into(),
         reason: String::new(),
+        ..Default::default()
     });
     request
         .metadata_mut()

@@ -96,12 +96,39 @@ async fn sslmodes_encrypt_and_verify_as_libpq_does() {
     ))
     .await
     .err()
-    .expect("without sslrootcert a self-signed certificate is not trusted");
+    .expect("verify-ca without sslrootcert is refused, as libpq does");
     assert!(
         untrusted
             .to_string()
-            .contains("cannot connect to postgresql://postgres@127.0.0.1"),
+            .contains("verify-ca needs sslrootcert"),
         "{untrusted}"
+    );
+    // sslrootcert is read as a small regular file, never a device a DSN names.
+    let device = connect(url("?sslmode=verify-full&sslrootcert=/dev/zero"))
+        .await
+        .err()
+        .expect("/dev/zero is no root file");
+    assert!(
+        device.to_string().contains("not a regular file"),
+        "{device}"
+    );
+    assert_eq!(device.retryability, Retryability::Permanent);
+    let secret_file = other_ca_dir.path().join("secret.txt");
+    std::fs::write(
+        &secret_file,
+        "-----BEGIN CERTIFICATE-----\nQmFuYW5hLVNlY3JldC0xMjM=\n-----BEGIN KEY Banana-Secret-123\n",
+    )
+    .expect("file");
+    let not_pem = connect(url(&format!(
+        "?sslmode=verify-full&sslrootcert={}",
+        secret_file.display()
+    )))
+    .await
+    .err()
+    .expect("not a certificate file");
+    assert!(
+        !not_pem.to_string().contains("Banana") && !not_pem.to_string().contains("QmFu"),
+        "names the problem, not the content: {not_pem}"
     );
 
     // `allow` tries plain first and takes TLS when the server insists on it.

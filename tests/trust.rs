@@ -370,7 +370,7 @@ async fn the_daemons_password_goes_only_where_the_config_says() {
     assert!(
         daemon
             .log_text()
-            .contains("PGPASSWORD is set but allowed_hosts is not"),
+            .contains("PGPASSWORD is set but no allowed_hosts entry names a server"),
         "said at start"
     );
     drop(daemon);
@@ -583,6 +583,7 @@ async fn an_unloadable_wave_is_quarantined_and_the_others_resume() {
             v1::WaveActionRequest {
                 wave_id: id.into(),
                 reason: String::new(),
+                ..Default::default()
             },
         )
     };

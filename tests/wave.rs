@@ -225,7 +225,9 @@ async fn pause_stops_starts_and_resume_finishes() {
     assert!(drained.counts.pending > 0, "{drained:?}");
     // Hold the pause a moment so that a start during it would have a window to happen.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let resumed = engine.resume(&id, "alice", "").expect("resume");
+    let resumed = engine
+        .resume(&id, "alice", "", flotilla::wave::CanaryFailure::Refuse)
+        .expect("resume");
     let resumed_at = resumed.history.last().expect("history").at_ms;
     let done = wait_for(&engine, &id, "completion", |s| s.state.is_finished()).await;
     assert_eq!(done.state, WaveState::Completed);
@@ -541,7 +543,7 @@ async fn retry_finishes_only_the_failed_tenants() {
         (WaveState::Failed, 5, 15)
     );
     assert!(matches!(
-        engine.resume(&id, "bob", ""),
+        engine.resume(&id, "bob", "", flotilla::wave::CanaryFailure::Refuse),
         Err(flotilla::wave::EngineError::InvalidState { .. })
     ));
 
@@ -646,4 +648,98 @@ async fn finished_waves_are_read_on_demand_and_forgotten_after_the_retention() {
     };
     assert!(reopened.status(&id).is_err(), "forgotten in the store too");
     assert!(reopened.status(&paused).is_ok());
+}
+
+/// Cancelling a wave with nothing in flight (here paused after its canary) records the
+/// cancel (it used to panic once the finished wave let go of its tenants, losing the
+/// cancel); and tenants in flight when a cancelled wave's daemon dies come back
+/// CANCELLED, not PENDING for ever (issue 11, case 8).
+#[test]
+fn a_cancel_is_durable_whatever_was_in_flight() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let setup = tokio::runtime::Runtime::new().expect("runtime");
+    let cluster = shared();
+    let fleet = setup.block_on(tenants(cluster, "cancel_", 6));
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+
+    // 1. Paused, nothing running: cancel.
+    let first = runtime();
+    let (paused_id, flying_id) = first.block_on(async {
+        let engine = Engine::open(data.path()).expect("engine");
+        let paused_id = engine
+            .start_wave(
+                fleet_bundle("0"),
+                fleet[..3].to_vec(),
+                Policy {
+                    canary: Canary::Count { count: 1 },
+                    after_canary: flotilla::policy::AfterCanary::Pause,
+                    ..policy()
+                },
+                "test",
+            )
+            .expect("start");
+        wait_for(&engine, &paused_id, "the canary pause", |s| {
+            s.state == WaveState::Paused && s.counts.running == 0
+        })
+        .await;
+        let cancelled = engine
+            .cancel(&paused_id, "test", "not today")
+            .expect("cancel");
+        assert_eq!(cancelled.state, WaveState::Cancelled);
+        assert_eq!(cancelled.counts.cancelled, 2, "{cancelled:?}");
+
+        // 2. Tenants in flight (each sleeps 2 s) when the wave is cancelled and the
+        //    daemon dies before they report.
+        let flying_id = engine
+            .start_wave(
+                fleet_bundle("2"),
+                fleet[3..].to_vec(),
+                Policy {
+                    concurrency: 3,
+                    ..policy()
+                },
+                "test",
+            )
+            .expect("start");
+        wait_for(&engine, &flying_id, "tenants in flight", |s| {
+            s.counts.running == 3
+        })
+        .await;
+        engine.cancel(&flying_id, "test", "").expect("cancel");
+        (paused_id, flying_id)
+    });
+    first.shutdown_background();
+
+    let second = runtime();
+    second.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let engine = loop {
+            match Engine::open(data.path()) {
+                Ok(e) => break e,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "reopen: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let paused = engine.status(&paused_id).expect("status");
+        assert_eq!(paused.state, WaveState::Cancelled, "the cancel was stored");
+        let flying = engine.status(&flying_id).expect("status");
+        assert_eq!(flying.state, WaveState::Cancelled);
+        assert_eq!(
+            (
+                flying.counts.pending,
+                flying.counts.running,
+                flying.counts.cancelled
+            ),
+            (0, 0, 3),
+            "{flying:?}"
+        );
+    });
 }

@@ -225,6 +225,7 @@ async fn pause_and_resume(
     let action = |reason: &str| v1::WaveActionRequest {
         wave_id: wave_id.clone(),
         reason: reason.to_string(),
+        ..Default::default()
     };
     if let Err(s) = client
         .pause_wave(action("demo: a pause in the middle of a wave"))

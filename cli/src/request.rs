@@ -215,6 +215,14 @@ pub struct PolicyArgs {
     /// `statement_timeout` for every script, 1ms..2147483647ms or 0 [default: 0, none].
     #[arg(long, value_parser = parse_duration)]
     pub statement_timeout: Option<Duration>,
+    /// How long a tenant session may sit idle inside a transaction before the server
+    /// ends it, 1ms..2147483647ms [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// How long a tenant may stay busy (locked by another runner) before it fails
+    /// [default: 10m].
+    #[arg(long, value_parser = parse_duration)]
+    pub busy_timeout: Option<Duration>,
     /// Apply even when an applied script's checksum changed.
     #[arg(long)]
     pub allow_drift: bool,
@@ -259,6 +267,12 @@ impl PolicyArgs {
             )?,
             allow_drift: self.allow_drift,
             allow_out_of_order: self.allow_out_of_order,
+            idle_in_transaction_timeout_ms: ms(
+                "--idle-in-transaction-timeout",
+                self.idle_in_transaction_timeout,
+                ZeroTimeout::Refused,
+            )?,
+            busy_timeout_ms: ms("--busy-timeout", self.busy_timeout, ZeroTimeout::Refused)?,
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

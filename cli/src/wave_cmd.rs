@@ -30,7 +30,13 @@ pub enum WaveCommand {
     /// Stop starting tenants; tenants in flight finish their bundle.
     Pause(ActionArgs),
     /// Continue a paused wave.
-    Resume(ActionArgs),
+    Resume {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Go on although a canary tenant failed (instead of retrying it).
+        #[arg(long)]
+        accept_canary_failure: bool,
+    },
     /// Stop starting tenants and stop in-flight ones at their next script boundary.
     Cancel(ActionArgs),
     /// Put the failed tenants of a finished or paused wave back to pending.
@@ -152,8 +158,15 @@ pub async fn run(
             show_wave(&wave, output);
             Ok(Exit::Ok)
         }
-        WaveCommand::Resume(a) => {
-            let wave = client.resume_wave(action(a)).await?.into_inner();
+        WaveCommand::Resume {
+            action: a,
+            accept_canary_failure,
+        } => {
+            let request = v1::WaveActionRequest {
+                accept_canary_failure,
+                ..action(a)
+            };
+            let wave = client.resume_wave(request).await?.into_inner();
             show_wave(&wave, output);
             Ok(Exit::Ok)
         }
@@ -171,7 +184,7 @@ pub async fn run(
             client
                 .forget_wave(v1::WaveActionRequest {
                     wave_id: wave_id.clone(),
-                    reason: String::new(),
+                    ..Default::default()
                 })
                 .await?;
             match output {
@@ -250,6 +263,7 @@ fn action(a: ActionArgs) -> v1::WaveActionRequest {
     v1::WaveActionRequest {
         wave_id: a.wave_id,
         reason: a.reason,
+        accept_canary_failure: false,
     }
 }
 

@@ -72,6 +72,21 @@ impl Authenticator {
         need: Role,
         what: &str,
     ) -> Result<Caller, ApiError> {
+        let caller = self.authenticate(metadata)?;
+        if caller.role < need {
+            return Err(ApiError::PermissionDenied(format!(
+                "token {:?} has role {}; {what} needs {}",
+                caller.name,
+                caller.role.as_str(),
+                need.as_str()
+            )));
+        }
+        Ok(caller)
+    }
+
+    /// Who is calling, from the bearer token alone: what [`TokenCheck`] asks before a
+    /// request's body is even decoded.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
         if self.tokens.is_empty() {
             return Ok(Caller {
                 name: ANONYMOUS.to_string(),
@@ -106,18 +121,23 @@ impl Authenticator {
             }
         }
         let known = found.ok_or_else(|| ApiError::Unauthenticated("unknown token".into()))?;
-        if known.role < need {
-            return Err(ApiError::PermissionDenied(format!(
-                "token {:?} has role {}; {what} needs {}",
-                known.name,
-                known.role.as_str(),
-                need.as_str()
-            )));
-        }
         Ok(Caller {
             name: known.name.clone(),
             role: known.role,
         })
+    }
+}
+
+/// Refuses a call without a known token before its body is decoded, so nobody without
+/// a token can make the daemon read and buffer a request as large as the limits allow.
+/// Roles are checked per call, once the request says what it wants.
+#[derive(Clone)]
+pub struct TokenCheck(pub std::sync::Arc<Authenticator>);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        self.0.authenticate(request.metadata())?;
+        Ok(request)
     }
 }
 

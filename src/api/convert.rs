@@ -190,6 +190,8 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         statement_timeout_ms: Some(p.statement_timeout_ms),
         allow_drift: p.drift == DriftPolicy::Allow,
         allow_out_of_order: p.order == OrderPolicy::AllowOutOfOrder,
+        idle_in_transaction_timeout_ms: Some(p.idle_in_transaction_timeout_ms),
+        busy_timeout_ms: Some(p.busy_timeout_ms),
     }
 }
 
@@ -270,6 +272,10 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         transaction,
         lock_timeout_ms: p.lock_timeout_ms.unwrap_or(defaults.lock_timeout_ms),
         statement_timeout_ms: p.statement_timeout_ms.unwrap_or(0),
+        idle_in_transaction_timeout_ms: p
+            .idle_in_transaction_timeout_ms
+            .unwrap_or(defaults.idle_in_transaction_timeout_ms),
+        busy_timeout_ms: p.busy_timeout_ms.unwrap_or(defaults.busy_timeout_ms),
         drift: rules.drift,
         order: rules.order,
         ..defaults

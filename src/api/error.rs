@@ -48,7 +48,8 @@ impl ApiError {
                 EngineError::NotFound(_) | EngineError::TenantNotFound { .. } => Code::NotFound,
                 EngineError::InvalidState { .. }
                 | EngineError::NothingToRetry(_)
-                | EngineError::Unloadable { .. } => Code::FailedPrecondition,
+                | EngineError::Unloadable { .. }
+                | EngineError::CanaryFailed { .. } => Code::FailedPrecondition,
                 EngineError::Policy(_) | EngineError::Targets(_) => Code::InvalidArgument,
                 EngineError::ShuttingDown => Code::Unavailable,
                 EngineError::Store(_) | EngineError::Secret(_) => Code::Internal,

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
-use super::auth::Authenticator;
+use super::auth::{Authenticator, TokenCheck};
 use super::convert::{self, Targets};
 use super::v1;
 use super::v1::rollout_service_server::{RolloutService, RolloutServiceServer};
@@ -28,6 +28,9 @@ const PLAN_CONCURRENCY: usize = 16;
 const PLAN_PER_HOST: usize = 4;
 /// Plans the daemon runs at once; more are refused (RESOURCE_EXHAUSTED), not queued.
 const MAX_CONCURRENT_PLANS: usize = 4;
+/// Tenant log reads at once (each is a connection with the daemon's credentials, and a
+/// viewer may ask for them); more are refused (RESOURCE_EXHAUSTED).
+const MAX_CONCURRENT_LOG_READS: usize = 8;
 /// Page sizes when a request leaves them at 0, and their caps.
 const DEFAULT_WAVE_PAGE: usize = 50;
 const DEFAULT_TENANT_PAGE: usize = 100;
@@ -40,6 +43,7 @@ pub struct RolloutApi {
     auth: Arc<Authenticator>,
     limits: Limits,
     plans: Arc<Semaphore>,
+    log_reads: Arc<Semaphore>,
 }
 
 impl RolloutApi {
@@ -50,15 +54,22 @@ impl RolloutApi {
             auth: Arc::new(auth),
             limits,
             plans: Arc::new(Semaphore::new(MAX_CONCURRENT_PLANS)),
+            log_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_LOG_READS)),
         }
     }
 
-    /// The tonic service, accepting requests as large as the limits allow.
-    pub fn into_server(self) -> RolloutServiceServer<Self> {
+    /// The tonic service, accepting requests as large as the limits allow — from
+    /// callers whose token is checked before the body is read.
+    pub fn into_server(
+        self,
+    ) -> tonic::service::interceptor::InterceptedService<RolloutServiceServer<Self>, TokenCheck>
+    {
         let max = self.limits.max_message_bytes();
-        RolloutServiceServer::new(self)
+        let check = TokenCheck(self.auth.clone());
+        let server = RolloutServiceServer::new(self)
             .max_decoding_message_size(max)
-            .max_encoding_message_size(max)
+            .max_encoding_message_size(max);
+        tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
     async fn start(&self, req: Request<v1::StartWaveRequest>) -> Result<String, ApiError> {
@@ -82,7 +93,7 @@ impl RolloutApi {
     fn get(&self, req: Request<v1::GetWaveRequest>) -> Result<v1::Wave, ApiError> {
         self.auth
             .authorize(req.metadata(), Role::Viewer, "reading a wave")?;
-        let status = self.engine.status(wave_id(&req.get_ref().wave_id)?)?;
+        let status = self.engine.status(&wave_id(&req.get_ref().wave_id)?)?;
         Ok(convert::wave(&status))
     }
 
@@ -113,14 +124,15 @@ impl RolloutApi {
         &self,
         req: Request<v1::WaveActionRequest>,
         what: &str,
-        action: fn(&Engine, &str, &str, &str) -> Result<WaveStatus, crate::wave::EngineError>,
+        action: impl FnOnce(&Engine, &str, &str, &str) -> Result<WaveStatus, crate::wave::EngineError>
+        + Send
+        + 'static,
     ) -> Result<v1::Wave, ApiError> {
         let caller = self.auth.authorize(req.metadata(), Role::Operator, what)?;
         let r = req.into_inner();
-        wave_id(&r.wave_id)?;
+        let id = wave_id(&r.wave_id)?;
         let engine = self.engine.clone();
-        let status =
-            off_runtime(move || action(&engine, &r.wave_id, &caller.name, &r.reason)).await?;
+        let status = off_runtime(move || action(&engine, &id, &caller.name, &r.reason)).await?;
         Ok(convert::wave(&status))
     }
 
@@ -131,7 +143,8 @@ impl RolloutApi {
         self.auth
             .authorize(req.metadata(), Role::Viewer, "watching a wave")?;
         let id = req.into_inner().wave_id;
-        let (snapshot, events) = self.engine.watch(wave_id(&id)?)?;
+        let id = wave_id(&id)?;
+        let (snapshot, events) = self.engine.watch(&id)?;
         let (tx, rx) = mpsc::channel(64);
         let engine = self.engine.clone();
         let draining = engine.draining();
@@ -145,7 +158,7 @@ impl RolloutApi {
         Ok(ReceiverStream::new(rx))
     }
 
-    fn tenants(
+    async fn tenants(
         &self,
         req: Request<v1::ListWaveTenantsRequest>,
     ) -> Result<v1::ListWaveTenantsResponse, ApiError> {
@@ -157,9 +170,11 @@ impl RolloutApi {
         let from_seq = u32::try_from(from_seq)
             .map_err(|_| ApiError::Invalid("page_token: out of range".into()))?;
         // One more than asked tells whether another page exists; it starts the next one.
-        let mut views = self
-            .engine
-            .tenants(wave_id(&r.wave_id)?, state, from_seq, size + 1)?;
+        let id = wave_id(&r.wave_id)?;
+        let engine = self.engine.clone();
+        // A finished wave's tenants come from the store: not on the threads that answer
+        // status calls.
+        let mut views = off_runtime(move || engine.tenants(&id, state, from_seq, size + 1)).await?;
         let next_page_token = if views.len() > size {
             views.truncate(size);
             views
@@ -239,6 +254,11 @@ impl RolloutApi {
             )
         };
         self.auth.authorize(req.metadata(), need, what)?;
+        let _reading = self.log_reads.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Busy(format!(
+                "{MAX_CONCURRENT_LOG_READS} tenant log reads are running; try again when one has finished"
+            ))
+        })?;
         let r = req.into_inner();
         let (dsn, name) = if !r.tenant_dsn.is_empty() {
             let dsn = Dsn::parse(&r.tenant_dsn)
@@ -247,7 +267,8 @@ impl RolloutApi {
             (dsn, name)
         } else if !r.wave_id.is_empty() && !r.tenant_id.is_empty() {
             (
-                self.engine.tenant_dsn(wave_id(&r.wave_id)?, &r.tenant_id)?,
+                self.engine
+                    .tenant_dsn(&wave_id(&r.wave_id)?, &r.tenant_id)?,
                 r.tenant_id.clone(),
             )
         } else {
@@ -271,25 +292,30 @@ impl RolloutApi {
         let caller = self
             .auth
             .authorize(req.metadata(), Role::Operator, "forgetting a wave")?;
-        let id = wave_id(&req.get_ref().wave_id)?.to_string();
+        let r = req.into_inner();
+        let id = wave_id(&r.wave_id)?;
         let engine = self.engine.clone();
-        off_runtime(move || engine.forget(&id, &caller.name)).await
+        off_runtime(move || engine.forget(&id, &caller.name, &r.reason)).await
     }
 }
 
 /// A request's `wave_id`, checked for shape: empty or not a UUID is INVALID_ARGUMENT
 /// naming the field, so NOT_FOUND only ever means "well-formed, but unknown".
-fn wave_id(id: &str) -> Result<&str, ApiError> {
+/// Any spelling of a UUID is accepted and looked up in the canonical form (lowercase,
+/// hyphenated) that the daemon gives out.
+fn wave_id(id: &str) -> Result<String, ApiError> {
     if id.is_empty() {
         return Err(ApiError::Invalid("wave_id: missing".into()));
     }
-    if uuid::Uuid::try_parse(id).is_err() {
-        let shown: String = id.chars().take(64).collect();
-        return Err(ApiError::Invalid(format!(
-            "wave_id: {shown:?} is not a wave id (a UUID such as 019a…)"
-        )));
+    match uuid::Uuid::try_parse(id) {
+        Ok(uuid) => Ok(uuid.hyphenated().to_string()),
+        Err(_) => {
+            let shown: String = id.chars().take(64).collect();
+            Err(ApiError::Invalid(format!(
+                "wave_id: {shown:?} is not a wave id (a UUID such as 019a…)"
+            )))
+        }
     }
-    Ok(id)
 }
 
 /// Runs an engine call that writes (and flushes) the store on the blocking pool, so an
@@ -410,7 +436,7 @@ async fn plan_tenant(
                         version: script.version().map(|v| v.to_string()).unwrap_or_default(),
                         action: match step.action {
                             StepAction::Apply => "apply",
-                            StepAction::Reapply => "reapply",
+                            StepAction::Reapply | StepAction::Supersede { .. } => "reapply",
                             StepAction::Resume { .. } => "recover",
                         }
                         .to_string(),
@@ -463,8 +489,18 @@ impl RolloutService for RolloutApi {
         &self,
         request: Request<v1::WaveActionRequest>,
     ) -> Result<Response<v1::Wave>, Status> {
+        let canary_failure = if request.get_ref().accept_canary_failure {
+            crate::wave::CanaryFailure::Accept
+        } else {
+            crate::wave::CanaryFailure::Refuse
+        };
         Ok(Response::new(
-            self.act(request, "resuming a wave", Engine::resume).await?,
+            self.act(
+                request,
+                "resuming a wave",
+                move |engine, id, actor, reason| engine.resume(id, actor, reason, canary_failure),
+            )
+            .await?,
         ))
     }
 
@@ -500,7 +536,7 @@ impl RolloutService for RolloutApi {
         &self,
         request: Request<v1::ListWaveTenantsRequest>,
     ) -> Result<Response<v1::ListWaveTenantsResponse>, Status> {
-        Ok(Response::new(self.tenants(request)?))
+        Ok(Response::new(self.tenants(request).await?))
     }
 
     async fn plan(

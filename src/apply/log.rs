@@ -48,11 +48,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once
 pub const ENSURE_SQL: &str = log_ddl!();
 
 /// [`ENSURE_SQL`] only when the table is missing: one catalog lookup on every later run.
+/// A log made before the unique index existed gets it here (the table is small and the
+/// index is created once); when it cannot be built (duplicate applied rows from before)
+/// the run goes on and the next one tries again.
 pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     "DO $flotilla$ BEGIN IF to_regclass('flotilla.execution_log') IS NULL THEN\n",
     log_ddl!(),
+    "ELSIF to_regclass('flotilla.execution_log_version_once') IS NULL THEN\n",
+    "CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once \
+     ON flotilla.execution_log (version) WHERE kind = 'versioned';\n",
     "END IF; END $flotilla$"
 );
+
+/// The session's server process: compared with the one that took the lock.
+pub const BACKEND_SQL: &str = "SELECT pg_backend_pid()";
 
 /// Reads what the planner needs, oldest first.
 pub const READ_SQL: &str = "SELECT id, version, script, kind, checksum, status, statements_done \
@@ -109,9 +118,28 @@ pub fn parse_entries(messages: &[SimpleQueryMessage]) -> Result<Vec<LogEntry>, D
     Ok(entries)
 }
 
-/// Takes the lock without waiting.
+/// Takes the lock without waiting; also says which server process took it and the
+/// `lock_timeout` (ms) it runs under, to tell a real session from a pooler's.
 pub fn try_lock_sql() -> String {
-    format!("SELECT pg_try_advisory_lock({LOCK_KEY})")
+    format!(
+        "SELECT pg_try_advisory_lock({LOCK_KEY}), pg_backend_pid(), \
+         (SELECT setting FROM pg_settings WHERE name = 'lock_timeout')"
+    )
+}
+
+/// Who holds [`LOCK_KEY`] in this database: pid, application_name, client address,
+/// state, since when. A bigint advisory key shows in `pg_locks` as its high and low
+/// 32 bits (`classid`, `objid`) with `objsubid = 1`.
+pub fn lock_holder_sql() -> String {
+    let (high, low) = ((LOCK_KEY as u64) >> 32, (LOCK_KEY as u64) & 0xffff_ffff);
+    format!(
+        "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'a local socket'), \
+         to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), coalesce(a.state, '') \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {high} AND l.objid = {low} \
+         AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         LIMIT 1"
+    )
 }
 
 /// SQLSTATEs meaning the log does not exist yet (undefined table, invalid schema).

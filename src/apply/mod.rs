@@ -27,7 +27,7 @@ use tracing::Instrument as _;
 use crate::bundle::{Bundle, Script, TransactionUse, rules};
 use crate::connect::{Session, SessionSettings};
 use crate::dsn::Dsn;
-use crate::failure::{DbFailure, Retryability};
+use crate::failure::{CancelCause, DbFailure, Retryability};
 use crate::reach::Reach;
 use log::RowIdentity;
 pub use plan::{DriftPolicy, OrderPolicy, Plan, PlanError, PlanOptions, StepAction};
@@ -108,6 +108,11 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// True when a script's session broke under it (no answer from the server).
+    fn connection_lost(&self) -> bool {
+        matches!(self, ApplyError::Script { failure, .. } if failure.is_connection_lost())
+    }
+
     /// Retryable or permanent: the single answer the scheduler acts on.
     pub fn retryability(&self) -> Retryability {
         match self {
@@ -147,8 +152,9 @@ pub enum Outcome {
         scripts: Vec<AppliedScript>,
         notes: Vec<String>,
     },
-    /// Another runner holds the tenant's lock; try later.
-    Busy,
+    /// Another session holds the tenant's lock; try later. `holder` says who, read
+    /// from `pg_locks`/`pg_stat_activity` when the server would tell.
+    Busy { holder: Option<String> },
     /// Stopped by a [`StopSignal`]; `scripts` committed before it.
     Cancelled { scripts: Vec<AppliedScript> },
     /// Failed; `scripts` committed before the failure.
@@ -177,7 +183,39 @@ pub async fn apply_tenant(run: &TenantRun<'_>, stop: &StopSignal) -> Outcome {
     if let Some(session) = session {
         session.close().await;
     }
-    outcome
+    match outcome {
+        Outcome::Failed {
+            scripts,
+            error: error @ ApplyError::Script { .. },
+        } if error.connection_lost() => confirm_from_log(run, scripts, error).await,
+        other => other,
+    }
+}
+
+/// The connection broke while a script ran: its COMMIT may have happened without our
+/// hearing of it. Ask the log (on a new session) before reporting a failure, so a lost
+/// reply is not a failed tenant — with `retries = 0` there would be no second look.
+async fn confirm_from_log(
+    run: &TenantRun<'_>,
+    scripts: Vec<AppliedScript>,
+    error: ApplyError,
+) -> Outcome {
+    let confirmed = read_log(run.dsn, &run.settings, run.reach)
+        .await
+        .ok()
+        .and_then(|rows| plan::plan(run.bundle, &rows, run.plan_options).ok())
+        .is_some_and(|p| p.steps.is_empty());
+    if confirmed {
+        tracing::info!(error = %error, "the connection was lost, but the log shows every script applied");
+        Outcome::Applied {
+            scripts,
+            notes: vec![format!(
+                "the connection was lost ({error}); the tenant's log shows every script applied"
+            )],
+        }
+    } else {
+        Outcome::Failed { scripts, error }
+    }
 }
 
 async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option<Session>) {
@@ -191,9 +229,12 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
             return (failed, None);
         }
     };
-    let log_rows = match lock_and_read_log(&session).await {
-        Ok(Some(rows)) => rows,
-        Ok(None) => return (Outcome::Busy, Some(session)),
+    let (log_rows, backend) = match lock_and_read_log(&session, &run.settings).await {
+        Ok(Some(read)) => read,
+        Ok(None) => {
+            let holder = lock_holder(&session).await;
+            return (Outcome::Busy { holder }, Some(session));
+        }
         Err(error) => {
             let failed = Outcome::Failed {
                 scripts: Vec::new(),
@@ -218,6 +259,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     let mut runner = Runner {
         run,
         session: &session,
+        backend,
         stop,
         applied: Vec::new(),
     };
@@ -296,20 +338,28 @@ async fn query_log<T>(
 /// transaction, so the read's snapshot is taken after the lock is held: a runner that
 /// just finished and released the lock cannot be missed. The ensure step only creates
 /// what is missing; when we turn out not to hold the lock its outcome is ignored.
-async fn lock_and_read_log(session: &Session) -> Result<Option<Vec<plan::LogRow>>, ApplyError> {
+async fn lock_and_read_log(
+    session: &Session,
+    settings: &SessionSettings,
+) -> Result<Option<(Vec<plan::LogRow>, Backend)>, ApplyError> {
     let client = session.client();
     let lock_sql = log::try_lock_sql();
-    let (locked, ensured, read) = tokio::join!(
+    let (locked, ensured, read, after) = tokio::join!(
         client.simple_query(&lock_sql),
         client.simple_query(log::ENSURE_IF_MISSING_SQL),
-        client.simple_query(log::READ_SQL)
+        client.simple_query(log::READ_SQL),
+        client.simple_query(log::BACKEND_SQL)
     );
     let locked = locked.map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
-    if first_value(&locked).as_deref() != Some("t") {
+    let values = first_row(&locked);
+    if values.first().map(String::as_str) != Some("t") {
         return Ok(None);
     }
+    let backend = Backend::check(&values[1..], settings)?;
+    let after = after.map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    backend.same_as(first_value(&after).as_deref())?;
     match read {
-        Ok(messages) => Ok(Some(log::parse_rows(&messages)?)),
+        Ok(messages) => Ok(Some((log::parse_rows(&messages)?, backend))),
         Err(e) => {
             let f = DbFailure::from(&e);
             if !log::is_missing_log(f.sqlstate.as_deref()) {
@@ -324,9 +374,89 @@ async fn lock_and_read_log(session: &Session) -> Result<Option<Vec<plan::LogRow>
                 .batch_execute(log::ENSURE_SQL)
                 .await
                 .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
-            Ok(Some(Vec::new()))
+            Ok(Some((Vec::new(), backend)))
         }
     }
+}
+
+/// Who holds the Flotilla lock on this tenant, in words, if the server tells.
+async fn lock_holder(session: &Session) -> Option<String> {
+    let rows = session
+        .client()
+        .simple_query(&log::lock_holder_sql())
+        .await
+        .ok()?;
+    let v = first_row(&rows);
+    let [pid, app, from, since, state] = v.as_slice() else {
+        return None;
+    };
+    Some(format!(
+        "advisory lock held by pid {pid} (application_name {app:?}, from {from}, {state}) since {since}"
+    ))
+}
+
+/// The server process a run's session is attached to, and proof that the session's
+/// startup settings reached it. A connection pooler in transaction mode breaks both:
+/// it may drop the startup `options` (our timeouts) and hand each transaction to
+/// another backend (so the session advisory lock protects nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Backend {
+    pid: String,
+}
+
+impl Backend {
+    /// From the lock query's `pg_backend_pid(), lock_timeout in ms`.
+    fn check(values: &[String], settings: &SessionSettings) -> Result<Self, ApplyError> {
+        let [pid, lock_timeout_ms] = values else {
+            return Err(pooler("the lock query returned an unexpected row"));
+        };
+        let want = settings.lock_timeout.as_millis().to_string();
+        if *lock_timeout_ms != want {
+            return Err(pooler(&format!(
+                "the session's lock_timeout is {lock_timeout_ms} ms, not the {want} ms Flotilla set in its startup options"
+            )));
+        }
+        Ok(Self { pid: pid.clone() })
+    }
+
+    /// Fails when a statement of this run ran on another backend.
+    fn same_as(&self, pid: Option<&str>) -> Result<(), ApplyError> {
+        match pid {
+            Some(p) if p == self.pid => Ok(()),
+            Some(p) => Err(pooler(&format!(
+                "statements of one run reached two server processes (pid {} then {p})",
+                self.pid
+            ))),
+            None => Err(pooler("a statement did not report its server process")),
+        }
+    }
+}
+
+/// The permanent, instructive error for a session that is not a real session.
+fn pooler(what: &str) -> ApplyError {
+    ApplyError::Log(DbFailure::client(
+        format!(
+            "{what}: this looks like a connection pooler in transaction (or statement) mode; \
+             Flotilla needs a direct or session-pooled connection (its advisory lock and \
+             session settings live in one server session)"
+        ),
+        Retryability::Permanent,
+    ))
+}
+
+/// Every column of the first row, as text (NULL as empty).
+fn first_row(messages: &[SimpleQueryMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 fn first_value(messages: &[SimpleQueryMessage]) -> Option<String> {
@@ -351,6 +481,7 @@ enum BatchError {
 struct Runner<'r, 'a> {
     run: &'r TenantRun<'a>,
     session: &'r Session,
+    backend: Backend,
     stop: &'r StopSignal,
     applied: Vec<AppliedScript>,
 }
@@ -484,6 +615,9 @@ impl Runner<'_, '_> {
             if n == 0 {
                 prefix.push_str("BEGIN;\n");
             }
+            // First row of the batch: which server process runs this transaction.
+            prefix.push_str(log::BACKEND_SQL);
+            prefix.push_str(";\n");
             prefix.push_str(&log::mark_start_sql());
             prefix.push('\n');
             prefix.push_str(&self.timeout_overrides(script, "LOCAL "));
@@ -501,11 +635,17 @@ impl Runner<'_, '_> {
             }
             let script_started = Instant::now();
             match self.batch(&sql).await {
-                Ok(_) => pending.push(AppliedScript {
-                    script: script.name.clone(),
-                    version,
-                    duration: script_started.elapsed(),
-                }),
+                Ok(rows) => {
+                    if let Err(e) = self.backend.same_as(first_value(&rows).as_deref()) {
+                        self.rollback().await;
+                        return Err(e);
+                    }
+                    pending.push(AppliedScript {
+                        script: script.name.clone(),
+                        version,
+                        duration: script_started.elapsed(),
+                    })
+                }
                 Err(BatchError::Cancelled) => {
                     self.rollback().await;
                     return Ok(true);
@@ -523,7 +663,7 @@ impl Runner<'_, '_> {
                     return Err(ApplyError::Script {
                         script: script.name.clone(),
                         line,
-                        failure: DbFailure::from(&e),
+                        failure: self.failure(script, &e, script_started.elapsed()),
                     });
                 }
             }
@@ -542,30 +682,42 @@ impl Runner<'_, '_> {
     ) -> Result<bool, ApplyError> {
         let version = script.version().map(|v| v.to_string());
         let started = Instant::now();
-        let fail = |e: BatchError, line: Option<u32>| -> Result<bool, ApplyError> {
+        let fail = |e: BatchError, line: Option<u32>, ran: Duration| -> Result<bool, ApplyError> {
             match e {
                 BatchError::Cancelled => Ok(true),
                 BatchError::Db(e) => Err(ApplyError::Script {
                     script: script.name.clone(),
                     line,
-                    failure: DbFailure::from(&e),
+                    failure: self.failure(script, &e, ran),
                 }),
             }
         };
+        let no_time = Duration::ZERO;
         let overrides = self.timeout_overrides(script, "");
+        let statements: Vec<_> = script.executable_statements().collect();
         let (log_id, from) = match action {
             StepAction::Resume {
                 log_id,
                 from_statement,
             } => {
-                if !overrides.is_empty()
-                    && let Err(e) = self.batch(&overrides).await
+                // The session that ran the first statements is gone, and with it what
+                // they set: replay the session-level ones (SET search_path, SET ROLE,
+                // set_config) so the rest runs — and recovery looks — where they meant.
+                let mut replay = overrides.clone();
+                for stmt in statements.iter().take(*from_statement) {
+                    if rules::session_setting(&stmt.leading) {
+                        replay.push_str(stmt.sql(&script.sql));
+                        replay.push('\n');
+                    }
+                }
+                if !replay.is_empty()
+                    && let Err(e) = self.batch(&replay).await
                 {
-                    return fail(e, None);
+                    return fail(e, None, no_time);
                 }
                 (*log_id, *from_statement)
             }
-            StepAction::Apply | StepAction::Reapply => {
+            StepAction::Apply | StepAction::Reapply | StepAction::Supersede { .. } => {
                 let sql = format!(
                     "{overrides}{}",
                     log::insert_started_sql(&self.identity(script, version.as_deref()))
@@ -583,31 +735,46 @@ impl Runner<'_, '_> {
                                 })?;
                         (id, 0)
                     }
-                    Err(e) => return fail(e, None),
+                    Err(e) => return fail(e, None, no_time),
                 }
             }
         };
         let lines = crate::bundle::LineIndex::new(&script.sql);
-        for (n, stmt) in script.executable_statements().enumerate().skip(from) {
+        let resuming = matches!(action, StepAction::Resume { .. });
+        let superseding = matches!(action, StepAction::Supersede { .. });
+        for (n, stmt) in statements.iter().enumerate().skip(from) {
             let line = stmt.first_token.map(|o| lines.line(o));
             if n > from && self.stop.is_stopping() {
                 return Ok(true);
             }
+            // The statement a run was cut off at may have run (its progress was not
+            // recorded): recover what PostgreSQL leaves half-done, then run it again.
+            let uncertain = resuming && n == from;
             let mut already_done = false;
-            if n == from
-                && matches!(action, StepAction::Resume { .. })
-                && let Some(index) = rules::concurrent_index(&stmt.leading)
-            {
-                match self.recover_concurrent_index(&index).await {
-                    Ok(built) => already_done = built,
-                    Err(e) => return fail(e, line),
+            if uncertain || superseding {
+                match self.recover(stmt, uncertain).await {
+                    Ok(done) => already_done = done,
+                    Err(e) => return fail(e, line, no_time),
                 }
             }
+            let statement_started = Instant::now();
             if !already_done && let Err(e) = self.batch(stmt.sql(&script.sql)).await {
-                return fail(e, line);
+                let done_anyway = uncertain
+                    && matches!(&e, BatchError::Db(db) if db.code().map(|c| c.code())
+                        == rules::done_if_fails_with(&stmt.leading));
+                if !done_anyway {
+                    return fail(e, line, statement_started.elapsed());
+                }
+                tracing::info!(script = %script.name, line, "the interrupted statement's effect is already there");
             }
-            if let Err(e) = self.batch(&log::progress_sql(log_id, n + 1)).await {
-                return fail(e, line);
+            let progress = format!(
+                "{};\n{}",
+                log::BACKEND_SQL,
+                log::progress_sql(log_id, n + 1)
+            );
+            match self.batch(&progress).await {
+                Ok(rows) => self.backend.same_as(first_value(&rows).as_deref())?,
+                Err(e) => return fail(e, line, no_time),
             }
         }
         let mut finish = log::finish_started_sql(
@@ -619,7 +786,7 @@ impl Runner<'_, '_> {
             finish.push_str("\nRESET lock_timeout;\nRESET statement_timeout;");
         }
         if let Err(e) = self.batch(&finish).await {
-            return fail(e, None);
+            return fail(e, None, no_time);
         }
         self.applied.push(AppliedScript {
             script: script.name.clone(),
@@ -627,6 +794,88 @@ impl Runner<'_, '_> {
             duration: started.elapsed(),
         });
         Ok(false)
+    }
+
+    /// What a failed statement of `script` means, with a cancel (57014) told apart by
+    /// the `statement_timeout` in force and how long the statement ran.
+    fn failure(&self, script: &Script, e: &tokio_postgres::Error, ran: Duration) -> DbFailure {
+        let failure = DbFailure::from(e);
+        if !failure.is_cancelled_statement() {
+            return failure;
+        }
+        let timeout = script
+            .directives
+            .statement_timeout
+            .unwrap_or(self.run.settings.statement_timeout);
+        failure.cancelled_by(CancelCause::judge(timeout, ran))
+    }
+
+    /// Before running a statement whose earlier run may have been cut off (`uncertain`),
+    /// or that follows a changed version of an interrupted repeatable: drop what an
+    /// interrupted `CREATE INDEX CONCURRENTLY` or `REINDEX … CONCURRENTLY` left
+    /// `INVALID`. True when the statement's effect is already complete (an uncertain
+    /// `CREATE INDEX CONCURRENTLY` whose index is valid).
+    async fn recover(
+        &self,
+        stmt: &crate::bundle::Statement,
+        uncertain: bool,
+    ) -> Result<bool, BatchError> {
+        if let Some(index) = rules::concurrent_index(&stmt.leading) {
+            let built = self.recover_concurrent_index(&index).await?;
+            // A valid index of that name after a *different* script's run is not this
+            // statement's work: let the statement decide (IF NOT EXISTS, or an error).
+            return Ok(built && uncertain);
+        }
+        if uncertain && let Some(target) = rules::reindex_concurrently(&stmt.leading) {
+            self.drop_reindex_leftovers(&target).await?;
+        }
+        Ok(false)
+    }
+
+    /// Drops the `INVALID` `_ccnew`/`_ccold` indexes an interrupted `REINDEX …
+    /// CONCURRENTLY` leaves on what it covers, so running it again starts clean.
+    async fn drop_reindex_leftovers(
+        &self,
+        target: &rules::ReindexTarget,
+    ) -> Result<(), BatchError> {
+        let qualified = |parts: &[String]| {
+            log::quote_literal(
+                &parts
+                    .iter()
+                    .map(|p| log::quote_ident(p))
+                    .collect::<Vec<_>>()
+                    .join("."),
+            )
+        };
+        let scope = match target {
+            rules::ReindexTarget::IndexOf(index) => format!(
+                "i.indrelid = (SELECT indrelid FROM pg_index WHERE indexrelid = to_regclass({}))",
+                qualified(index)
+            ),
+            rules::ReindexTarget::Table(table) => {
+                format!("i.indrelid = to_regclass({})", qualified(table))
+            }
+            rules::ReindexTarget::Schema(schema) => {
+                format!("n.nspname = {}", log::quote_literal(schema))
+            }
+            rules::ReindexTarget::Database => "true".to_string(),
+        };
+        let find = format!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE NOT i.indisvalid AND c.relname ~ '_cc(new|old)[0-9]*$' AND {scope}"
+        );
+        let rows = self.batch(&find).await?;
+        for m in &rows {
+            if let SimpleQueryMessage::Row(r) = m
+                && let Some(name) = r.get(0)
+            {
+                tracing::info!(index = %name, "dropping an index left INVALID by an interrupted REINDEX CONCURRENTLY");
+                self.batch(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes an interrupted `CREATE INDEX CONCURRENTLY` safe to continue. An `INVALID`

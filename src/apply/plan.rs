@@ -76,6 +76,10 @@ pub enum StepAction {
     /// An interrupted non-transactional run: continue at `from_statement` (0-based,
     /// counting executable statements), updating log row `log_id`.
     Resume { log_id: i64, from_statement: usize },
+    /// A repeatable whose run was interrupted (log row `log_id` stays `started`) and
+    /// that has changed since: run the new version from the start, first dropping any
+    /// index its `CREATE INDEX CONCURRENTLY` statements find left `INVALID`.
+    Supersede { log_id: i64 },
 }
 
 /// One script to run.
@@ -207,6 +211,17 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
                 }
             }
             ScriptKind::Repeatable => match latest_repeatable.get(script.name.as_str()) {
+                // A repeatable is meant to change: the new version replaces the one that
+                // was cut short (whose row stays `started`, older than the new one).
+                Some(row)
+                    if row.status == LogStatus::Started && row.checksum != script.checksum =>
+                {
+                    out.notes.push(format!(
+                        "{} was interrupted at an older version (execution_log row {}); running the new version",
+                        script.name, row.id
+                    ));
+                    Some(StepAction::Supersede { log_id: row.id })
+                }
                 Some(row) if row.status == LogStatus::Started => Some(interrupted(row)?),
                 Some(row) if row.checksum == script.checksum => None,
                 Some(_) => Some(StepAction::Reapply),
@@ -397,6 +412,35 @@ mod tests {
             err,
             PlanError::InterruptedScriptChanged { log_id: 1, .. }
         ));
+    }
+
+    /// Issue 11, case 8: an interrupted repeatable that changed used to fail the tenant
+    /// for ever ("interrupted script changed"); a repeatable is meant to change.
+    #[test]
+    fn an_interrupted_repeatable_that_changed_is_superseded() {
+        let b = three();
+        let mut row = applied(&b, 3, 4);
+        row.status = LogStatus::Started;
+        row.checksum = "e".repeat(64);
+        let log: Vec<_> = (0..3)
+            .map(|i| applied(&b, i, i as i64 + 1))
+            .chain([row])
+            .collect();
+        let p = plan(&b, &log, PlanOptions::default()).expect("plan");
+        assert_eq!(actions(&p), [(3, StepAction::Supersede { log_id: 4 })]);
+        assert!(
+            p.notes[0].contains("interrupted at an older version"),
+            "{p:?}"
+        );
+        // Once the new version is applied, the old `started` row is history.
+        let mut done = log.clone();
+        done.push(applied(&b, 3, 5));
+        assert!(
+            plan(&b, &done, PlanOptions::default())
+                .expect("plan")
+                .steps
+                .is_empty()
+        );
     }
 
     #[test]

@@ -189,7 +189,7 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     let reach = Reach::from_environment(settings.allowed_hosts.clone());
     if reach.ignores_pgpassword() {
         tracing::warn!(
-            "PGPASSWORD is set but allowed_hosts is not: the daemon offers it to no server (name the servers in allowed_hosts, or give passwords in the DSNs or in .pgpass lines naming each host)"
+            "PGPASSWORD is set but no allowed_hosts entry names a server: the daemon offers it to none (name the servers in allowed_hosts, or give passwords in the DSNs or in .pgpass lines naming each host and port)"
         );
     }
     let options = EngineOptions {

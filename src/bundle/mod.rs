@@ -242,6 +242,17 @@ impl Bundle {
             }
         }
         scripts.sort_by(|a, b| a.kind.cmp(&b.kind).then_with(|| a.name.cmp(&b.name)));
+        // An uploaded bundle is a list, not a directory: the same name may come twice.
+        let mut names: Vec<&str> = scripts.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        for pair in names.windows(2).filter(|p| p[0] == p[1]) {
+            problems.push(Problem {
+                file: pair[0].to_string(),
+                line: None,
+                message: "the bundle holds two files of this name".to_string(),
+            });
+        }
+        problems.dedup_by(|a, b| a.file == b.file && a.message == b.message);
         for pair in scripts.windows(2) {
             if let (ScriptKind::Versioned(a), ScriptKind::Versioned(b)) =
                 (&pair[0].kind, &pair[1].kind)
@@ -611,6 +622,20 @@ mod tests {
 
     fn bundle(files: &[(&str, &str)]) -> Result<Bundle, BundleError> {
         Bundle::from_files(files.iter().map(|(n, s)| file(n, s)).collect(), "test")
+    }
+
+    #[test]
+    fn an_uploaded_bundle_with_a_name_twice_is_refused() {
+        let p = problems(&[
+            ("R__view.sql", "select 1;"),
+            ("R__view.sql", "select 2;"),
+            ("V1__a.sql", "select 1;"),
+        ]);
+        assert_eq!(
+            p,
+            ["R__view.sql: the bundle holds two files of this name"],
+            "{p:?}"
+        );
     }
 
     fn problems(files: &[(&str, &str)]) -> Vec<String> {

@@ -117,6 +117,108 @@ pub fn concurrent_index(tokens: &[Token]) -> Option<ConcurrentIndex> {
     Some(ConcurrentIndex { index, table })
 }
 
+/// True for a statement that changes the *session* (`SET`, `SET ROLE`, `SET SESSION
+/// AUTHORIZATION`, `RESET`, `SELECT set_config(…)`): what a resumed `no-transaction`
+/// script must replay before it continues, since the session that ran them is gone.
+pub fn session_setting(tokens: &[Token]) -> bool {
+    let w = words(tokens);
+    let at = |i: usize| w.get(i).copied().unwrap_or("");
+    match (at(0), at(1)) {
+        // SET LOCAL only lives in a transaction; SET TRANSACTION/CONSTRAINTS likewise.
+        ("set", "local" | "transaction" | "constraints") => false,
+        ("set", _) | ("reset", _) => true,
+        ("select", "set_config") => true,
+        _ => false,
+    }
+}
+
+/// What `REINDEX … CONCURRENTLY` rebuilds, if this is one: where an interrupted run may
+/// have left `_ccnew`/`_ccold` indexes `INVALID`.
+pub fn reindex_concurrently(tokens: &[Token]) -> Option<ReindexTarget> {
+    let w = words(tokens);
+    if w.first() != Some(&"reindex") || !w.contains(&"concurrently") {
+        return None;
+    }
+    // The name follows CONCURRENTLY: `REINDEX [(options)] KIND CONCURRENTLY name`.
+    let kind = w.get(1).copied()?;
+    let name = name_after(tokens, "concurrently");
+    Some(match kind {
+        "index" => ReindexTarget::IndexOf(name?),
+        "table" => ReindexTarget::Table(name?),
+        "schema" => ReindexTarget::Schema(name?.pop()?),
+        "database" | "system" => ReindexTarget::Database,
+        _ => return None,
+    })
+}
+
+/// The (possibly schema-qualified) name after the top-level word `after`.
+fn name_after(tokens: &[Token], after: &str) -> Option<Vec<String>> {
+    let start = tokens
+        .iter()
+        .position(|t| matches!(t, Token::Word(w) if w == after))?;
+    let part = |t: Option<&Token>| match t {
+        Some(Token::Word(w)) => Some(w.clone()),
+        Some(Token::Quoted(q)) => Some(q.clone()),
+        _ => None,
+    };
+    let mut i = start + 1;
+    let mut name = vec![part(tokens.get(i))?];
+    i += 1;
+    while matches!(tokens.get(i), Some(Token::Punct(b'.'))) {
+        name.push(part(tokens.get(i + 1))?);
+        i += 2;
+    }
+    Some(name)
+}
+
+/// What a `REINDEX … CONCURRENTLY` covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReindexTarget {
+    /// The table of this index.
+    IndexOf(Vec<String>),
+    Table(Vec<String>),
+    Schema(String),
+    /// The whole database (`DATABASE` or `SYSTEM`).
+    Database,
+}
+
+/// The SQLSTATE that, when this statement runs again after an interruption, means its
+/// effect is already there: `DROP INDEX CONCURRENTLY` of a gone index (42704), `ALTER
+/// TYPE … ADD VALUE` of a value that exists (42710).
+pub fn done_if_fails_with(tokens: &[Token]) -> Option<&'static str> {
+    let w = words(tokens);
+    let at = |i: usize| w.get(i).copied().unwrap_or("");
+    match (at(0), at(1)) {
+        ("drop", "index") if at(2) == "concurrently" => Some("42704"),
+        ("alter", "type") if w.windows(2).any(|p| p == ["add", "value"]) => Some("42710"),
+        _ => None,
+    }
+}
+
+/// True when running this statement a second time is harmless or recovered by the
+/// applier: what a `no-transaction` script may hold without a lint warning, since a
+/// crash between a statement and its recorded progress runs it again.
+pub fn safe_to_rerun(tokens: &[Token]) -> bool {
+    let w = words(tokens);
+    let at = |i: usize| w.get(i).copied().unwrap_or("");
+    let guarded = w
+        .windows(2)
+        .any(|p| p == ["if", "exists"] || p == ["or", "replace"])
+        || w.windows(3).any(|p| p == ["if", "not", "exists"]);
+    guarded
+        || concurrent_index(tokens).is_some()
+        || reindex_concurrently(tokens).is_some()
+        || done_if_fails_with(tokens).is_some()
+        || session_setting(tokens)
+        || matches!(
+            (at(0), at(1)),
+            (
+                "vacuum" | "analyze" | "reindex" | "cluster" | "select" | "show",
+                _
+            ) | ("refresh", "materialized")
+        )
+}
+
 /// An index built concurrently, named in its script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConcurrentIndex {
@@ -240,5 +342,79 @@ mod tests {
             None
         );
         assert_eq!(concurrent_index(&first("create index i on t (a)")), None);
+    }
+
+    #[test]
+    fn session_settings_are_recognised() {
+        for sql in [
+            "SET search_path TO app",
+            "set session search_path = app",
+            "SET ROLE migrator",
+            "SET SESSION AUTHORIZATION app",
+            "RESET ROLE",
+            "SELECT set_config('search_path', 'app', false)",
+        ] {
+            assert!(session_setting(&first(sql)), "{sql}");
+        }
+        for sql in [
+            "SET LOCAL search_path TO app",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SELECT 1",
+            "CREATE TABLE set_things ()",
+        ] {
+            assert!(!session_setting(&first(sql)), "{sql}");
+        }
+    }
+
+    #[test]
+    fn reindex_targets() {
+        assert_eq!(
+            reindex_concurrently(&first("REINDEX (VERBOSE) INDEX CONCURRENTLY app.i")),
+            Some(ReindexTarget::IndexOf(vec!["app".into(), "i".into()]))
+        );
+        assert_eq!(
+            reindex_concurrently(&first("reindex table concurrently \"T\"")),
+            Some(ReindexTarget::Table(vec!["T".into()]))
+        );
+        assert_eq!(
+            reindex_concurrently(&first("REINDEX SCHEMA CONCURRENTLY app")),
+            Some(ReindexTarget::Schema("app".into()))
+        );
+        assert_eq!(
+            reindex_concurrently(&first("REINDEX DATABASE CONCURRENTLY db")),
+            Some(ReindexTarget::Database)
+        );
+        assert_eq!(reindex_concurrently(&first("REINDEX INDEX i")), None);
+    }
+
+    #[test]
+    fn what_may_run_twice() {
+        assert_eq!(
+            done_if_fails_with(&first("DROP INDEX CONCURRENTLY i")),
+            Some("42704")
+        );
+        assert_eq!(
+            done_if_fails_with(&first("ALTER TYPE mood ADD VALUE 'meh'")),
+            Some("42710")
+        );
+        for sql in [
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "CREATE TABLE IF NOT EXISTS t ()",
+            "DROP TABLE IF EXISTS t",
+            "CREATE OR REPLACE VIEW v AS SELECT 1",
+            "VACUUM t",
+            "ALTER TYPE mood ADD VALUE 'meh'",
+            "SET search_path TO app",
+        ] {
+            assert!(safe_to_rerun(&first(sql)), "{sql}");
+        }
+        for sql in [
+            "CREATE TABLE t ()",
+            "INSERT INTO t VALUES (1)",
+            "ALTER TABLE t ADD COLUMN c int",
+            "UPDATE t SET a = a + 1",
+        ] {
+            assert!(!safe_to_rerun(&first(sql)), "{sql}");
+        }
     }
 }

@@ -90,7 +90,7 @@ impl RunMetrics {
             Outcome::Applied { scripts, .. }
             | Outcome::Cancelled { scripts }
             | Outcome::Failed { scripts, .. } => scripts.as_slice(),
-            Outcome::UpToDate { .. } | Outcome::Busy => &[],
+            Outcome::UpToDate { .. } | Outcome::Busy { .. } => &[],
         };
         for s in scripts {
             self.script_duration.record(s.duration.as_secs_f64(), &[]);

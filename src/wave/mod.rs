@@ -82,6 +82,19 @@ pub enum EngineError {
     ShuttingDown,
     #[error("wave {wave} is quarantined ({reason}); only `forget` applies to it")]
     Unloadable { wave: String, reason: String },
+    #[error(
+        "wave {wave}: canary tenant {tenant:?} failed; retry it, or resume with --accept-canary-failure to go on without it"
+    )]
+    CanaryFailed { wave: String, tenant: String },
+}
+
+/// Whether resuming may pass a canary stage that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CanaryFailure {
+    /// Refuse to resume while a canary tenant is failed.
+    Refuse,
+    /// The operator accepts the failure: the rest of the fleet may start.
+    Accept,
 }
 
 /// Tenants per state.
@@ -191,6 +204,8 @@ struct WaveInner {
     /// when asked for, so a daemon holding months of waves holds no tenant records.
     tenants: Vec<TenantRecord>,
     tenants_in_store: bool,
+    /// Set by `forget` under the lock: nothing may write this wave any more.
+    forgotten: bool,
     counts: Counts,
     queue: Queue,
     stops: HashMap<u32, StopSignal>,
@@ -260,6 +275,18 @@ impl WaveInner {
     fn release_tenants(&mut self) {
         self.tenants = Vec::new();
         self.tenants_in_store = true;
+    }
+
+    /// Records something that happened to the wave without changing its state.
+    fn note(&mut self, state: WaveState, actor: &str, reason: &str) {
+        self.record.reason = Some(reason.to_string());
+        self.record.history.push(StateChange {
+            from: Some(state),
+            to: state,
+            actor: actor.to_string(),
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+        });
     }
 
     fn set_tenant(&mut self, seq: u32, to: TenantState) {
@@ -352,6 +379,7 @@ impl Engine {
         };
         let mut records = engine.inner.store.load_waves()?;
         records.sort_by(|a, b| a.0.cmp(&b.0));
+        engine.collect_bundles(&records)?;
         for (id, record) in records {
             match engine.load_wave(record) {
                 Ok(wave) => {
@@ -370,18 +398,49 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Deletes stored bundles no stored wave uses (left by `forget` and retention, which
+    /// never delete one while the daemon runs: a new wave may be storing it). Skipped
+    /// when a wave record cannot be decoded: its bundle is unknown.
+    fn collect_bundles(&self, records: &[crate::store::StoredWave]) -> Result<(), EngineError> {
+        let mut used = std::collections::HashSet::new();
+        for (_, record) in records {
+            match record {
+                Ok(r) => used.insert(r.bundle_id.as_str()),
+                Err(_) => return Ok(()),
+            };
+        }
+        for id in self.inner.store.bundle_ids()? {
+            if !used.contains(id.as_str()) {
+                self.inner.store.delete_bundle(&id)?;
+                tracing::info!(bundle = %id, "deleted a bundle no wave uses");
+            }
+        }
+        Ok(())
+    }
+
     /// Builds one stored wave's runtime and registers it.
     fn load_wave(&self, record: Result<WaveRecord, StoreError>) -> Result<Arc<Wave>, EngineError> {
-        let record = record?;
+        let mut record = record?;
+        record.policy = record.policy.upgraded();
         record.policy.validate()?;
         let bundle = Arc::new(self.inner.store.load_bundle(&record.bundle_id)?);
         let mut tenants = self.inner.store.load_tenants(&record.id)?;
-        for t in tenants
-            .iter_mut()
-            .filter(|t| t.state == TenantState::Running)
-        {
-            // Interrupted mid-run: its log will tell the applier what happened.
-            t.state = TenantState::Pending;
+        // A tenant interrupted mid-run goes back to the queue (its log will tell the
+        // applier what happened) — unless the wave was cancelled: nothing starts in a
+        // cancelled wave, so it would wait for ever. Its log still says what ran.
+        let interrupted = if record.state == WaveState::Cancelled {
+            TenantState::Cancelled
+        } else {
+            TenantState::Pending
+        };
+        for t in tenants.iter_mut().filter(|t| {
+            t.state == TenantState::Running
+                || (t.state == TenantState::Pending && interrupted == TenantState::Cancelled)
+        }) {
+            t.state = interrupted;
+            if interrupted == TenantState::Cancelled {
+                t.finished_at_ms = Some(now_ms());
+            }
             self.inner.store.save_tenant(&record.id, t)?;
         }
         let wave = build_wave(record, tenants, bundle)?;
@@ -447,6 +506,14 @@ impl Engine {
                 .map(|t| t.labels.get(key) == Some(value))
                 .collect(),
         };
+        if let Canary::Label { key, value } = &policy.canary
+            && !is_canary.iter().any(|c| *c)
+        {
+            // An empty canary stage would pass at once and open the gate for everyone.
+            return Err(EngineError::Policy(PolicyError(format!(
+                "canary label {key}={value} matches no tenant of the wave"
+            ))));
+        }
         let mut indexed: Vec<(bool, Tenant)> = is_canary.into_iter().zip(ordered).collect();
         indexed.sort_by_key(|(canary, _)| !*canary);
 
@@ -468,6 +535,7 @@ impl Engine {
                 retries_used: 0,
                 generation: 0,
                 last_error: None,
+                busy_since_ms: None,
                 started_at_ms: None,
                 finished_at_ms: None,
             })
@@ -701,6 +769,9 @@ impl Engine {
 
     fn finish_tenant(&self, wave: &Wave, seq: u32, generation: u64, outcome: Outcome) {
         let mut inner = wave.lock();
+        if inner.forgotten {
+            return;
+        }
         let Some(current) = inner.tenants.get(seq as usize) else {
             return;
         };
@@ -717,15 +788,48 @@ impl Engine {
         let next = match &outcome {
             Outcome::UpToDate { .. } | Outcome::Applied { .. } => TenantState::Succeeded,
             Outcome::Cancelled { .. } => TenantState::Cancelled,
-            Outcome::Busy if cancelled_wave => TenantState::Cancelled,
-            Outcome::Busy => {
-                // Someone else holds the tenant; not a failure, not a retry spent.
-                let busy_round = inner.tenants[seq as usize].attempts;
-                let delay = policy
-                    .backoff(busy_round.min(6))
-                    .max(Duration::from_millis(200));
-                inner.queue.push_delayed(seq, &host, now + delay);
-                TenantState::Pending
+            Outcome::Busy { .. } if cancelled_wave => TenantState::Cancelled,
+            Outcome::Busy { holder } => {
+                // Someone else holds the tenant: not a failure and not a retry spent,
+                // until it has lasted longer than the policy's busy_timeout.
+                let t = &mut inner.tenants[seq as usize];
+                let wall = now_ms();
+                let since = *t.busy_since_ms.get_or_insert(wall);
+                let why = format!(
+                    "busy: {}",
+                    holder
+                        .as_deref()
+                        .unwrap_or("the Flotilla advisory lock is held by another session")
+                );
+                let busy_for = wall.saturating_sub(since);
+                let gave_up = busy_for >= policy.busy_timeout_ms;
+                t.last_error = Some(ErrorRecord {
+                    script: None,
+                    sqlstate: None,
+                    message: if gave_up {
+                        format!(
+                            "{why}; still busy after {} (busy_timeout)",
+                            humantime::format_duration(Duration::from_millis(busy_for))
+                        )
+                    } else {
+                        why
+                    },
+                    retryability: if gave_up {
+                        crate::failure::Retryability::Permanent
+                    } else {
+                        crate::failure::Retryability::Retryable
+                    },
+                });
+                if gave_up {
+                    TenantState::Failed
+                } else {
+                    let busy_round = t.attempts;
+                    let delay = policy
+                        .backoff(busy_round.min(6))
+                        .max(Duration::from_millis(200));
+                    inner.queue.push_delayed(seq, &host, now + delay);
+                    TenantState::Pending
+                }
             }
             Outcome::Failed { error, .. } => {
                 let t = &mut inner.tenants[seq as usize];
@@ -752,12 +856,15 @@ impl Engine {
             TenantState::Succeeded => RunDecision::Succeeded,
             TenantState::Failed => RunDecision::Failed,
             TenantState::Cancelled => RunDecision::Cancelled,
-            _ if matches!(outcome, Outcome::Busy) => RunDecision::Busy,
+            _ if matches!(outcome, Outcome::Busy { .. }) => RunDecision::Busy,
             _ => RunDecision::Retried,
         };
         crate::telemetry::metrics::runs().record(&outcome, decision);
         record_on_span(&outcome, decision);
         inner.set_tenant(seq, next);
+        if !matches!(outcome, Outcome::Busy { .. }) {
+            inner.tenants[seq as usize].busy_since_ms = None;
+        }
         if next == TenantState::Succeeded {
             inner.tenants[seq as usize].last_error = None;
         }
@@ -776,20 +883,29 @@ impl Engine {
 
     /// Canary and failure-budget decisions after a tenant finished.
     fn after_tenant(&self, inner: &mut WaveInner, t: &TenantRecord) {
-        if inner.record.state != WaveState::Running {
-            return;
-        }
+        // Every canary's outcome counts, whatever the wave's state when it arrives: a
+        // canary that fails while an operator has the wave paused must still keep the
+        // rest of the fleet from starting.
         if t.canary && !inner.record.canary_passed {
             if t.state == TenantState::Failed {
                 let reason = format!(
-                    "canary tenant {} failed: {}",
+                    "canary tenant {} failed: {}; retry it, or resume with --accept-canary-failure",
                     t.tenant_id,
                     t.last_error
                         .as_ref()
                         .map(|e| e.message.as_str())
                         .unwrap_or("")
                 );
-                inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
+                match inner.record.state {
+                    WaveState::Running => {
+                        inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
+                    }
+                    WaveState::Paused | WaveState::Pending => {
+                        let state = inner.record.state;
+                        inner.note(state, DAEMON_ACTOR, &reason);
+                    }
+                    _ => return,
+                }
                 self.save_wave(inner);
                 return;
             }
@@ -800,7 +916,9 @@ impl Engine {
                 .all(|c| c.state == TenantState::Succeeded);
             if all_passed {
                 inner.record.canary_passed = true;
-                if inner.record.policy.after_canary == AfterCanary::Pause {
+                if inner.record.policy.after_canary == AfterCanary::Pause
+                    && inner.record.state == WaveState::Running
+                {
                     inner.transition(
                         WaveState::Paused,
                         DAEMON_ACTOR,
@@ -810,6 +928,9 @@ impl Engine {
                 self.save_wave(inner);
                 return;
             }
+        }
+        if inner.record.state != WaveState::Running {
+            return;
         }
         let budget = inner.record.policy.max_failures;
         if t.state == TenantState::Failed
@@ -837,18 +958,24 @@ impl Engine {
             inner.tenants = self.inner.store.load_tenants(id)?;
             inner.tenants_in_store = false;
         }
-        let applied = apply(&mut inner);
+        if inner.forgotten {
+            return Err(EngineError::NotFound(id.to_string()));
+        }
+        let applied = apply(&mut inner).and_then(|changed_tenants| {
+            // Durable before acknowledged: tenants first, the wave record (flushed) last.
+            for seq in changed_tenants {
+                self.inner
+                    .store
+                    .save_tenant(id, &inner.tenants[seq as usize])?;
+            }
+            self.inner.store.save_wave(&inner.record)?;
+            Ok(())
+        });
+        // Only once its tenants are stored may a finished wave let go of them.
         if inner.record.state.is_finished() && inner.queue.running() == 0 {
             inner.release_tenants();
         }
-        let changed_tenants = applied?;
-        // Durable before acknowledged: tenants first, the wave record (flushed) last.
-        for seq in changed_tenants {
-            self.inner
-                .store
-                .save_tenant(id, &inner.tenants[seq as usize])?;
-        }
-        self.inner.store.save_wave(&inner.record)?;
+        applied?;
         wave.emit(&inner, None);
         let status = Wave::status(&inner);
         drop(inner);
@@ -875,17 +1002,35 @@ impl Engine {
         })
     }
 
-    /// Continues a paused wave.
-    pub fn resume(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
+    /// Continues a paused wave. A wave whose canary failed (and was not retried to
+    /// success) resumes only when the operator accepts that failure.
+    pub fn resume(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        canary_failure: CanaryFailure,
+    ) -> Result<WaveStatus, EngineError> {
         self.command(id, actor, "resume", |inner| match inner.record.state {
             WaveState::Paused | WaveState::Pending => {
-                // Resuming after the canary stage ended without passing (a canary
-                // failed and was not retried) is the operator accepting it.
-                let canary_stage_over = !inner.tenants.iter().any(|t| {
-                    t.canary && matches!(t.state, TenantState::Pending | TenantState::Running)
-                });
-                if !inner.record.canary_passed && canary_stage_over {
+                if !inner.record.canary_passed
+                    && let Some(failed) = inner
+                        .tenants
+                        .iter()
+                        .find(|t| t.canary && t.state == TenantState::Failed)
+                {
+                    if canary_failure == CanaryFailure::Refuse {
+                        return Err(EngineError::CanaryFailed {
+                            wave: id.to_string(),
+                            tenant: failed.tenant_id.clone(),
+                        });
+                    }
                     inner.record.canary_passed = true;
+                    inner.note(
+                        inner.record.state,
+                        actor,
+                        "the canary stage's failures are accepted",
+                    );
                 }
                 inner.transition(WaveState::Running, actor, reason);
                 Ok(Vec::new())
@@ -958,13 +1103,7 @@ impl Engine {
                 reason.to_string()
             };
             if inner.record.state == WaveState::Paused {
-                inner.record.history.push(StateChange {
-                    from: Some(WaveState::Paused),
-                    to: WaveState::Paused,
-                    actor: actor.to_string(),
-                    reason: why,
-                    at_ms: now_ms(),
-                });
+                inner.note(WaveState::Paused, actor, &why);
             } else {
                 inner.transition(WaveState::Running, actor, &why);
             }
@@ -999,16 +1138,28 @@ impl Engine {
     /// Removes a finished wave (or a quarantined one) from the daemon and its store:
     /// status, tenants and history are gone for good; the tenants' own execution logs
     /// keep what ran. A wave that is not finished must be cancelled first.
-    pub fn forget(&self, id: &str, actor: &str) -> Result<(), EngineError> {
+    pub fn forget(&self, id: &str, actor: &str, reason: &str) -> Result<(), EngineError> {
+        self.forget_if(id, actor, reason, |_| true)
+    }
+
+    /// [`Engine::forget`] when `still_wanted` holds for the wave's record, checked under
+    /// the wave's lock together with its state: nothing can change it in between.
+    fn forget_if(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        still_wanted: impl FnOnce(&WaveRecord) -> bool,
+    ) -> Result<(), EngineError> {
         if self.unloadable_lock().contains_key(id) {
             self.inner.store.delete_wave(id)?;
             self.unloadable_lock().remove(id);
-            tracing::info!(wave = %id, actor, "quarantined wave forgotten");
+            tracing::info!(wave = %id, actor, reason, "quarantined wave forgotten");
             return Ok(());
         }
         let wave = self.wave(id)?;
         {
-            let inner = wave.lock();
+            let mut inner = wave.lock();
             let state = inner.record.state;
             if !state.is_finished() || inner.queue.running() > 0 {
                 return Err(EngineError::InvalidState {
@@ -1017,36 +1168,29 @@ impl Engine {
                     action: "forget (cancel it first, and let its running tenants stop)",
                 });
             }
+            if !still_wanted(&inner.record) {
+                return Ok(());
+            }
+            // From here no command, result or dispatcher writes this wave again, so
+            // deleting its records cannot race a retry writing them back.
+            inner.forgotten = true;
         }
-        self.inner.store.delete_wave(id)?;
         self.waves_lock().remove(id);
-        let bundle_id = wave.bundle.id();
-        let shared = self
-            .waves_lock()
-            .values()
-            .any(|w| w.bundle.id() == bundle_id);
-        if !shared {
-            self.inner.store.delete_bundle(bundle_id)?;
-        }
-        tracing::info!(wave = %id, actor, "wave forgotten");
+        self.inner.store.delete_wave(id)?;
+        // Its bundle is collected when the daemon next opens the store, if no wave
+        // uses it then: deleting it now could race a new wave storing the same bundle.
+        tracing::info!(wave = %id, actor, reason, "wave forgotten");
         Ok(())
     }
 
-    /// Finished waves whose last change is older than the retention, oldest first.
-    fn expired(&self, retention: Duration, now: u64) -> Vec<String> {
-        let cutoff = now.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+    /// Finished waves whose last change is older than `cutoff` (ms since the epoch).
+    fn expired(&self, cutoff: u64) -> Vec<String> {
         let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
         waves
             .iter()
             .filter(|w| {
                 let inner = w.lock();
-                let last = inner
-                    .record
-                    .history
-                    .last()
-                    .map(|h| h.at_ms)
-                    .unwrap_or(inner.record.created_at_ms);
-                inner.record.state.is_finished() && inner.queue.running() == 0 && last < cutoff
+                inner.record.state.is_finished() && last_change(&inner.record) < cutoff
             })
             .map(|w| w.id.clone())
             .collect()
@@ -1057,10 +1201,19 @@ impl Engine {
         let Some(retention) = self.inner.retention else {
             return 0;
         };
+        let cutoff =
+            now_ms().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let reason = format!(
+            "finished more than {} ago (wave_retention)",
+            humantime::format_duration(retention)
+        );
         let mut forgotten = 0;
-        for id in self.expired(retention, now_ms()) {
-            match self.forget(&id, DAEMON_ACTOR) {
+        for id in self.expired(cutoff) {
+            // Checked again under the lock: a retry may have revived it meanwhile.
+            let still_expired = |r: &WaveRecord| last_change(r) < cutoff;
+            match self.forget_if(&id, DAEMON_ACTOR, &reason, still_expired) {
                 Ok(()) => forgotten += 1,
+                Err(EngineError::InvalidState { .. } | EngineError::NotFound(_)) => {}
                 Err(e) => tracing::warn!(wave = %id, error = %e, "cannot forget an expired wave"),
             }
         }
@@ -1120,6 +1273,9 @@ impl Engine {
         let wave = self.wave(id)?;
         {
             let inner = wave.lock();
+            if inner.forgotten {
+                return Err(EngineError::NotFound(id.to_string()));
+            }
             if !inner.tenants_in_store {
                 return Ok(read(&inner.tenants));
             }
@@ -1248,6 +1404,7 @@ fn build_wave(
             record,
             tenants: if finished { Vec::new() } else { tenants },
             tenants_in_store: finished,
+            forgotten: false,
             counts,
             queue,
             stops: HashMap::new(),
@@ -1258,6 +1415,15 @@ fn build_wave(
         events,
         limiter,
     }))
+}
+
+/// When a wave last changed state (ms since the epoch).
+fn last_change(record: &WaveRecord) -> u64 {
+    record
+        .history
+        .last()
+        .map(|h| h.at_ms)
+        .unwrap_or(record.created_at_ms)
 }
 
 /// How a quarantined wave shows: `FAILED`, with why, and nothing else known.

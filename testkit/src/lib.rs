@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 
 pub mod daemon;
+pub mod fault;
+pub mod pooler;
 pub use daemon::Daemon;
 
 /// The superuser every cluster is created with.
@@ -99,7 +101,7 @@ pub fn pg_bindir() -> Result<PathBuf> {
     )
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // The effective uid without libc: /proc/self/status has "Uid: real effective …".
     std::fs::read_to_string("/proc/self/status")
         .ok()
