@@ -260,3 +260,137 @@ async fn request_limits_come_from_the_config_and_are_named_when_hit() {
         .waves;
     assert!(waves.is_empty(), "nothing was created");
 }
+
+/// Issue 11, case 4. The daemon stops (SIGSTOP) between two batches of a `per-tenant`
+/// transaction: the server ends the idle transaction within the policy's
+/// `idle_in_transaction_timeout`, so its locks go with it (they used to stay until TCP
+/// keepalive gave up). Once the daemon continues, the tenant is retried and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_daemon_does_not_hold_a_tenant_in_an_idle_transaction() {
+    let cluster = flotilla_testkit::shared();
+    let db = cluster
+        .create_tenants("idletx_", 1, "")
+        .await
+        .expect("tenant")
+        .remove(0);
+    let data = tempfile::tempdir().expect("tempdir");
+    let daemon = Daemon::start(data.path(), &[]).expect("start");
+    let mut client = RolloutServiceClient::new(channel(daemon.url()).await);
+    let bundle = flotilla::bundle::Bundle::from_sources(
+        &[
+            (
+                "V1__slow.sql",
+                "CREATE TABLE locked_thing (id int);\nSELECT pg_sleep(1.5);",
+            ),
+            ("V2__next.sql", "SELECT 1;"),
+        ],
+        "t",
+    )
+    .expect("bundle");
+    let wave = client
+        .start_wave(v1::StartWaveRequest {
+            bundle: Some(flotilla::api::convert::bundle_to_proto(&bundle)),
+            targets: Some(v1::start_wave_request::Targets::TargetList(
+                v1::TargetList {
+                    tenants: vec![v1::Tenant {
+                        tenant_id: db.clone(),
+                        dsn: cluster.url(&db),
+                        labels: Default::default(),
+                    }],
+                },
+            )),
+            policy: Some(v1::Policy {
+                concurrency: 1,
+                transaction: v1::TransactionMode::PerTenant as i32,
+                idle_in_transaction_timeout_ms: Some(1_000),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .wave_id;
+    let admin = cluster.connect("postgres").await.expect("admin");
+    let flotilla_sessions = |state: &'static str| {
+        let (admin, db) = (&admin, db.clone());
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flotilla' \
+                     AND datname = $1 AND state LIKE $2",
+                    &[&db, &state],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .get::<_, i64>(0)
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while flotilla_sessions("active").await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the first batch runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = daemon.pid().expect("pid").to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    // The first batch ends, the transaction idles with its ACCESS EXCLUSIVE lock, and
+    // the server ends it after the timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut saw_idle = false;
+    loop {
+        saw_idle |= flotilla_sessions("idle in transaction%").await > 0;
+        if saw_idle && flotilla_sessions("%").await == 0 {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            signal("-CONT");
+            panic!("the idle transaction was not ended (seen idle: {saw_idle})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let locks: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'flotilla' AND a.datname = $1",
+            &[&db],
+        )
+        .await
+        .expect("pg_locks")
+        .get(0);
+    assert_eq!(locks, 0, "its locks went with it");
+    signal("-CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let w = client
+            .get_wave(v1::GetWaveRequest {
+                wave_id: wave.clone(),
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        if w.state == v1::WaveState::Completed as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "completes after a retry: {w:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tenant = cluster.connect(&db).await.expect("tenant");
+    let applied: i64 = tenant
+        .query_one(
+            "SELECT count(*) FROM flotilla.execution_log WHERE status = 'applied'",
+            &[],
+        )
+        .await
+        .expect("log")
+        .get(0);
+    assert_eq!(applied, 2, "each script once");
+}

@@ -743,3 +743,158 @@ fn a_cancel_is_durable_whatever_was_in_flight() {
         );
     });
 }
+
+/// Issue 11, case 3. A canary label that matches no tenant is refused (it used to open
+/// the gate for the whole fleet at once); a canary that fails while an operator has the
+/// wave paused still counts (it used to be ignored, and `resume` passed the stage), and
+/// resuming then needs the operator to accept the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_stage_cannot_be_skipped_by_accident() {
+    use flotilla::wave::{CanaryFailure, EngineError};
+    let cluster = shared();
+    let mut all = tenants(cluster, "canskip_", 4).await;
+    mark_bad(cluster, &mut all[0]).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(data.path()).expect("engine");
+    let refused = engine
+        .start_wave(
+            fleet_bundle("0"),
+            all.clone(),
+            Policy {
+                canary: Canary::Label {
+                    key: "ring".into(),
+                    value: "canary".into(),
+                },
+                ..policy()
+            },
+            "test",
+        )
+        .expect_err("no tenant has ring=canary");
+    assert!(refused.to_string().contains("ring=canary"), "{refused}");
+    assert!(engine.list().is_empty(), "nothing stored");
+
+    // The canary (the bad tenant, first by id) sleeps 1 s before it fails: the operator
+    // pauses meanwhile.
+    let slow_bad = bundle(&[
+        (
+            "V1__users.sql",
+            "SELECT pg_sleep(CASE WHEN to_regclass('bad_marker') IS NULL THEN 0 ELSE 1 END);\n\
+             CREATE TABLE users (id int PRIMARY KEY);",
+        ),
+        (
+            "V2__email.sql",
+            "DO $$ BEGIN IF to_regclass('bad_marker') IS NOT NULL THEN RAISE EXCEPTION 'tenant is marked bad'; END IF; END $$;",
+        ),
+    ]);
+    let id = engine
+        .start_wave(
+            slow_bad,
+            all.clone(),
+            Policy {
+                canary: Canary::Count { count: 1 },
+                retries: 0,
+                max_failures: FailureBudget::Unlimited,
+                ..policy()
+            },
+            "test",
+        )
+        .expect("start");
+    wait_for(&engine, &id, "the canary running", |s| {
+        s.counts.running == 1
+    })
+    .await;
+    engine.pause(&id, "alice", "lunch").expect("pause");
+    let paused = wait_for(&engine, &id, "the canary's outcome", |s| {
+        s.counts.failed == 1 && s.counts.running == 0
+    })
+    .await;
+    assert_eq!(paused.state, WaveState::Paused);
+    assert!(
+        paused
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("canary tenant"),
+        "{paused:?}"
+    );
+    let refused = engine
+        .resume(&id, "alice", "", CanaryFailure::Refuse)
+        .expect_err("a failed canary");
+    assert!(
+        matches!(refused, EngineError::CanaryFailed { .. }),
+        "{refused}"
+    );
+    assert_eq!(engine.status(&id).expect("status").counts.pending, 3);
+    engine
+        .resume(&id, "alice", "go on", CanaryFailure::Accept)
+        .expect("accepted");
+    let done = wait_for(&engine, &id, "the rest", |s| s.state.is_finished()).await;
+    assert_eq!(
+        (done.counts.succeeded, done.counts.failed),
+        (3, 1),
+        "{done:?}"
+    );
+}
+
+/// Issue 11, case 6. A tenant locked by someone else is busy with the reason recorded,
+/// and fails once it has been busy longer than the policy's busy_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_is_not_forever() {
+    let cluster = shared();
+    let fleet = tenants(cluster, "busyfor_", 1).await;
+    let (holder, conn) = tokio_postgres::connect(
+        &format!(
+            "{}?application_name=stuck-runner",
+            cluster.url(&fleet[0].id)
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(conn);
+    holder
+        .batch_execute(&format!(
+            "SELECT pg_advisory_lock({})",
+            flotilla::apply::log::LOCK_KEY
+        ))
+        .await
+        .expect("hold the lock");
+    let data = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(data.path()).expect("engine");
+    let id = engine
+        .start_wave(
+            fleet_bundle("0"),
+            fleet.clone(),
+            Policy {
+                busy_timeout_ms: 1_500,
+                max_failures: FailureBudget::Unlimited,
+                ..policy()
+            },
+            "test",
+        )
+        .expect("start");
+    let busy = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = engine.tenants(&id, None, 0, 1).expect("tenants").remove(0);
+            if let Some(e) = &t.last_error {
+                break e.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "a busy reason");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(busy.message.contains("stuck-runner"), "{busy:?}");
+    let done = wait_for(&engine, &id, "busy_timeout", |s| s.state.is_finished()).await;
+    assert_eq!(done.counts.failed, 1);
+    let t = engine.tenants(&id, None, 0, 1).expect("tenants").remove(0);
+    let e = t.last_error.expect("why");
+    assert!(
+        e.message.contains("busy_timeout") && e.message.contains("stuck-runner"),
+        "{e:?}"
+    );
+    assert!(
+        versions(cluster, &fleet[0].id).await.is_empty(),
+        "never ran"
+    );
+}

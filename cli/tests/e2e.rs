@@ -1256,3 +1256,66 @@ async fn the_demo_runs_pauses_resumes_and_cleans_up() {
         "the demo's PostgreSQL still answers on {port}"
     );
 }
+
+/// Issue 11, case 3, through the CLI: a wave whose canary failed does not resume by a
+/// plain `wave resume` (exit 6, naming the way on); `--accept-canary-failure` goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_canary_is_accepted_only_on_purpose() {
+    let cluster = shared();
+    let (rows, csv, dir, _work) = fleet(
+        cluster,
+        "e_canacc_",
+        3,
+        &[(
+            "V1__guarded.sql",
+            "DO $$ BEGIN IF to_regclass('bad_marker') IS NOT NULL THEN RAISE EXCEPTION 'marked bad'; END IF; END $$;",
+        )],
+    )
+    .await;
+    let bad = cluster.connect(&rows[0].0).await.expect("connect");
+    bad.batch_execute("CREATE TABLE bad_marker ()")
+        .await
+        .expect("marker");
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let wave = start_wave(
+        &server,
+        dir.path(),
+        &csv,
+        &[
+            "--canary",
+            "1",
+            "--retries",
+            "0",
+            "--max-failures",
+            "unlimited",
+        ],
+    )
+    .await;
+    wait_for(&server, &wave, "the canary pause", |s| {
+        s["state"] == "PAUSED" && count(s, "failed") == 1 && count(s, "running") == 0
+    })
+    .await;
+    let plain = flotilla(&server, &["wave", "resume", &wave]).await;
+    assert_eq!(plain.code, 6, "{plain:?}");
+    assert!(
+        plain.stderr.contains("--accept-canary-failure"),
+        "{}",
+        plain.stderr
+    );
+    let accepted = flotilla(
+        &server,
+        &["wave", "resume", &wave, "--accept-canary-failure"],
+    )
+    .await;
+    assert_eq!(accepted.code, 0, "{accepted:?}");
+    let done = wait_for(&server, &wave, "the rest", |s| {
+        s["state"] == "FAILED" && count(s, "running") == 0
+    })
+    .await;
+    assert_eq!(
+        (count(&done, "succeeded"), count(&done, "failed")),
+        (2, 1),
+        "{done}"
+    );
+}

@@ -319,6 +319,23 @@ impl Bundle {
                                   part-way leaves earlier statements applied"
                             .to_string(),
                     });
+                    continue;
+                }
+                // A crash between a statement and its recorded progress runs it again
+                // on resume; only what is idempotent (or recovered) survives that.
+                let lines = LineIndex::new(&script.sql);
+                for stmt in script
+                    .executable_statements()
+                    .filter(|s| !rules::safe_to_rerun(&s.leading))
+                {
+                    out.push(Problem {
+                        file: script.name.clone(),
+                        line: stmt.first_token.map(|o| lines.line(o)),
+                        message: "in a no-transaction script this statement runs again if a \
+                                  run is interrupted right after it: make it idempotent \
+                                  (IF NOT EXISTS, IF EXISTS, OR REPLACE)"
+                            .to_string(),
+                    });
                 }
             }
         }
@@ -849,5 +866,22 @@ mod tests {
         assert_eq!(b.warnings().len(), 1);
         let b = bundle(&[("V1__a.sql", "-- flotilla:no-transaction\nvacuum;")]).expect("valid");
         assert!(b.warnings().is_empty());
+    }
+
+    /// Issue 11, case 2: what may run twice after a crash is said, with its line.
+    #[test]
+    fn a_statement_that_cannot_run_twice_in_a_no_transaction_script_is_a_warning() {
+        let b = bundle(&[(
+            "V1__a.sql",
+            "-- flotilla:no-transaction\nCREATE INDEX CONCURRENTLY i ON t (a);\n\
+             CREATE TABLE IF NOT EXISTS u ();\nINSERT INTO u VALUES (1);",
+        )])
+        .expect("valid");
+        let w: Vec<String> = b.warnings().iter().map(|p| p.to_string()).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("V1__a.sql:4:") && w[0].contains("idempotent"),
+            "{w:?}"
+        );
     }
 }
