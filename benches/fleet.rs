@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use flotilla::apply::TransactionMode;
 use flotilla::dsn::Dsn;
 use flotilla::policy::Policy;
-use flotilla::store::WaveState;
 use flotilla::target::Tenant;
 use flotilla::wave::Engine;
+use flotilla::wave::WaveState;
 use flotilla_testkit::Cluster;
 
 const CONCURRENCY: usize = 16;

@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use flotilla::policy::Policy;
 use flotilla::secret::Sealer;
-use flotilla::store::{
-    FORMAT, ProgressStore, SledStore, TenantRecord, TenantState, WaveRecord, WaveState,
-};
-use flotilla::wave::Engine;
+use flotilla::store::{FORMAT, ProgressStore, SledStore, TenantRecord, WaveRecord};
+use flotilla::wave::{Engine, TenantState, WaveState};
 
 const TENANTS: u32 = 10_000;
 

@@ -23,7 +23,7 @@ use tokio_postgres::{Client, Config, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::dsn::{Dsn, TlsMode};
-use crate::failure::{DbFailure, Retryability};
+use crate::failure::{DbFailure, FailureKind};
 use crate::reach::Reach;
 
 /// The `application_name` of every Flotilla session.
@@ -71,7 +71,7 @@ impl Session {
     ) -> Result<Self, DbFailure> {
         let mut config = reach
             .connect_config(dsn)
-            .map_err(|e| DbFailure::client(e.to_string(), Retryability::Permanent))?;
+            .map_err(|e| DbFailure::of_kind(FailureKind::Refused, e.to_string()))?;
         config.application_name(APPLICATION_NAME);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(settings.connect_timeout);
@@ -94,9 +94,9 @@ impl Session {
         let deadline = settings.connect_timeout + Duration::from_secs(1);
         let attempt = |config: Config, tls: Option<MakeRustlsConnect>| async move {
             let timed_out = || {
-                DbFailure::client(
+                DbFailure::of_kind(
+                    FailureKind::TimedOut,
                     format!("connecting to {dsn} timed out after {deadline:?}"),
-                    Retryability::Retryable,
                 )
             };
             let (client, connection) = match &tls {
@@ -140,7 +140,7 @@ impl Session {
             TlsMode::Prefer => {
                 let tls = MakeRustlsConnect::new(tls_config(TlsMode::Prefer, dsn).await?);
                 match attempt(config.clone(), Some(tls)).await {
-                    Err(f) if f.sqlstate.is_none() && f.message.contains("TLS") => {
+                    Err(f) if f.kind == FailureKind::Tls => {
                         tracing::debug!(error = %f, "TLS failed under sslmode=prefer; trying plain TCP");
                         config.ssl_mode(SslMode::Disable);
                         attempt(config, None).await
@@ -231,12 +231,8 @@ async fn read_root_certs(
     .await
     .map_err(|e| e.to_string())
     .and_then(|r| r);
-    let refuse = |why: &str| {
-        DbFailure::client(
-            format!("sslrootcert {shown}: {why}"),
-            Retryability::Permanent,
-        )
-    };
+    let refuse =
+        |why: &str| DbFailure::of_kind(FailureKind::Tls, format!("sslrootcert {shown}: {why}"));
     let bytes = read.map_err(|why| refuse(&why))?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
@@ -252,7 +248,7 @@ pub(crate) async fn tls_config(
     dsn: &Dsn,
 ) -> Result<rustls::ClientConfig, DbFailure> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls_error = |what: String| DbFailure::client(what, Retryability::Permanent);
+    let tls_error = |what: String| DbFailure::of_kind(FailureKind::Tls, what);
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error(format!("TLS setup for {dsn}: {e}")))?;

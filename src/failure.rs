@@ -1,4 +1,6 @@
 //! What went wrong talking to a tenant's PostgreSQL, and whether trying again can help.
+//! A server error is judged by its SQLSTATE; one seen on our side by its
+//! [`FailureKind`] (a broken connection, a deadline, TLS, a refusal) — never by words.
 //!
 //! This is the one place errors are classified (PRODUCT.md §4): connection loss and I/O
 //! (SQLSTATE class 08), serialization failure 40001, deadlock 40P01, lock timeout 55P03,
@@ -22,6 +24,38 @@ pub enum Retryability {
     Permanent,
 }
 
+/// What kind of failure it is: the server's (judged by its SQLSTATE), or one seen on
+/// our side, judged by its kind — never by the words of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The server answered with an error (see the SQLSTATE).
+    Server,
+    /// The connection broke, or never came up: the server may be back soon.
+    ConnectionLost,
+    /// We gave up waiting (the connect deadline).
+    TimedOut,
+    /// TLS could not be set up or the server's certificate was refused.
+    Tls,
+    /// Configuration or policy says no (`allowed_hosts`, a root file, a pooler that
+    /// is not a session, a DSN that does not parse): the same until someone changes it.
+    Refused,
+    /// Something answered what Flotilla does not expect (a log row it cannot read).
+    Unexpected,
+}
+
+impl FailureKind {
+    /// Retryable or permanent, for failures without a SQLSTATE.
+    pub fn retryability(self) -> Retryability {
+        match self {
+            FailureKind::ConnectionLost | FailureKind::TimedOut => Retryability::Retryable,
+            FailureKind::Server
+            | FailureKind::Tls
+            | FailureKind::Refused
+            | FailureKind::Unexpected => Retryability::Permanent,
+        }
+    }
+}
+
 /// A database error reduced to what operators and the scheduler need.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct DbFailure {
@@ -31,6 +65,8 @@ pub struct DbFailure {
     pub message: String,
     /// Retryable or permanent.
     pub retryability: Retryability,
+    /// Where it came from.
+    pub kind: FailureKind,
 }
 
 impl fmt::Display for DbFailure {
@@ -57,12 +93,13 @@ pub fn classify_sqlstate(code: &str) -> Retryability {
 }
 
 impl DbFailure {
-    /// A failure with no SQLSTATE, such as a timeout on our side.
-    pub fn client(message: impl Into<String>, retryability: Retryability) -> Self {
+    /// A failure seen on our side (no SQLSTATE); its kind decides whether to retry.
+    pub fn of_kind(kind: FailureKind, message: impl Into<String>) -> Self {
         Self {
             sqlstate: None,
             message: message.into(),
-            retryability,
+            retryability: kind.retryability(),
+            kind,
         }
     }
 
@@ -98,7 +135,7 @@ impl DbFailure {
     /// True when the connection itself was lost (no server error): what ran last may
     /// have committed without our hearing of it.
     pub fn is_connection_lost(&self) -> bool {
-        self.sqlstate.is_none() && self.is_retryable()
+        self.kind == FailureKind::ConnectionLost
     }
 }
 
@@ -138,39 +175,49 @@ impl From<&tokio_postgres::Error> for DbFailure {
                 sqlstate: Some(code.to_string()),
                 message,
                 retryability: classify_sqlstate(code),
+                kind: FailureKind::Server,
             };
         }
-        // No server error: the connection broke, timed out, or never came up. Those are
-        // retryable; a failure of the client's own making (bad config, TLS setup) is not.
+        // No server error: judged by what is in the error's chain of causes.
         let mut message = e.to_string();
+        let mut kind = if e.is_closed() {
+            FailureKind::ConnectionLost
+        } else {
+            FailureKind::Unexpected
+        };
         let mut source = std::error::Error::source(e);
         while let Some(s) = source {
             message.push_str(": ");
             message.push_str(&s.to_string());
+            kind = match cause_kind(s) {
+                // A refused certificate stays refused: it is not a network hiccup.
+                Some(FailureKind::Tls) => FailureKind::Tls,
+                Some(k) if kind != FailureKind::Tls => k,
+                _ => kind,
+            };
             source = s.source();
         }
-        // A refused certificate stays refused; it is not a network hiccup.
-        if message.contains("TLS handshake") || message.contains("certificate") {
-            return Self {
-                sqlstate: None,
-                message,
-                retryability: Retryability::Permanent,
-            };
-        }
-        let io_like = e.is_closed()
-            || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
-            || message.contains("timeout")
-            || message.contains("connection");
-        Self {
-            sqlstate: None,
-            message,
-            retryability: if io_like {
-                Retryability::Retryable
-            } else {
-                Retryability::Permanent
-            },
-        }
+        Self::of_kind(kind, message)
     }
+}
+
+/// The kind one cause in an error chain stands for, if it says.
+fn cause_kind(cause: &(dyn std::error::Error + 'static)) -> Option<FailureKind> {
+    if cause.is::<rustls::Error>() {
+        return Some(FailureKind::Tls);
+    }
+    let io = cause.downcast_ref::<std::io::Error>()?;
+    // tokio-rustls reports TLS failures as I/O errors wrapping the rustls error.
+    if io
+        .get_ref()
+        .is_some_and(|inner| inner.is::<rustls::Error>())
+    {
+        return Some(FailureKind::Tls);
+    }
+    Some(match io.kind() {
+        std::io::ErrorKind::TimedOut => FailureKind::TimedOut,
+        _ => FailureKind::ConnectionLost,
+    })
 }
 
 impl From<tokio_postgres::Error> for DbFailure {
@@ -214,6 +261,7 @@ mod tests {
             sqlstate: Some(QUERY_CANCELED.into()),
             message: "canceling statement due to user request".into(),
             retryability: Retryability::Permanent,
+            kind: FailureKind::Server,
         };
         assert!(f.clone().cancelled_by(CancelCause::External).is_retryable());
         let timed_out = f.cancelled_by(CancelCause::StatementTimeout { after: ms(100) });

@@ -310,13 +310,14 @@ impl Policy {
         }
     }
 
-    /// Delay before retry number `attempt` (1 = first retry): exponential, full jitter.
-    pub fn backoff(&self, attempt: u32) -> Duration {
+    /// Delay before retry number `attempt` (1 = first retry): exponential, with jitter
+    /// from `rng` (half the delay to all of it), so a wave's decisions can be replayed.
+    pub fn backoff(&self, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
         let exp = self
             .backoff_base_ms
             .saturating_mul(1u64 << attempt.saturating_sub(1).min(20));
         let cap = exp.min(self.backoff_max_ms).max(1);
-        Duration::from_millis(fastrand::u64(cap / 2..=cap))
+        Duration::from_millis(rng.u64(cap / 2..=cap))
     }
 }
 
@@ -465,12 +466,13 @@ mod tests {
             backoff_max_ms: 1_000,
             ..Policy::default()
         };
+        let mut rng = fastrand::Rng::with_seed(7);
         for _ in 0..50 {
-            let first = p.backoff(1).as_millis();
+            let first = p.backoff(1, &mut rng).as_millis();
             assert!((50..=100).contains(&first), "{first}");
-            let third = p.backoff(3).as_millis();
+            let third = p.backoff(3, &mut rng).as_millis();
             assert!((200..=400).contains(&third), "{third}");
-            assert!(p.backoff(30).as_millis() <= 1_000);
+            assert!(p.backoff(30, &mut rng).as_millis() <= 1_000);
         }
     }
 

@@ -30,77 +30,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::{Bundle, BundleError, BundleFile};
 use crate::policy::Policy;
+use crate::wave::{TenantState, WaveState};
 
 /// The record format this build writes and reads.
 pub const FORMAT: u32 = 1;
-
-/// A wave's lifecycle (PRODUCT.md §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum WaveState {
-    Pending,
-    Running,
-    Paused,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl WaveState {
-    /// Every state, in lifecycle order.
-    pub const ALL: [WaveState; 6] = [
-        WaveState::Pending,
-        WaveState::Running,
-        WaveState::Paused,
-        WaveState::Completed,
-        WaveState::Failed,
-        WaveState::Cancelled,
-    ];
-
-    /// Finished: nothing runs and nothing will start without a retry.
-    pub fn is_finished(self) -> bool {
-        matches!(
-            self,
-            WaveState::Completed | WaveState::Failed | WaveState::Cancelled
-        )
-    }
-
-    /// The upper-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WaveState::Pending => "PENDING",
-            WaveState::Running => "RUNNING",
-            WaveState::Paused => "PAUSED",
-            WaveState::Completed => "COMPLETED",
-            WaveState::Failed => "FAILED",
-            WaveState::Cancelled => "CANCELLED",
-        }
-    }
-}
-
-/// A tenant's state within a wave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TenantState {
-    Pending,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl TenantState {
-    /// The upper-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TenantState::Pending => "PENDING",
-            TenantState::Running => "RUNNING",
-            TenantState::Succeeded => "SUCCEEDED",
-            TenantState::Failed => "FAILED",
-            TenantState::Cancelled => "CANCELLED",
-        }
-    }
-}
 
 /// One change of a wave's state, for the audit trail.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -325,8 +325,21 @@ async fn a_stalled_daemon_does_not_hold_a_tenant_in_an_idle_transaction() {
                 .get::<_, i64>(0)
         }
     };
+    // The first batch, in its transaction, is sleeping (not the lock or log read).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while flotilla_sessions("active").await == 0 {
+    loop {
+        let sleeping: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flotilla' \
+                 AND datname = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                &[&db],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        if sleeping > 0 {
+            break;
+        }
         assert!(std::time::Instant::now() < deadline, "the first batch runs");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

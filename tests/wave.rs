@@ -7,9 +7,10 @@ use flotilla::bundle::Bundle;
 use flotilla::dsn::Dsn;
 use flotilla::failure::Retryability;
 use flotilla::policy::{Canary, FailureBudget, Policy};
-use flotilla::store::{ProgressStore, SledStore, TenantState, WaveState};
+use flotilla::store::{ProgressStore, SledStore};
 use flotilla::target::Tenant;
 use flotilla::wave::{Engine, WaveStatus};
+use flotilla::wave::{TenantState, WaveState};
 use flotilla_testkit::{Cluster, shared, shared_second};
 
 fn bundle(files: &[(&str, &str)]) -> Bundle {

@@ -37,23 +37,25 @@ pub async fn plan(
     output: Output,
 ) -> Result<Exit, Failure> {
     let bundle = load_bundle(&args.bundle)?;
-    let targets = args.targets.load()?;
+    let targets = args.targets.for_plan()?;
     let mut client = client::connect(target).await?;
     let plans = client
         .plan(v1::PlanRequest {
             bundle: Some(bundle),
-            targets: Some(targets.into_plan()),
+            targets: Some(targets),
             allow_drift: args.allow_drift,
             allow_out_of_order: args.allow_out_of_order,
         })
         .await?
         .into_inner()
         .tenants;
-    // A tenant whose plan has no steps but a problem could not be planned.
-    let blocked = plans
-        .iter()
-        .filter(|p| p.steps.is_empty() && !p.problems.is_empty())
-        .count();
+    // Problems block (a wave would fail the tenant); notes do not.
+    let blocked = plans.iter().filter(|p| !p.problems.is_empty()).count();
+    let action = |s: &v1::PlannedStep| {
+        flotilla::api::convert::plan_action_name(
+            v1::PlanAction::try_from(s.kind).unwrap_or(v1::PlanAction::Unspecified),
+        )
+    };
     match output {
         Output::Json => print_json(&json!({
             "tenants": plans.iter().map(|p| json!({
@@ -61,14 +63,15 @@ pub async fn plan(
                 "steps": p.steps.iter().map(|s| json!({
                     "script": s.script,
                     "version": (!s.version.is_empty()).then_some(&s.version),
-                    "action": s.action,
+                    "action": action(s),
                 })).collect::<Vec<_>>(),
                 "problems": p.problems,
+                "notes": p.notes,
             })).collect::<Vec<_>>(),
         })),
         Output::Table => {
             print_table(
-                &["TENANT", "STEPS", "PROBLEMS"],
+                &["TENANT", "STEPS", "PROBLEMS", "NOTES"],
                 &plans
                     .iter()
                     .map(|p| {
@@ -79,11 +82,12 @@ pub async fn plan(
                             } else {
                                 p.steps
                                     .iter()
-                                    .map(|s| format!("{} ({})", s.script, s.action))
+                                    .map(|s| format!("{} ({})", s.script, action(s)))
                                     .collect::<Vec<_>>()
                                     .join(", ")
                             },
                             p.problems.join("; "),
+                            p.notes.join("; "),
                         ]
                     })
                     .collect::<Vec<_>>(),

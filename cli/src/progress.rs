@@ -119,14 +119,11 @@ impl View {
 
 /// True when following should stop at this event.
 fn stop_at(ev: &v1::WaveEvent, through_pause: bool) -> bool {
-    use v1::WaveState as S;
     let running = ev.tenants.as_ref().map(|c| c.running).unwrap_or(0);
-    match v1::WaveState::try_from(ev.state) {
-        Ok(S::Completed | S::Failed | S::Cancelled) => running == 0,
-        // Paused and drained: nothing happens until someone resumes.
-        Ok(S::Paused) => running == 0 && !through_pause,
-        _ => false,
-    }
+    // Settled, as the daemon decides it; or paused and drained: nothing happens until
+    // someone resumes.
+    flotilla::api::convert::event_settled(ev)
+        || (!through_pause && running == 0 && ev.state == v1::WaveState::Paused as i32)
 }
 
 /// Follows a wave until it settles (or pauses, unless `through_pause`), rendering as

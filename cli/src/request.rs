@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+use flotilla::api::convert::Targets;
 use flotilla::api::v1;
 use flotilla::bundle::Bundle;
+use flotilla::target::TargetSource;
 
 use crate::client::Failure;
 use crate::exit::Exit;
@@ -39,16 +41,20 @@ pub struct TargetArgs {
     pub db_pattern: Option<String>,
 }
 
-/// Which targets a request carries, in the shape both requests share.
-pub enum Targets {
-    List(v1::TargetList),
-    Catalog(v1::CatalogTargets),
-    Discover(v1::DiscoverTargets),
-}
-
 impl TargetArgs {
-    /// Reads and checks a CSV locally; passes catalog and discovery specs on.
-    pub fn load(&self) -> Result<Targets, Failure> {
+    /// The targets of a `StartWaveRequest`.
+    pub fn for_start(&self) -> Result<v1::start_wave_request::Targets, Failure> {
+        self.load()?.into_start().map_err(invalid)
+    }
+
+    /// The targets of a `PlanRequest`.
+    pub fn for_plan(&self) -> Result<v1::plan_request::Targets, Failure> {
+        self.load()?.into_plan().map_err(invalid)
+    }
+
+    /// Reads and checks a CSV locally (line numbers without a round trip); passes
+    /// catalog and discovery specs on, for the daemon to resolve.
+    fn load(&self) -> Result<Targets, Failure> {
         if let Some(path) = &self.targets {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 Failure::new(
@@ -58,8 +64,8 @@ impl TargetArgs {
             })?;
             let tenants = flotilla::target::parse_csv(&text, &path.display().to_string())
                 .map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
-            return Ok(Targets::List(v1::TargetList {
-                tenants: tenants
+            return Ok(Targets::List(
+                tenants
                     .into_iter()
                     .map(|t| v1::Tenant {
                         tenant_id: t.id,
@@ -67,18 +73,18 @@ impl TargetArgs {
                         labels: t.labels.into_iter().collect(),
                     })
                     .collect(),
-            }));
+            ));
         }
         if let (Some(dsn), Some(query)) = (&self.catalog_dsn, &self.catalog_query) {
-            return Ok(Targets::Catalog(v1::CatalogTargets {
-                catalog_dsn: dsn.clone(),
-                catalog_query: query.clone(),
+            return Ok(Targets::Source(TargetSource::Catalog {
+                dsn: dsn.clone(),
+                query: query.clone(),
             }));
         }
         if let (Some(dsn), Some(pattern)) = (&self.discover, &self.db_pattern) {
-            return Ok(Targets::Discover(v1::DiscoverTargets {
-                server_dsn: dsn.clone(),
-                db_pattern: pattern.clone(),
+            return Ok(Targets::Source(TargetSource::Discover {
+                dsn: dsn.clone(),
+                pattern: pattern.clone(),
             }));
         }
         Err(Failure::new(
@@ -88,26 +94,8 @@ impl TargetArgs {
     }
 }
 
-impl Targets {
-    /// For `StartWaveRequest`.
-    pub fn into_start(self) -> v1::start_wave_request::Targets {
-        use v1::start_wave_request::Targets as T;
-        match self {
-            Targets::List(l) => T::TargetList(l),
-            Targets::Catalog(c) => T::Catalog(c),
-            Targets::Discover(d) => T::Discover(d),
-        }
-    }
-
-    /// For `PlanRequest`.
-    pub fn into_plan(self) -> v1::plan_request::Targets {
-        use v1::plan_request::Targets as T;
-        match self {
-            Targets::List(l) => T::TargetList(l),
-            Targets::Catalog(c) => T::Catalog(c),
-            Targets::Discover(d) => T::Discover(d),
-        }
-    }
+fn invalid(e: flotilla::api::ApiError) -> Failure {
+    Failure::new(Exit::InvalidInput, e.to_string())
 }
 
 /// Reads and validates a bundle directory into its wire form.

@@ -109,7 +109,7 @@ pub async fn run(
     let start = match &cmd {
         WaveCommand::Start(args) => Some((
             load_bundle(&args.bundle)?,
-            args.targets.load()?,
+            args.targets.for_start()?,
             args.policy.to_proto()?,
         )),
         _ => None,
@@ -123,7 +123,7 @@ pub async fn run(
             let wave_id = client
                 .start_wave(v1::StartWaveRequest {
                     bundle: Some(bundle),
-                    targets: Some(targets.into_start()),
+                    targets: Some(targets),
                     policy: Some(policy),
                 })
                 .await?

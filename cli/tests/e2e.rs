@@ -1162,6 +1162,30 @@ async fn plan_and_tenant_log_read_the_tenants_themselves() {
         );
         assert_eq!(t["problems"].as_array().map(Vec::len), Some(0), "{t}");
     }
+    // A tenant ahead of the bundle (it has V2, the bundle stops at V1) is a note, not a
+    // problem: plan exits 0 (it used to exit 1, reporting notes as problems).
+    let older = bundle(&FAST[..1]);
+    let ahead = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(older.path()),
+            "--targets",
+            path(&csv),
+        ],
+    )
+    .await;
+    assert_eq!(ahead.code, 0, "{ahead:?}");
+    for t in ahead.json()["tenants"].as_array().expect("tenants") {
+        assert_eq!(t["problems"].as_array().map(Vec::len), Some(0), "{t}");
+        assert!(
+            t["notes"].to_string().contains("does not know"),
+            "the tenant is ahead: {t}"
+        );
+    }
 
     let log = flotilla(
         &server,

@@ -10,14 +10,15 @@ use prost_types::Timestamp;
 use super::ApiError;
 use super::v1;
 use crate::apply::log::LogEntry;
-use crate::apply::{DriftPolicy, OrderPolicy, PlanOptions, TransactionMode};
+use crate::apply::{DriftPolicy, OrderPolicy, PlanOptions, StepAction, TransactionMode};
 use crate::bundle::{Bundle, BundleFile};
 use crate::config::Limits;
 use crate::policy::{AfterCanary, Canary, FailureBudget, Policy};
 use crate::reach::Reach;
-use crate::store::{StateChange, TenantState, WaveState};
+use crate::store::StateChange;
 use crate::target::TargetSource;
 use crate::wave::{Counts, TenantView, WaveEvent, WaveStatus};
+use crate::wave::{TenantState, WaveState};
 
 /// Milliseconds since the epoch as a protobuf timestamp.
 pub fn timestamp(ms: u64) -> Timestamp {
@@ -37,6 +38,25 @@ pub fn wave_state(s: WaveState) -> v1::WaveState {
         WaveState::Failed => v1::WaveState::Failed,
         WaveState::Cancelled => v1::WaveState::Cancelled,
     }
+}
+
+/// The domain wave state of a protobuf one (`None` for UNSPECIFIED or unknown).
+pub fn wave_state_from_proto(raw: i32) -> Option<WaveState> {
+    match v1::WaveState::try_from(raw).ok()? {
+        v1::WaveState::Unspecified => None,
+        v1::WaveState::Pending => Some(WaveState::Pending),
+        v1::WaveState::Running => Some(WaveState::Running),
+        v1::WaveState::Paused => Some(WaveState::Paused),
+        v1::WaveState::Completed => Some(WaveState::Completed),
+        v1::WaveState::Failed => Some(WaveState::Failed),
+        v1::WaveState::Cancelled => Some(WaveState::Cancelled),
+    }
+}
+
+/// True when a wave event says the wave is settled ([`WaveState::is_settled`]).
+pub fn event_settled(event: &v1::WaveEvent) -> bool {
+    let running = event.tenants.as_ref().map(|c| c.running).unwrap_or(0);
+    wave_state_from_proto(event.state).is_some_and(|s| s.is_settled(running))
 }
 
 /// Protobuf tenant state of a domain one.
@@ -192,6 +212,27 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         allow_out_of_order: p.order == OrderPolicy::AllowOutOfOrder,
         idle_in_transaction_timeout_ms: Some(p.idle_in_transaction_timeout_ms),
         busy_timeout_ms: Some(p.busy_timeout_ms),
+    }
+}
+
+/// The wire form of how a planned step runs.
+pub fn plan_action(action: &StepAction) -> v1::PlanAction {
+    match action {
+        StepAction::Apply => v1::PlanAction::Apply,
+        StepAction::Reapply => v1::PlanAction::Reapply,
+        StepAction::Resume { .. } => v1::PlanAction::Resume,
+        StepAction::Supersede { .. } => v1::PlanAction::Supersede,
+    }
+}
+
+/// The lower-case name of a plan action (`apply`, `reapply`, `resume`, `supersede`).
+pub fn plan_action_name(action: v1::PlanAction) -> &'static str {
+    match action {
+        v1::PlanAction::Unspecified => "unspecified",
+        v1::PlanAction::Apply => "apply",
+        v1::PlanAction::Reapply => "reapply",
+        v1::PlanAction::Resume => "resume",
+        v1::PlanAction::Supersede => "supersede",
     }
 }
 
@@ -392,6 +433,64 @@ impl Targets {
         crate::target::check_reach(&tenants, reach, origin)?;
         Ok(tenants)
     }
+}
+
+impl Targets {
+    /// For `StartWaveRequest` (the CLI's side of the same type).
+    pub fn into_start(self) -> Result<v1::start_wave_request::Targets, ApiError> {
+        use v1::start_wave_request::Targets as T;
+        Ok(match self.into_wire()? {
+            Wire::List(l) => T::TargetList(l),
+            Wire::Catalog(c) => T::Catalog(c),
+            Wire::Discover(d) => T::Discover(d),
+        })
+    }
+
+    /// For `PlanRequest`.
+    pub fn into_plan(self) -> Result<v1::plan_request::Targets, ApiError> {
+        use v1::plan_request::Targets as T;
+        Ok(match self.into_wire()? {
+            Wire::List(l) => T::TargetList(l),
+            Wire::Catalog(c) => T::Catalog(c),
+            Wire::Discover(d) => T::Discover(d),
+        })
+    }
+
+    /// The shape both requests share; CSV text travels as the rows it holds.
+    fn into_wire(self) -> Result<Wire, ApiError> {
+        Ok(match self {
+            Targets::List(tenants) => Wire::List(v1::TargetList { tenants }),
+            Targets::Source(TargetSource::Csv { text, origin }) => Wire::List(v1::TargetList {
+                tenants: crate::target::parse_csv(&text, &origin)?
+                    .into_iter()
+                    .map(|t| v1::Tenant {
+                        tenant_id: t.id,
+                        dsn: t.dsn.secret_text().to_string(),
+                        labels: t.labels.into_iter().collect(),
+                    })
+                    .collect(),
+            }),
+            Targets::Source(TargetSource::Catalog { dsn, query }) => {
+                Wire::Catalog(v1::CatalogTargets {
+                    catalog_dsn: dsn,
+                    catalog_query: query,
+                })
+            }
+            Targets::Source(TargetSource::Discover { dsn, pattern }) => {
+                Wire::Discover(v1::DiscoverTargets {
+                    server_dsn: dsn,
+                    db_pattern: pattern,
+                })
+            }
+        })
+    }
+}
+
+/// The target sources a request can carry.
+enum Wire {
+    List(v1::TargetList),
+    Catalog(v1::CatalogTargets),
+    Discover(v1::DiscoverTargets),
 }
 
 fn missing_targets() -> ApiError {

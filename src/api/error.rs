@@ -83,7 +83,7 @@ impl From<ApiError> for Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::WaveState;
+    use crate::wave::WaveState;
 
     #[test]
     fn codes() {

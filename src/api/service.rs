@@ -15,7 +15,7 @@ use super::auth::{Authenticator, TokenCheck};
 use super::convert::{self, Targets};
 use super::v1;
 use super::v1::rollout_service_server::{RolloutService, RolloutServiceServer};
-use crate::apply::{PlanOptions, StepAction};
+use crate::apply::PlanOptions;
 use crate::bundle::Bundle;
 use crate::config::{Limits, Role};
 use crate::dsn::Dsn;
@@ -346,15 +346,6 @@ fn page(size: u32, token: &str, default: usize) -> Result<(usize, usize), ApiErr
     Ok((offset, size))
 }
 
-/// True when nothing more will happen to a wave without an operator.
-fn settled(state: i32, running: u64) -> bool {
-    use v1::WaveState as S;
-    matches!(
-        v1::WaveState::try_from(state),
-        Ok(S::Completed | S::Failed | S::Cancelled)
-    ) && running == 0
-}
-
 /// Sends the snapshot, then every event, until the wave settles, the client hangs up or
 /// `draining` resolves. A watcher that falls behind gets a fresh snapshot from `resync`
 /// instead of the events it missed.
@@ -367,7 +358,7 @@ async fn forward_events(
 ) {
     let send_snapshot = |s: &WaveStatus| convert::snapshot_event(s, now_ms());
     let first = send_snapshot(&snapshot);
-    let done = settled(first.state, snapshot.counts.running);
+    let done = snapshot.state.is_settled(snapshot.counts.running);
     if tx.send(Ok(first)).await.is_err() || done {
         return;
     }
@@ -396,8 +387,7 @@ async fn forward_events(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
         };
-        let running = event.tenants.as_ref().map(|c| c.running).unwrap_or(0);
-        let done = settled(event.state, running);
+        let done = convert::event_settled(&event);
         if tx.send(Ok(event)).await.is_err() || done {
             return;
         }
@@ -431,19 +421,16 @@ async fn plan_tenant(
                 .iter()
                 .map(|step| {
                     let script = &bundle.scripts()[step.script];
+                    let kind = convert::plan_action(&step.action);
                     v1::PlannedStep {
                         script: script.name.clone(),
                         version: script.version().map(|v| v.to_string()).unwrap_or_default(),
-                        action: match step.action {
-                            StepAction::Apply => "apply",
-                            StepAction::Reapply | StepAction::Supersede { .. } => "reapply",
-                            StepAction::Resume { .. } => "recover",
-                        }
-                        .to_string(),
+                        action: convert::plan_action_name(kind).to_string(),
+                        kind: kind as i32,
                     }
                 })
                 .collect();
-            out.problems = plan.notes;
+            out.notes = plan.notes;
         }
         Err(e) => out.problems.push(e.to_string()),
     }
@@ -565,7 +552,7 @@ impl RolloutService for RolloutApi {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::WaveState;
+    use crate::wave::WaveState;
     use crate::wave::{Counts, WaveEvent};
 
     fn status(state: WaveState, succeeded: u64, running: u64) -> WaveStatus {

@@ -27,7 +27,7 @@ use tracing::Instrument as _;
 use crate::bundle::{Bundle, Script, TransactionUse, rules};
 use crate::connect::{Session, SessionSettings};
 use crate::dsn::Dsn;
-use crate::failure::{CancelCause, DbFailure, Retryability};
+use crate::failure::{CancelCause, DbFailure, FailureKind, Retryability};
 use crate::reach::Reach;
 use log::RowIdentity;
 pub use plan::{DriftPolicy, OrderPolicy, Plan, PlanError, PlanOptions, StepAction};
@@ -119,7 +119,9 @@ impl ApplyError {
             ApplyError::Connect(f) | ApplyError::Log(f) | ApplyError::Script { failure: f, .. } => {
                 f.retryability
             }
-            ApplyError::Decode(_) | ApplyError::Plan(_) => Retryability::Permanent,
+            ApplyError::Decode(_) => FailureKind::Unexpected.retryability(),
+            // The tenant's state forbids applying until a person acts.
+            ApplyError::Plan(_) => FailureKind::Refused.retryability(),
         }
     }
 
@@ -434,13 +436,13 @@ impl Backend {
 
 /// The permanent, instructive error for a session that is not a real session.
 fn pooler(what: &str) -> ApplyError {
-    ApplyError::Log(DbFailure::client(
+    ApplyError::Log(DbFailure::of_kind(
+        FailureKind::Refused,
         format!(
             "{what}: this looks like a connection pooler in transaction (or statement) mode; \
              Flotilla needs a direct or session-pooled connection (its advisory lock and \
              session settings live in one server session)"
         ),
-        Retryability::Permanent,
     ))
 }
 
@@ -728,9 +730,9 @@ impl Runner<'_, '_> {
                             first_value(&rows)
                                 .and_then(|v| v.parse().ok())
                                 .ok_or_else(|| {
-                                    ApplyError::Log(DbFailure::client(
+                                    ApplyError::Log(DbFailure::of_kind(
+                                        FailureKind::Unexpected,
                                         "inserting the started row returned no id",
-                                        Retryability::Permanent,
                                     ))
                                 })?;
                         (id, 0)

@@ -195,6 +195,8 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     let options = EngineOptions {
         reach,
         retention: settings.wave_retention,
+        observer: std::sync::Arc::new(flotilla::telemetry::metrics::RunRecorder),
+        ..EngineOptions::default()
     };
     let engine = Engine::open_with(&settings.data_dir, options)
         .with_context(|| format!("open data dir {}", settings.data_dir.display()))?;

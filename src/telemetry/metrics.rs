@@ -1,5 +1,6 @@
 //! The daemon's metrics, one definition each. Counters and the script-duration histogram
-//! are recorded where tenant runs finish; the gauges (tenants by state per wave, waves by
+//! are recorded as tenant runs finish (the engine tells its [`RunObserver`], which the
+//! daemon sets to [`RunRecorder`]: the engine does not know telemetry); the gauges (tenants by state per wave, waves by
 //! state, tenants in flight per host) are read from the engine when a reader collects,
 //! so they can never drift from what `wave status` says. Instruments come from the
 //! global meter: no-ops unless [`super::Telemetry`] installed a provider first.
@@ -10,7 +11,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, ObservableGauge};
 
 use crate::apply::Outcome;
-use crate::wave::Engine;
+use crate::wave::{Engine, RunObserver, TenantAction};
 
 /// The lock-timeout SQLSTATE, counted on its own.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
@@ -22,28 +23,6 @@ pub struct RunMetrics {
     retries: Counter<u64>,
     failures: Counter<u64>,
     lock_timeouts: Counter<u64>,
-}
-
-/// What the engine decided about a finished run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunDecision {
-    Succeeded,
-    Retried,
-    Busy,
-    Failed,
-    Cancelled,
-}
-
-impl RunDecision {
-    fn as_str(self) -> &'static str {
-        match self {
-            RunDecision::Succeeded => "succeeded",
-            RunDecision::Retried => "retried",
-            RunDecision::Busy => "busy",
-            RunDecision::Failed => "failed",
-            RunDecision::Cancelled => "cancelled",
-        }
-    }
 }
 
 /// The run instruments, created from the global meter on first use.
@@ -83,9 +62,9 @@ pub fn runs() -> &'static RunMetrics {
 
 impl RunMetrics {
     /// Records one finished run and the engine's decision about it.
-    pub fn record(&self, outcome: &Outcome, decision: RunDecision) {
+    pub fn record(&self, outcome: &Outcome, action: TenantAction) {
         self.runs
-            .add(1, &[KeyValue::new("outcome", decision.as_str())]);
+            .add(1, &[KeyValue::new("outcome", action.as_str())]);
         let scripts = match outcome {
             Outcome::Applied { scripts, .. }
             | Outcome::Cancelled { scripts }
@@ -101,12 +80,22 @@ impl RunMetrics {
                 self.lock_timeouts.add(1, &[]);
             }
             let labels = [KeyValue::new("sqlstate", sqlstate)];
-            match decision {
-                RunDecision::Retried => self.retries.add(1, &labels),
-                RunDecision::Failed => self.failures.add(1, &labels),
+            match action {
+                TenantAction::RetryAfter(_) => self.retries.add(1, &labels),
+                TenantAction::Fail => self.failures.add(1, &labels),
                 _ => {}
             }
         }
+    }
+}
+
+/// Records every finished run into [`RunMetrics`]: what the daemon gives its engine.
+#[derive(Debug, Default)]
+pub struct RunRecorder;
+
+impl RunObserver for RunRecorder {
+    fn tenant_finished(&self, outcome: &Outcome, action: TenantAction) {
+        runs().record(outcome, action);
     }
 }
 
@@ -149,7 +138,7 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
         .with_description("Waves by state")
         .with_callback(move |observer| {
             let waves = for_waves.list();
-            for state in crate::store::WaveState::ALL {
+            for state in crate::wave::WaveState::ALL {
                 let n = waves.iter().filter(|w| w.state == state).count() as u64;
                 observer.observe(
                     n,

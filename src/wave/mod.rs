@@ -1,51 +1,44 @@
 //! Waves: one bundle rolled out over a set of tenants under a policy (PRODUCT.md §4).
 //!
 //! The [`Engine`] owns every wave of a daemon: it creates them (bundle and tenants stored
-//! durably first), runs one dispatcher task per active wave, and takes operator commands
-//! (pause, resume, cancel, retry) that change a wave's state under the same lock the
-//! dispatcher decides under — so once a pause is acknowledged no tenant starts. A tenant
-//! run is a task that calls the applier and reports back; its result becomes a decision
-//! (succeeded, retry later with backoff, failed, cancelled), never a crashed loop. The
-//! failure budget and a failed canary pause the wave by themselves, saying why.
+//! durably first), keeps each one's pure state machine (`machine`: every rule of a wave),
+//! and drives it (`driver`: one dispatcher per active wave, tenant tasks over an
+//! [`Applier`], effects carried out in order after the lock). Operator commands are
+//! decided under the same lock the dispatcher decides under — so once a pause is
+//! acknowledged no tenant starts — and stored before they are acknowledged.
 //!
 //! On open, waves that were `RUNNING` continue, `PAUSED` ones stay paused, tenants
 //! recorded `RUNNING` are queued again (the applier will consult their log), and
-//! `SUCCEEDED` tenants are never contacted. The engine never decides what a tenant needs:
-//! the applier reads that from the tenant's own log.
+//! `SUCCEEDED` tenants are never contacted. A stored wave this build cannot load is
+//! quarantined, never a reason not to start. The engine never decides what a tenant
+//! needs: the applier reads that from the tenant's own log.
 
+mod driver;
+pub mod machine;
 mod queue;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use tokio::sync::{Notify, broadcast};
-use tokio::time::Instant;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::apply::{Outcome, StopSignal, TenantRun, apply_tenant};
 use crate::bundle::Bundle;
 use crate::dsn::Dsn;
-use crate::policy::{AfterCanary, Canary, Policy, PolicyError};
+use crate::policy::{Policy, PolicyError};
 use crate::reach::Reach;
 use crate::secret::{Sealer, SecretError};
 use crate::store::{
     ErrorRecord, FORMAT, ProgressStore, SledStore, StateChange, StoreError, TenantRecord,
-    TenantState, WaveRecord, WaveState,
+    WaveRecord,
 };
 use crate::target::Tenant;
-use crate::telemetry::metrics::RunDecision;
-use queue::{Limits, Queue};
-use tracing::Instrument as _;
-
-/// The actor name of the daemon's own decisions.
-pub const DAEMON_ACTOR: &str = "flotillad";
-
-/// How many events a watcher may fall behind before it must resync from a snapshot.
-const EVENT_BUFFER: usize = 1024;
+pub use driver::{Applier, NoObserver, PostgresApplier, RunObserver};
+use driver::{Body, Wave};
+pub use machine::{Command, DAEMON_ACTOR, Machine, TenantAction, TenantState, WaveState};
 
 /// Milliseconds since the epoch: the one clock of persisted and reported times.
 pub(crate) fn now_ms() -> u64 {
@@ -109,7 +102,8 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn slot(&mut self, state: TenantState) -> &mut u64 {
+    /// The count of tenants in `state`.
+    pub(crate) fn slot(&mut self, state: TenantState) -> &mut u64 {
         match state {
             TenantState::Pending => &mut self.pending,
             TenantState::Running => &mut self.running,
@@ -117,16 +111,6 @@ impl Counts {
             TenantState::Failed => &mut self.failed,
             TenantState::Cancelled => &mut self.cancelled,
         }
-    }
-
-    fn add(&mut self, state: TenantState) {
-        *self.slot(state) += 1;
-    }
-
-    fn moved(&mut self, from: TenantState, to: TenantState) {
-        let s = self.slot(from);
-        *s = s.saturating_sub(1);
-        self.add(to);
     }
 }
 
@@ -178,7 +162,7 @@ impl From<&TenantRecord> for TenantView {
 }
 
 /// A change in a wave, broadcast to watchers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WaveEvent {
     pub wave_id: String,
     pub state: WaveState,
@@ -187,134 +171,13 @@ pub struct WaveEvent {
     pub tenant: Option<TenantView>,
 }
 
-/// The runtime of one wave.
-struct Wave {
-    id: String,
-    bundle: Arc<Bundle>,
-    inner: Mutex<WaveInner>,
-    wake: Notify,
-    events: broadcast::Sender<WaveEvent>,
-    limiter: Option<DefaultDirectRateLimiter>,
-}
-
-struct WaveInner {
-    record: WaveRecord,
-    /// Every tenant by `seq` while the wave is unfinished. A finished wave keeps only
-    /// its counts in memory (`tenants_in_store`): its tenants are read from the store
-    /// when asked for, so a daemon holding months of waves holds no tenant records.
-    tenants: Vec<TenantRecord>,
-    tenants_in_store: bool,
-    /// Set by `forget` under the lock: nothing may write this wave any more.
-    forgotten: bool,
-    counts: Counts,
-    queue: Queue,
-    stops: HashMap<u32, StopSignal>,
-    canaries: u32,
-    dispatching: bool,
-}
-
-enum Decision {
-    Start {
-        seq: u32,
-        generation: u64,
-        sealed: String,
-        stop: StopSignal,
-    },
-    Wait,
-    WaitUntil(Instant),
-    Exit,
-}
-
-impl Wave {
-    fn lock(&self) -> MutexGuard<'_, WaveInner> {
-        // A panic while holding this lock would be a bug; the state is still consistent
-        // record by record, so keep serving rather than poison every later call.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn status(inner: &WaveInner) -> WaveStatus {
-        WaveStatus {
-            id: inner.record.id.clone(),
-            bundle_id: inner.record.bundle_id.clone(),
-            state: inner.record.state,
-            reason: inner.record.reason.clone(),
-            counts: inner.counts,
-            policy: inner.record.policy.clone(),
-            created_at_ms: inner.record.created_at_ms,
-            history: inner.record.history.clone(),
-        }
-    }
-
-    fn emit(&self, inner: &WaveInner, tenant: Option<&TenantRecord>) {
-        // No receivers is fine; a slow receiver lags and resyncs, it never blocks us.
-        let _ = self.events.send(WaveEvent {
-            wave_id: self.id.clone(),
-            state: inner.record.state,
-            counts: inner.counts,
-            tenant: tenant.map(TenantView::from),
-        });
-    }
-}
-
-impl WaveInner {
-    fn transition(&mut self, to: WaveState, actor: &str, reason: &str) {
-        let from = self.record.state;
-        self.record.state = to;
-        self.record.reason = (!reason.is_empty()).then(|| reason.to_string());
-        self.record.history.push(StateChange {
-            from: Some(from),
-            to,
-            actor: actor.to_string(),
-            reason: reason.to_string(),
-            at_ms: now_ms(),
-        });
-        tracing::info!(wave = %self.record.id, from = from.as_str(), to = to.as_str(), actor, reason, "wave state changed");
-    }
-
-    /// Drops a finished wave's tenant records from memory; the store holds them.
-    fn release_tenants(&mut self) {
-        self.tenants = Vec::new();
-        self.tenants_in_store = true;
-    }
-
-    /// Records something that happened to the wave without changing its state.
-    fn note(&mut self, state: WaveState, actor: &str, reason: &str) {
-        self.record.reason = Some(reason.to_string());
-        self.record.history.push(StateChange {
-            from: Some(state),
-            to: state,
-            actor: actor.to_string(),
-            reason: reason.to_string(),
-            at_ms: now_ms(),
-        });
-    }
-
-    fn set_tenant(&mut self, seq: u32, to: TenantState) {
-        let t = &mut self.tenants[seq as usize];
-        let from = t.state;
-        t.state = to;
-        self.counts.moved(from, to);
-    }
-
-    fn limits(&self) -> Limits {
-        let p = &self.record.policy;
-        Limits {
-            concurrency: p.concurrency,
-            per_host: p.per_host,
-            gate: if self.record.canary_passed || self.canaries == 0 {
-                u32::MAX
-            } else {
-                self.canaries
-            },
-        }
-    }
-}
-
 struct EngineInner {
     store: Arc<dyn ProgressStore>,
     sealer: Sealer,
     reach: Reach,
     retention: Option<Duration>,
+    applier: Arc<dyn Applier>,
+    observer: Arc<dyn RunObserver>,
     waves: Mutex<BTreeMap<String, Arc<Wave>>>,
     /// Stored waves this build cannot load, by id, with why: shown as `FAILED`
     /// (`unloadable: …`), never run, never rewritten, forgettable.
@@ -330,13 +193,37 @@ pub struct Engine {
 }
 
 /// How an engine runs, beyond its store.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct EngineOptions {
     /// Where tenant connections may go (`allowed_hosts`) and the ambient password.
     pub reach: Reach,
     /// Finished waves older than this are forgotten (`wave_retention`); `None` keeps
     /// them.
     pub retention: Option<Duration>,
+    /// Runs tenants: [`PostgresApplier`] unless a test scripts outcomes.
+    pub applier: Arc<dyn Applier>,
+    /// Told of every finished run (metrics).
+    pub observer: Arc<dyn RunObserver>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            reach: Reach::default(),
+            retention: None,
+            applier: Arc::new(PostgresApplier),
+            observer: Arc::new(NoObserver),
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("reach", &self.reach)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How often finished waves are checked against the retention.
@@ -371,6 +258,8 @@ impl Engine {
                 sealer,
                 reach: options.reach,
                 retention: options.retention,
+                applier: options.applier,
+                observer: options.observer,
                 waves: Mutex::new(BTreeMap::new()),
                 unloadable: Mutex::new(BTreeMap::new()),
                 draining: CancellationToken::new(),
@@ -383,7 +272,7 @@ impl Engine {
         for (id, record) in records {
             match engine.load_wave(record) {
                 Ok(wave) => {
-                    if !wave.lock().record.state.is_finished() {
+                    if !wave.lock().record().state.is_finished() {
                         engine.ensure_dispatcher(&wave);
                     }
                 }
@@ -443,7 +332,22 @@ impl Engine {
             }
             self.inner.store.save_tenant(&record.id, t)?;
         }
-        let wave = build_wave(record, tenants, bundle)?;
+        let body = if record.state.is_finished() {
+            // Only the counts stay in memory; the tenants are read when asked for.
+            let counts = Machine::new(record.clone(), tenants, 0)
+                .map_err(|message| tenants_undecodable(&record.id, message))?
+                .counts();
+            Body::Finished {
+                record: Box::new(record),
+                counts,
+            }
+        } else {
+            let id = record.id.clone();
+            let machine = Machine::new(record, tenants, fastrand::u64(..))
+                .map_err(|message| tenants_undecodable(&id, message))?;
+            Body::Active(Box::new(machine))
+        };
+        let wave = Wave::new(body, bundle)?;
         self.waves_lock().insert(wave.id.clone(), wave.clone());
         Ok(wave)
     }
@@ -498,15 +402,9 @@ impl Engine {
         // Canaries first, then by id: a deterministic order that `seq` records.
         let mut ordered = tenants;
         ordered.sort_by(|a, b| a.id.cmp(&b.id));
-        let is_canary: Vec<bool> = match &policy.canary {
-            Canary::None => vec![false; ordered.len()],
-            Canary::Count { count } => (0..ordered.len()).map(|i| i < *count as usize).collect(),
-            Canary::Label { key, value } => ordered
-                .iter()
-                .map(|t| t.labels.get(key) == Some(value))
-                .collect(),
-        };
-        if let Canary::Label { key, value } = &policy.canary
+        let labels: Vec<_> = ordered.iter().map(|t| &t.labels).collect();
+        let is_canary = machine::canary_flags(&policy.canary, &labels);
+        if let crate::policy::Canary::Label { key, value } = &policy.canary
             && !is_canary.iter().any(|c| *c)
         {
             // An empty canary stage would pass at once and open the gate for everyone.
@@ -560,7 +458,9 @@ impl Engine {
         };
         // Everything the runtime needs is computed before the first write: a wave that
         // is stored can always be loaded again.
-        let wave = build_wave(record.clone(), records.clone(), Arc::new(bundle))?;
+        let machine = Machine::new(record.clone(), records.clone(), fastrand::u64(..))
+            .map_err(|message| tenants_undecodable(&id, message))?;
+        let wave = Wave::new(Body::Active(Box::new(machine)), Arc::new(bundle))?;
         self.inner.store.save_bundle(&wave.bundle)?;
         self.inner.store.create_wave(&record, &records)?;
         self.waves_lock().insert(id.clone(), wave.clone());
@@ -569,437 +469,9 @@ impl Engine {
         Ok(id)
     }
 
-    fn ensure_dispatcher(&self, wave: &Arc<Wave>) {
-        let mut inner = wave.lock();
-        if inner.dispatching || self.inner.draining.is_cancelled() {
-            return;
-        }
-        inner.dispatching = true;
-        drop(inner);
-        let engine = self.clone();
-        let wave = wave.clone();
-        self.inner.tasks.spawn(async move {
-            let span =
-                tracing::info_span!("wave", wave_id = %wave.id, bundle_id = %wave.bundle.id());
-            engine.dispatch(wave).instrument(span).await
-        });
-    }
-
-    /// One wave's dispatcher: starts tenants while the policy allows, until the wave
-    /// finishes, or the daemon drains.
-    async fn dispatch(self, wave: Arc<Wave>) {
-        loop {
-            let notified = wave.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(limiter) = &wave.limiter
-                && self.can_start(&wave)
-            {
-                tokio::select! {
-                    _ = limiter.until_ready() => {}
-                    _ = self.inner.draining.cancelled() => {}
-                }
-            }
-            match self.decide(&wave) {
-                Decision::Start {
-                    seq,
-                    generation,
-                    sealed,
-                    stop,
-                } => self.spawn_tenant(&wave, seq, generation, sealed, stop),
-                Decision::Wait => {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = self.inner.draining.cancelled() => {}
-                    }
-                }
-                Decision::WaitUntil(at) => {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep_until(at) => {}
-                        _ = self.inner.draining.cancelled() => {}
-                    }
-                }
-                Decision::Exit => return,
-            }
-        }
-    }
-
-    fn can_start(&self, wave: &Wave) -> bool {
-        let mut inner = wave.lock();
-        inner.record.state == WaveState::Running
-            && inner.queue.running() < inner.record.policy.concurrency
-            && {
-                inner.queue.promote_due(Instant::now());
-                !inner.queue.is_empty()
-            }
-    }
-
-    fn decide(&self, wave: &Wave) -> Decision {
-        let mut inner = wave.lock();
-        let draining = self.inner.draining.is_cancelled();
-        let decision = match inner.record.state {
-            WaveState::Running if draining => Decision::Exit,
-            WaveState::Running => {
-                inner.queue.promote_due(Instant::now());
-                let limits = inner.limits();
-                if let Some((seq, _host)) = inner.queue.take_next(limits) {
-                    let stop = StopSignal::new();
-                    inner.stops.insert(seq, stop.clone());
-                    inner.set_tenant(seq, TenantState::Running);
-                    let t = &mut inner.tenants[seq as usize];
-                    t.attempts += 1;
-                    t.generation += 1;
-                    t.started_at_ms = Some(now_ms());
-                    t.finished_at_ms = None;
-                    let (generation, sealed) = (t.generation, t.dsn_sealed.clone());
-                    // Not stored: a tenant found RUNNING on open is queued again anyway,
-                    // so recording the start would buy nothing but a write per tenant.
-                    let t = inner.tenants[seq as usize].clone();
-                    wave.emit(&inner, Some(&t));
-                    Decision::Start {
-                        seq,
-                        generation,
-                        sealed,
-                        stop,
-                    }
-                } else if inner.queue.running() == 0 && inner.queue.is_empty() {
-                    if inner.counts.succeeded + inner.counts.failed + inner.counts.cancelled
-                        == inner.counts.total
-                    {
-                        let (to, reason) =
-                            if inner.counts.failed == 0 && inner.counts.cancelled == 0 {
-                                (WaveState::Completed, String::new())
-                            } else {
-                                (
-                                    WaveState::Failed,
-                                    format!(
-                                        "{} of {} tenants failed",
-                                        inner.counts.failed, inner.counts.total
-                                    ),
-                                )
-                            };
-                        inner.transition(to, DAEMON_ACTOR, &reason);
-                        self.save_wave(&inner);
-                        wave.emit(&inner, None);
-                        Decision::Exit
-                    } else {
-                        // Gated by the canary stage with nothing left to run: wait.
-                        Decision::Wait
-                    }
-                } else if let Some(at) = inner.queue.next_due() {
-                    Decision::WaitUntil(at)
-                } else {
-                    Decision::Wait
-                }
-            }
-            WaveState::Pending | WaveState::Paused if draining => Decision::Exit,
-            WaveState::Pending | WaveState::Paused => Decision::Wait,
-            WaveState::Cancelled if inner.queue.running() > 0 && !draining => Decision::Wait,
-            WaveState::Cancelled | WaveState::Completed | WaveState::Failed => Decision::Exit,
-        };
-        if matches!(decision, Decision::Exit) {
-            inner.dispatching = false;
-            if inner.record.state.is_finished() && inner.queue.running() == 0 {
-                inner.release_tenants();
-            }
-        }
-        decision
-    }
-
-    fn save_wave(&self, inner: &WaveInner) {
-        if let Err(e) = self.inner.store.save_wave(&inner.record) {
-            tracing::error!(wave = %inner.record.id, error = %e, "cannot store the wave state");
-        }
-    }
-
-    fn spawn_tenant(
-        &self,
-        wave: &Arc<Wave>,
-        seq: u32,
-        generation: u64,
-        sealed: String,
-        stop: StopSignal,
-    ) {
-        let engine = self.clone();
-        let wave = wave.clone();
-        // A child of the dispatcher's wave span, with what a trace needs to find a tenant.
-        let span = {
-            let inner = wave.lock();
-            let t = &inner.tenants[seq as usize];
-            tracing::info_span!(
-                "tenant",
-                wave_id = %wave.id,
-                tenant_id = %t.tenant_id,
-                host = %t.host,
-                attempt = t.attempts,
-                decision = tracing::field::Empty,
-                sqlstate = tracing::field::Empty,
-                failed_script = tracing::field::Empty,
-                error = tracing::field::Empty,
-            )
-        };
-        let task = async move {
-            let policy = wave.lock().record.policy.clone();
-            let outcome = match engine
-                .inner
-                .sealer
-                .open(&sealed)
-                .map(|text| Dsn::parse(&text))
-            {
-                Ok(Ok(dsn)) => {
-                    let run = TenantRun {
-                        bundle: &wave.bundle,
-                        wave_id: &wave.id,
-                        dsn: &dsn,
-                        reach: &engine.inner.reach,
-                        settings: policy.session_settings(),
-                        mode: policy.transaction,
-                        plan_options: policy.plan_options(),
-                    };
-                    apply_tenant(&run, &stop).await
-                }
-                Ok(Err(e)) => failed_before_start(e.to_string()),
-                Err(e) => failed_before_start(e.to_string()),
-            };
-            engine.finish_tenant(&wave, seq, generation, outcome);
-        };
-        self.inner.tasks.spawn(task.instrument(span));
-    }
-
-    fn finish_tenant(&self, wave: &Wave, seq: u32, generation: u64, outcome: Outcome) {
-        let mut inner = wave.lock();
-        if inner.forgotten {
-            return;
-        }
-        let Some(current) = inner.tenants.get(seq as usize) else {
-            return;
-        };
-        if current.generation != generation || current.state != TenantState::Running {
-            tracing::warn!(wave = %wave.id, seq, generation, "dropping a stale tenant result");
-            return;
-        }
-        let host = current.host.clone();
-        inner.queue.finished(&host);
-        inner.stops.remove(&seq);
-        let policy = inner.record.policy.clone();
-        let cancelled_wave = inner.record.state == WaveState::Cancelled;
-        let now = Instant::now();
-        let next = match &outcome {
-            Outcome::UpToDate { .. } | Outcome::Applied { .. } => TenantState::Succeeded,
-            Outcome::Cancelled { .. } => TenantState::Cancelled,
-            Outcome::Busy { .. } if cancelled_wave => TenantState::Cancelled,
-            Outcome::Busy { holder } => {
-                // Someone else holds the tenant: not a failure and not a retry spent,
-                // until it has lasted longer than the policy's busy_timeout.
-                let t = &mut inner.tenants[seq as usize];
-                let wall = now_ms();
-                let since = *t.busy_since_ms.get_or_insert(wall);
-                let why = format!(
-                    "busy: {}",
-                    holder
-                        .as_deref()
-                        .unwrap_or("the Flotilla advisory lock is held by another session")
-                );
-                let busy_for = wall.saturating_sub(since);
-                let gave_up = busy_for >= policy.busy_timeout_ms;
-                t.last_error = Some(ErrorRecord {
-                    script: None,
-                    sqlstate: None,
-                    message: if gave_up {
-                        format!(
-                            "{why}; still busy after {} (busy_timeout)",
-                            humantime::format_duration(Duration::from_millis(busy_for))
-                        )
-                    } else {
-                        why
-                    },
-                    retryability: if gave_up {
-                        crate::failure::Retryability::Permanent
-                    } else {
-                        crate::failure::Retryability::Retryable
-                    },
-                });
-                if gave_up {
-                    TenantState::Failed
-                } else {
-                    let busy_round = t.attempts;
-                    let delay = policy
-                        .backoff(busy_round.min(6))
-                        .max(Duration::from_millis(200));
-                    inner.queue.push_delayed(seq, &host, now + delay);
-                    TenantState::Pending
-                }
-            }
-            Outcome::Failed { error, .. } => {
-                let t = &mut inner.tenants[seq as usize];
-                t.last_error = Some(ErrorRecord {
-                    script: error.script().map(str::to_string),
-                    sqlstate: error.sqlstate().map(str::to_string),
-                    message: error.to_string(),
-                    retryability: error.retryability(),
-                });
-                let retryable = error.retryability() == crate::failure::Retryability::Retryable;
-                if retryable && t.retries_used < policy.retries && !cancelled_wave {
-                    t.retries_used += 1;
-                    let delay = policy.backoff(t.retries_used);
-                    tracing::info!(wave = %wave.id, tenant = %t.tenant_id, error = %error, ?delay, "retryable failure; retrying later");
-                    inner.queue.push_delayed(seq, &host, now + delay);
-                    TenantState::Pending
-                } else {
-                    tracing::warn!(wave = %wave.id, tenant = %t.tenant_id, error = %error, "tenant failed");
-                    TenantState::Failed
-                }
-            }
-        };
-        let decision = match next {
-            TenantState::Succeeded => RunDecision::Succeeded,
-            TenantState::Failed => RunDecision::Failed,
-            TenantState::Cancelled => RunDecision::Cancelled,
-            _ if matches!(outcome, Outcome::Busy { .. }) => RunDecision::Busy,
-            _ => RunDecision::Retried,
-        };
-        crate::telemetry::metrics::runs().record(&outcome, decision);
-        record_on_span(&outcome, decision);
-        inner.set_tenant(seq, next);
-        if !matches!(outcome, Outcome::Busy { .. }) {
-            inner.tenants[seq as usize].busy_since_ms = None;
-        }
-        if next == TenantState::Succeeded {
-            inner.tenants[seq as usize].last_error = None;
-        }
-        if next != TenantState::Pending {
-            inner.tenants[seq as usize].finished_at_ms = Some(now_ms());
-        }
-        let t = inner.tenants[seq as usize].clone();
-        if let Err(e) = self.inner.store.save_tenant(&wave.id, &t) {
-            tracing::error!(wave = %wave.id, error = %e, "cannot record a tenant result");
-        }
-        self.after_tenant(&mut inner, &t);
-        wave.emit(&inner, Some(&t));
-        drop(inner);
-        wave.wake.notify_one();
-    }
-
-    /// Canary and failure-budget decisions after a tenant finished.
-    fn after_tenant(&self, inner: &mut WaveInner, t: &TenantRecord) {
-        // Every canary's outcome counts, whatever the wave's state when it arrives: a
-        // canary that fails while an operator has the wave paused must still keep the
-        // rest of the fleet from starting.
-        if t.canary && !inner.record.canary_passed {
-            if t.state == TenantState::Failed {
-                let reason = format!(
-                    "canary tenant {} failed: {}; retry it, or resume with --accept-canary-failure",
-                    t.tenant_id,
-                    t.last_error
-                        .as_ref()
-                        .map(|e| e.message.as_str())
-                        .unwrap_or("")
-                );
-                match inner.record.state {
-                    WaveState::Running => {
-                        inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
-                    }
-                    WaveState::Paused | WaveState::Pending => {
-                        let state = inner.record.state;
-                        inner.note(state, DAEMON_ACTOR, &reason);
-                    }
-                    _ => return,
-                }
-                self.save_wave(inner);
-                return;
-            }
-            let all_passed = inner
-                .tenants
-                .iter()
-                .filter(|c| c.canary)
-                .all(|c| c.state == TenantState::Succeeded);
-            if all_passed {
-                inner.record.canary_passed = true;
-                if inner.record.policy.after_canary == AfterCanary::Pause
-                    && inner.record.state == WaveState::Running
-                {
-                    inner.transition(
-                        WaveState::Paused,
-                        DAEMON_ACTOR,
-                        "canary stage succeeded; resume to continue",
-                    );
-                }
-                self.save_wave(inner);
-                return;
-            }
-        }
-        if inner.record.state != WaveState::Running {
-            return;
-        }
-        let budget = inner.record.policy.max_failures;
-        if t.state == TenantState::Failed
-            && budget.exceeded(inner.counts.failed, inner.counts.total)
-        {
-            let reason = format!(
-                "failure budget exceeded: {} of {} tenants failed (budget {budget:?})",
-                inner.counts.failed, inner.counts.total
-            );
-            inner.transition(WaveState::Paused, DAEMON_ACTOR, &reason);
-            self.save_wave(inner);
-        }
-    }
-
-    fn command(
-        &self,
-        id: &str,
-        actor: &str,
-        action: &'static str,
-        apply: impl FnOnce(&mut WaveInner) -> Result<Vec<u32>, EngineError>,
-    ) -> Result<WaveStatus, EngineError> {
-        let wave = self.wave(id)?;
-        let mut inner = wave.lock();
-        if inner.tenants_in_store {
-            inner.tenants = self.inner.store.load_tenants(id)?;
-            inner.tenants_in_store = false;
-        }
-        if inner.forgotten {
-            return Err(EngineError::NotFound(id.to_string()));
-        }
-        let applied = apply(&mut inner).and_then(|changed_tenants| {
-            // Durable before acknowledged: tenants first, the wave record (flushed) last.
-            for seq in changed_tenants {
-                self.inner
-                    .store
-                    .save_tenant(id, &inner.tenants[seq as usize])?;
-            }
-            self.inner.store.save_wave(&inner.record)?;
-            Ok(())
-        });
-        // Only once its tenants are stored may a finished wave let go of them.
-        if inner.record.state.is_finished() && inner.queue.running() == 0 {
-            inner.release_tenants();
-        }
-        applied?;
-        wave.emit(&inner, None);
-        let status = Wave::status(&inner);
-        drop(inner);
-        tracing::info!(wave = %id, actor, action, "operator command");
-        wave.wake.notify_one();
-        if status.state == WaveState::Running {
-            self.ensure_dispatcher(&wave);
-        }
-        Ok(status)
-    }
-
     /// Stops new tenant starts at once; tenants in flight finish their bundle.
     pub fn pause(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
-        self.command(id, actor, "pause", |inner| match inner.record.state {
-            WaveState::Running | WaveState::Pending => {
-                inner.transition(WaveState::Paused, actor, reason);
-                Ok(Vec::new())
-            }
-            state => Err(EngineError::InvalidState {
-                wave: id.to_string(),
-                state,
-                action: "pause",
-            }),
-        })
+        self.command(id, actor, reason, Command::Pause)
     }
 
     /// Continues a paused wave. A wave whose canary failed (and was not retried to
@@ -1011,104 +483,19 @@ impl Engine {
         reason: &str,
         canary_failure: CanaryFailure,
     ) -> Result<WaveStatus, EngineError> {
-        self.command(id, actor, "resume", |inner| match inner.record.state {
-            WaveState::Paused | WaveState::Pending => {
-                if !inner.record.canary_passed
-                    && let Some(failed) = inner
-                        .tenants
-                        .iter()
-                        .find(|t| t.canary && t.state == TenantState::Failed)
-                {
-                    if canary_failure == CanaryFailure::Refuse {
-                        return Err(EngineError::CanaryFailed {
-                            wave: id.to_string(),
-                            tenant: failed.tenant_id.clone(),
-                        });
-                    }
-                    inner.record.canary_passed = true;
-                    inner.note(
-                        inner.record.state,
-                        actor,
-                        "the canary stage's failures are accepted",
-                    );
-                }
-                inner.transition(WaveState::Running, actor, reason);
-                Ok(Vec::new())
-            }
-            state => Err(EngineError::InvalidState {
-                wave: id.to_string(),
-                state,
-                action: "resume",
-            }),
-        })
+        self.command(id, actor, reason, Command::Resume(canary_failure))
     }
 
     /// Stops new starts; in-flight tenants stop at their next script boundary; waiting
     /// tenants become `CANCELLED`.
     pub fn cancel(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
-        self.command(id, actor, "cancel", |inner| {
-            if inner.record.state.is_finished() {
-                return Err(EngineError::InvalidState {
-                    wave: id.to_string(),
-                    state: inner.record.state,
-                    action: "cancel",
-                });
-            }
-            inner.transition(WaveState::Cancelled, actor, reason);
-            let waiting = inner.queue.drain_waiting();
-            for &seq in &waiting {
-                inner.set_tenant(seq, TenantState::Cancelled);
-                inner.tenants[seq as usize].finished_at_ms = Some(now_ms());
-            }
-            for stop in inner.stops.values() {
-                stop.stop_at_boundary();
-            }
-            Ok(waiting)
-        })
+        self.command(id, actor, reason, Command::Cancel)
     }
 
     /// Puts the failed tenants of a finished or paused wave back to `PENDING`. A
     /// finished wave runs again; a paused one stays paused until resumed.
     pub fn retry(&self, id: &str, actor: &str, reason: &str) -> Result<WaveStatus, EngineError> {
-        self.command(id, actor, "retry", |inner| {
-            match inner.record.state {
-                WaveState::Failed | WaveState::Completed | WaveState::Paused => {}
-                state => {
-                    return Err(EngineError::InvalidState {
-                        wave: id.to_string(),
-                        state,
-                        action: "retry",
-                    });
-                }
-            }
-            let failed: Vec<(u32, String)> = inner
-                .tenants
-                .iter()
-                .filter(|t| t.state == TenantState::Failed)
-                .map(|t| (t.seq, t.host.clone()))
-                .collect();
-            if failed.is_empty() {
-                return Err(EngineError::NothingToRetry(id.to_string()));
-            }
-            for (seq, host) in &failed {
-                inner.set_tenant(*seq, TenantState::Pending);
-                let t = &mut inner.tenants[*seq as usize];
-                t.retries_used = 0;
-                t.finished_at_ms = None;
-                inner.queue.push_ready(*seq, host);
-            }
-            let why = if reason.is_empty() {
-                format!("retry {} failed tenants", failed.len())
-            } else {
-                reason.to_string()
-            };
-            if inner.record.state == WaveState::Paused {
-                inner.note(WaveState::Paused, actor, &why);
-            } else {
-                inner.transition(WaveState::Running, actor, &why);
-            }
-            Ok(failed.iter().map(|(seq, _)| *seq).collect())
-        })
+        self.command(id, actor, reason, Command::Retry)
     }
 
     /// One wave's status.
@@ -1117,15 +504,15 @@ impl Engine {
             return Ok(unloadable_status(id, reason));
         }
         let wave = self.wave(id)?;
-        let inner = wave.lock();
-        Ok(Wave::status(&inner))
+        let status = wave.lock().status();
+        Ok(status)
     }
 
     /// Every wave, newest first (ids are UUIDv7: they sort by creation time),
     /// quarantined ones included.
     pub fn list(&self) -> Vec<WaveStatus> {
         let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
-        let mut all: Vec<WaveStatus> = waves.iter().map(|w| Wave::status(&w.lock())).collect();
+        let mut all: Vec<WaveStatus> = waves.iter().map(|w| w.lock().status()).collect();
         all.extend(
             self.unloadable_lock()
                 .iter()
@@ -1159,21 +546,23 @@ impl Engine {
         }
         let wave = self.wave(id)?;
         {
-            let mut inner = wave.lock();
-            let state = inner.record.state;
-            if !state.is_finished() || inner.queue.running() > 0 {
+            let mut slot = wave.lock();
+            let state = slot.record().state;
+            if !state.is_finished() || slot.running() > 0 {
                 return Err(EngineError::InvalidState {
                     wave: id.to_string(),
                     state,
                     action: "forget (cancel it first, and let its running tenants stop)",
                 });
             }
-            if !still_wanted(&inner.record) {
+            if !still_wanted(slot.record()) {
                 return Ok(());
             }
             // From here no command, result or dispatcher writes this wave again, so
-            // deleting its records cannot race a retry writing them back.
-            inner.forgotten = true;
+            // deleting its records cannot race a retry writing them back; what was
+            // decided before is written first.
+            slot.forgotten = true;
+            wave.wait_for_writes(&slot);
         }
         self.waves_lock().remove(id);
         self.inner.store.delete_wave(id)?;
@@ -1189,8 +578,8 @@ impl Engine {
         waves
             .iter()
             .filter(|w| {
-                let inner = w.lock();
-                inner.record.state.is_finished() && last_change(&inner.record) < cutoff
+                let slot = w.lock();
+                slot.record().state.is_finished() && last_change(slot.record()) < cutoff
             })
             .map(|w| w.id.clone())
             .collect()
@@ -1261,7 +650,7 @@ impl Engine {
     }
 
     /// Runs `read` over a wave's tenants: in memory while the wave runs, read from the
-    /// store (without holding the wave's lock) once it finished.
+    /// store once it finished.
     fn with_tenants<T>(
         &self,
         id: &str,
@@ -1271,16 +660,7 @@ impl Engine {
             return Ok(read(&[]));
         }
         let wave = self.wave(id)?;
-        {
-            let inner = wave.lock();
-            if inner.forgotten {
-                return Err(EngineError::NotFound(id.to_string()));
-            }
-            if !inner.tenants_in_store {
-                return Ok(read(&inner.tenants));
-            }
-        }
-        Ok(read(&self.inner.store.load_tenants(id)?))
+        self.read_tenants(&wave, read)
     }
 
     /// Tenants running now per database server, over every unfinished wave; servers of
@@ -1289,14 +669,7 @@ impl Engine {
         let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
         let mut out = BTreeMap::new();
         for wave in waves {
-            let inner = wave.lock();
-            if inner.record.state.is_finished() && inner.counts.running == 0 {
-                continue;
-            }
-            for t in &inner.tenants {
-                *out.entry(t.host.clone()).or_insert(0) +=
-                    u64::from(t.state == TenantState::Running);
-            }
+            Self::running_hosts(&wave, &mut out);
         }
         out
     }
@@ -1307,10 +680,10 @@ impl Engine {
         id: &str,
     ) -> Result<(WaveStatus, broadcast::Receiver<WaveEvent>), EngineError> {
         let wave = self.wave(id)?;
-        let inner = wave.lock();
+        let slot = wave.lock();
         // Subscribing under the lock: no event falls between snapshot and stream.
-        let rx = wave.events.subscribe();
-        Ok((Wave::status(&inner), rx))
+        let rx = wave.subscribe();
+        Ok((slot.status(), rx))
     }
 
     /// The connection string of one tenant of a wave, unsealed: for reading its log on
@@ -1357,66 +730,6 @@ impl Engine {
     }
 }
 
-/// A wave's runtime from its records, computed completely before anything is stored or
-/// registered: what cannot be built is refused (a new wave) or quarantined (a stored
-/// one), never half-made. A finished wave keeps only its counts in memory.
-fn build_wave(
-    record: WaveRecord,
-    tenants: Vec<TenantRecord>,
-    bundle: Arc<Bundle>,
-) -> Result<Arc<Wave>, EngineError> {
-    let mut counts = Counts::default();
-    let mut queue = Queue::default();
-    let mut canaries = 0;
-    for (i, t) in tenants.iter().enumerate() {
-        if t.seq as usize != i {
-            return Err(EngineError::Store(StoreError::Decode {
-                what: format!("tenants of wave {}", record.id),
-                message: format!("tenant #{i} has seq {}", t.seq),
-            }));
-        }
-        counts.total += 1;
-        counts.add(t.state);
-        if t.state == TenantState::Pending {
-            queue.push_ready(t.seq, &t.host);
-        }
-        if t.canary {
-            canaries += 1;
-        }
-    }
-    // governor counts whole cells per period: express fractional rates as one start
-    // per 1/rate seconds. The policy was validated, so the interval exists.
-    let limiter = match (record.policy.rate, record.policy.start_interval()) {
-        (None, _) => None,
-        (Some(_), Some(period)) => Quota::with_period(period).map(RateLimiter::direct),
-        (Some(rate), None) => {
-            return Err(EngineError::Policy(PolicyError(format!(
-                "rate {rate} gives no start interval"
-            ))));
-        }
-    };
-    let finished = record.state.is_finished();
-    let (events, _) = broadcast::channel(EVENT_BUFFER);
-    Ok(Arc::new(Wave {
-        id: record.id.clone(),
-        bundle,
-        inner: Mutex::new(WaveInner {
-            record,
-            tenants: if finished { Vec::new() } else { tenants },
-            tenants_in_store: finished,
-            forgotten: false,
-            counts,
-            queue,
-            stops: HashMap::new(),
-            canaries,
-            dispatching: false,
-        }),
-        wake: Notify::new(),
-        events,
-        limiter,
-    }))
-}
-
 /// When a wave last changed state (ms since the epoch).
 fn last_change(record: &WaveRecord) -> u64 {
     record
@@ -1424,6 +737,13 @@ fn last_change(record: &WaveRecord) -> u64 {
         .last()
         .map(|h| h.at_ms)
         .unwrap_or(record.created_at_ms)
+}
+
+fn tenants_undecodable(wave: &str, message: String) -> EngineError {
+    EngineError::Store(StoreError::Decode {
+        what: format!("tenants of wave {wave}"),
+        message,
+    })
 }
 
 /// How a quarantined wave shows: `FAILED`, with why, and nothing else known.
@@ -1437,30 +757,5 @@ fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
         policy: Policy::default(),
         created_at_ms: 0,
         history: Vec::new(),
-    }
-}
-
-/// Puts the result of a run on the current (tenant) span, for traces.
-fn record_on_span(outcome: &Outcome, decision: RunDecision) {
-    let span = tracing::Span::current();
-    span.record("decision", format!("{decision:?}").to_ascii_lowercase());
-    if let Outcome::Failed { error, .. } = outcome {
-        if let Some(sqlstate) = error.sqlstate() {
-            span.record("sqlstate", sqlstate);
-        }
-        if let Some(script) = error.script() {
-            span.record("failed_script", script);
-        }
-        span.record("error", error.to_string());
-    }
-}
-
-fn failed_before_start(message: String) -> Outcome {
-    Outcome::Failed {
-        scripts: Vec::new(),
-        error: crate::apply::ApplyError::Connect(crate::failure::DbFailure::client(
-            message,
-            crate::failure::Retryability::Permanent,
-        )),
     }
 }

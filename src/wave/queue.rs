@@ -87,6 +87,17 @@ impl Queue {
         Some((seq, host))
     }
 
+    /// A tenant that was already running when the queue was built (replayed state).
+    pub fn resume_running(&mut self, host: &str) {
+        *self.running_by_host.entry(host.to_string()).or_default() += 1;
+        self.running += 1;
+    }
+
+    /// Tenants in flight on `host`.
+    pub fn running_on(&self, host: &str) -> u32 {
+        self.running_by_host.get(host).copied().unwrap_or(0)
+    }
+
     /// A started tenant finished.
     pub fn finished(&mut self, host: &str) {
         if let Some(n) = self.running_by_host.get_mut(host) {

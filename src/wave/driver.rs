@@ -1,0 +1,626 @@
+//! The driver around each wave's [`Machine`]: one dispatcher task per active wave (rate
+//! limiter, tenant tasks over an [`Applier`]), and the one way a decision's effects are
+//! carried out.
+//!
+//! A decision is made under the wave's lock. Its events go out at once (still under the
+//! lock, so watchers see them in the order they were decided — a broadcast send never
+//! blocks). Its store writes are carried out *after* the lock is released, on the blocking
+//! pool, in decision order: each decision with writes takes a ticket under the lock, and
+//! writers go by ticket. So an fsync never stalls a status call, and a later state of a
+//! tenant is never overwritten by an earlier one. A write that fails pauses the wave,
+//! saying why; it is never only a log line. This module never decides anything a wave's
+//! rules decide: that is the machine's.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use super::machine::{Command, DAEMON_ACTOR, Effect, Machine, Now, Step, TenantAction};
+use super::{Counts, Engine, EngineError, WaveEvent, WaveStatus, now_ms};
+use crate::apply::{Outcome, StopSignal, TenantRun, apply_tenant};
+use crate::bundle::Bundle;
+use crate::dsn::Dsn;
+use crate::failure::{DbFailure, FailureKind};
+use crate::store::{StoreError, TenantRecord, WaveRecord};
+
+/// How many events a watcher may fall behind before it must resync from a snapshot.
+const EVENT_BUFFER: usize = 1024;
+
+/// Runs one tenant: the real applier in production, a scripted one in tests.
+pub trait Applier: Send + Sync + 'static {
+    /// Brings the tenant of `run` up to its bundle, stopping when `stop` says.
+    fn apply<'a>(
+        &'a self,
+        run: &'a TenantRun<'a>,
+        stop: &'a StopSignal,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
+}
+
+/// The applier that talks to PostgreSQL ([`apply_tenant`]).
+#[derive(Debug, Default)]
+pub struct PostgresApplier;
+
+impl Applier for PostgresApplier {
+    fn apply<'a>(
+        &'a self,
+        run: &'a TenantRun<'a>,
+        stop: &'a StopSignal,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(apply_tenant(run, stop))
+    }
+}
+
+/// Told of every finished tenant run and what was decided about it (metrics).
+pub trait RunObserver: Send + Sync + 'static {
+    /// One finished run.
+    fn tenant_finished(&self, outcome: &Outcome, action: TenantAction);
+}
+
+/// Observes nothing.
+#[derive(Debug, Default)]
+pub struct NoObserver;
+
+impl RunObserver for NoObserver {
+    fn tenant_finished(&self, _: &Outcome, _: TenantAction) {}
+}
+
+/// The runtime of one wave.
+pub(super) struct Wave {
+    pub(super) id: String,
+    pub(super) bundle: Arc<Bundle>,
+    slot: Mutex<Slot>,
+    /// The ticket whose writes may go next; see the module doc.
+    written: Mutex<u64>,
+    turn: Condvar,
+    wake: Notify,
+    events: broadcast::Sender<WaveEvent>,
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+/// What the wave's lock guards.
+pub(super) struct Slot {
+    pub(super) body: Body,
+    stops: HashMap<u32, StopSignal>,
+    dispatching: bool,
+    /// Set by `forget` under the lock: nothing may write this wave any more.
+    pub(super) forgotten: bool,
+    /// The next write ticket to hand out.
+    issued: u64,
+}
+
+/// A wave in memory: running with its machine, or finished with only its counts (its
+/// tenants stay in the store, read when asked for, so months of waves cost no memory).
+pub(super) enum Body {
+    Active(Box<Machine>),
+    Finished {
+        record: Box<WaveRecord>,
+        counts: Counts,
+    },
+}
+
+impl Slot {
+    pub(super) fn record(&self) -> &WaveRecord {
+        match &self.body {
+            Body::Active(m) => m.record(),
+            Body::Finished { record, .. } => record,
+        }
+    }
+
+    pub(super) fn status(&self) -> WaveStatus {
+        match &self.body {
+            Body::Active(m) => m.status(),
+            Body::Finished { record, counts } => WaveStatus {
+                id: record.id.clone(),
+                bundle_id: record.bundle_id.clone(),
+                state: record.state,
+                reason: record.reason.clone(),
+                counts: *counts,
+                policy: record.policy.clone(),
+                created_at_ms: record.created_at_ms,
+                history: record.history.clone(),
+            },
+        }
+    }
+
+    pub(super) fn running(&self) -> u32 {
+        match &self.body {
+            Body::Active(m) => m.in_flight(),
+            Body::Finished { .. } => 0,
+        }
+    }
+
+    /// A finished wave with nothing in flight lets go of its machine.
+    fn release_if_done(&mut self) {
+        if let Body::Active(m) = &self.body
+            && m.record().state.is_finished()
+            && m.in_flight() == 0
+        {
+            let counts = m.counts();
+            let record = m.record().clone();
+            self.body = Body::Finished {
+                record: Box::new(record),
+                counts,
+            };
+        }
+    }
+}
+
+/// The wall and monotonic clocks, read once per input.
+pub(super) fn now() -> Now {
+    Now {
+        mono: Instant::now(),
+        wall_ms: now_ms(),
+    }
+}
+
+/// Store writes of one decision, to be carried out in ticket order.
+pub(super) struct Writes {
+    ticket: u64,
+    effects: Vec<Effect>,
+}
+
+impl Wave {
+    /// A wave's runtime around `machine` (or a finished wave's record and counts),
+    /// computed before anything is stored or registered.
+    pub(super) fn new(body: Body, bundle: Arc<Bundle>) -> Result<Arc<Self>, EngineError> {
+        let record = match &body {
+            Body::Active(m) => m.record(),
+            Body::Finished { record, .. } => record,
+        };
+        // governor counts whole cells per period: express fractional rates as one start
+        // per 1/rate seconds. A validated policy has an interval.
+        let limiter = match (record.policy.rate, record.policy.start_interval()) {
+            (None, _) => None,
+            (Some(_), Some(period)) => Quota::with_period(period).map(RateLimiter::direct),
+            (Some(rate), None) => {
+                return Err(EngineError::Policy(crate::policy::PolicyError(format!(
+                    "rate {rate} gives no start interval"
+                ))));
+            }
+        };
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Ok(Arc::new(Self {
+            id: record.id.clone(),
+            bundle,
+            slot: Mutex::new(Slot {
+                body,
+                stops: HashMap::new(),
+                dispatching: false,
+                forgotten: false,
+                issued: 0,
+            }),
+            written: Mutex::new(0),
+            turn: Condvar::new(),
+            wake: Notify::new(),
+            events,
+            limiter,
+        }))
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Slot> {
+        // A panic while holding this lock would be a bug; the state is still consistent
+        // record by record, so keep serving rather than poison every later call.
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes to events; under the lock, so no event falls between a snapshot taken
+    /// under the same lock and the stream.
+    pub(super) fn subscribe(&self) -> broadcast::Receiver<WaveEvent> {
+        self.events.subscribe()
+    }
+
+    /// Sends a decision's events and stops now (under the lock), and hands out a ticket
+    /// for its store writes, which the caller carries out with [`Engine::write`] after
+    /// releasing the lock.
+    pub(super) fn dispatch_effects(&self, slot: &mut Slot, effects: Vec<Effect>) -> Option<Writes> {
+        let mut writes = Vec::new();
+        for effect in effects {
+            match effect {
+                // No receivers is fine; a slow receiver lags and resyncs, never blocks us.
+                Effect::Emit(event) => drop(self.events.send(event)),
+                Effect::Stop(seq) => {
+                    if let Some(stop) = slot.stops.get(&seq) {
+                        stop.stop_at_boundary();
+                    }
+                }
+                write => writes.push(write),
+            }
+        }
+        if writes.is_empty() {
+            return None;
+        }
+        let ticket = slot.issued;
+        slot.issued += 1;
+        Some(Writes {
+            ticket,
+            effects: writes,
+        })
+    }
+
+    /// Waits until every write handed out so far is carried out (before reading this
+    /// wave's records back from the store).
+    pub(super) fn wait_for_writes(&self, slot: &Slot) {
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        while *written < slot.issued {
+            written = self.turn.wait(written).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Advances the write turn when dropped, so a failed or panicking writer never blocks
+/// the ones after it.
+struct Turn<'a> {
+    wave: &'a Wave,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut written = self.wave.written.lock().unwrap_or_else(|p| p.into_inner());
+        *written += 1;
+        self.wave.turn.notify_all();
+    }
+}
+
+impl Engine {
+    /// Carries out one decision's store writes, in ticket order. Blocks: call it on the
+    /// blocking pool. A failed write pauses the wave with the reason.
+    pub(super) fn write(&self, wave: &Wave, writes: Writes) -> Result<(), StoreError> {
+        let result = {
+            let mut written = wave.written.lock().unwrap_or_else(|p| p.into_inner());
+            while *written < writes.ticket {
+                written = wave.turn.wait(written).unwrap_or_else(|p| p.into_inner());
+            }
+            drop(written);
+            let _turn = Turn { wave };
+            self.store_effects(&wave.id, writes.effects)
+        };
+        if let Err(e) = &result {
+            self.pause_for_store(wave, e);
+        }
+        result
+    }
+
+    fn store_effects(&self, wave_id: &str, effects: Vec<Effect>) -> Result<(), StoreError> {
+        for effect in effects {
+            match effect {
+                Effect::PersistTenant(t) => self.inner.store.save_tenant(wave_id, &t)?,
+                Effect::PersistWave(r) => self.inner.store.save_wave(&r)?,
+                Effect::Emit(_) | Effect::Stop(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The store refused a write: pause the wave (nothing more starts on a state the
+    /// daemon cannot record) and say why. Its own write is best effort.
+    fn pause_for_store(&self, wave: &Wave, error: &StoreError) {
+        tracing::error!(wave = %wave.id, %error, "cannot write the progress store; pausing the wave");
+        let reason = format!("the progress store failed: {error}");
+        let mut slot = wave.lock();
+        let Body::Active(machine) = &mut slot.body else {
+            return;
+        };
+        let effects = match machine.command(Command::Pause, DAEMON_ACTOR, &reason, now()) {
+            Ok(effects) => effects,
+            Err(_) => return,
+        };
+        let writes = wave.dispatch_effects(&mut slot, effects);
+        drop(slot);
+        if let Some(writes) = writes {
+            let mut written = wave.written.lock().unwrap_or_else(|p| p.into_inner());
+            while *written < writes.ticket {
+                written = wave.turn.wait(written).unwrap_or_else(|p| p.into_inner());
+            }
+            drop(written);
+            let _turn = Turn { wave };
+            if let Err(e) = self.store_effects(&wave.id, writes.effects) {
+                tracing::error!(wave = %wave.id, error = %e, "cannot record the pause either");
+            }
+        }
+    }
+
+    /// An operator's command: decided under the wave's lock, stored durably (in order
+    /// with everything decided before it) before it returns. Blocks on the store.
+    pub(super) fn command(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        command: Command,
+    ) -> Result<WaveStatus, EngineError> {
+        let wave = self.wave(id)?;
+        let mut slot = wave.lock();
+        if slot.forgotten {
+            return Err(EngineError::NotFound(id.to_string()));
+        }
+        if let Body::Finished { record, .. } = &slot.body {
+            // Woken for a command (a retry): its tenants come back from the store, once
+            // every write decided for it is there.
+            let record = record.clone();
+            wave.wait_for_writes(&slot);
+            let tenants = self.inner.store.load_tenants(id)?;
+            let machine = Machine::new(*record, tenants, fastrand::u64(..)).map_err(|message| {
+                EngineError::Store(StoreError::Decode {
+                    what: format!("tenants of wave {id}"),
+                    message,
+                })
+            })?;
+            slot.body = Body::Active(Box::new(machine));
+        }
+        let Body::Active(machine) = &mut slot.body else {
+            return Err(EngineError::NotFound(id.to_string()));
+        };
+        let decided = machine.command(command, actor, reason, now());
+        let writes = match decided {
+            Ok(effects) => wave.dispatch_effects(&mut slot, effects),
+            Err(e) => {
+                slot.release_if_done();
+                return Err(e);
+            }
+        };
+        let status = slot.status();
+        drop(slot);
+        if let Some(writes) = writes {
+            // Durable before acknowledged.
+            self.write(&wave, writes)?;
+        }
+        tracing::info!(wave = %id, actor, action = command.as_str(), "operator command");
+        {
+            let mut slot = wave.lock();
+            slot.release_if_done();
+        }
+        wave.wake.notify_one();
+        if status.state == super::WaveState::Running {
+            self.ensure_dispatcher(&wave);
+        }
+        Ok(status)
+    }
+
+    /// Starts the wave's dispatcher unless one runs (or the daemon drains).
+    pub(super) fn ensure_dispatcher(&self, wave: &Arc<Wave>) {
+        let mut slot = wave.lock();
+        if slot.dispatching || self.inner.draining.is_cancelled() {
+            return;
+        }
+        slot.dispatching = true;
+        drop(slot);
+        let engine = self.clone();
+        let wave = wave.clone();
+        self.inner.tasks.spawn(async move {
+            let span =
+                tracing::info_span!("wave", wave_id = %wave.id, bundle_id = %wave.bundle.id());
+            engine.dispatch(wave).instrument(span).await
+        });
+    }
+
+    /// One wave's dispatcher: starts tenants while the machine allows, until the wave
+    /// finishes or the daemon drains.
+    async fn dispatch(self, wave: Arc<Wave>) {
+        loop {
+            let notified = wave.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(limiter) = &wave.limiter
+                && self.can_start(&wave)
+            {
+                tokio::select! {
+                    _ = limiter.until_ready() => {}
+                    _ = self.inner.draining.cancelled() => {}
+                }
+            }
+            let (step, start, writes) = self.decide(&wave);
+            if let Some(writes) = writes {
+                let (engine, w) = (self.clone(), wave.clone());
+                let _ = tokio::task::spawn_blocking(move || engine.write(&w, writes)).await;
+            }
+            match step {
+                Step::Start { seq, generation } => {
+                    if let Some((sealed, stop)) = start {
+                        self.spawn_tenant(&wave, seq, generation, sealed, stop);
+                    }
+                }
+                Step::Wait => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = self.inner.draining.cancelled() => {}
+                    }
+                }
+                Step::WaitUntil(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                        _ = self.inner.draining.cancelled() => {}
+                    }
+                }
+                Step::Exit => {
+                    let mut slot = wave.lock();
+                    slot.dispatching = false;
+                    slot.release_if_done();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn can_start(&self, wave: &Wave) -> bool {
+        let mut slot = wave.lock();
+        match &mut slot.body {
+            Body::Active(m) => m.can_start(now()),
+            Body::Finished { .. } => false,
+        }
+    }
+
+    /// The machine's next step, with what a start needs (the sealed DSN, a stop signal).
+    fn decide(&self, wave: &Wave) -> (Step, Option<(String, StopSignal)>, Option<Writes>) {
+        let mut slot = wave.lock();
+        if slot.forgotten {
+            return (Step::Exit, None, None);
+        }
+        let draining = self.inner.draining.is_cancelled();
+        let Body::Active(machine) = &mut slot.body else {
+            return (Step::Exit, None, None);
+        };
+        let (step, effects) = machine.next_start(now(), draining);
+        let start = match step {
+            Step::Start { seq, .. } => machine
+                .tenant(seq)
+                .map(|t| (t.dsn_sealed.clone(), StopSignal::new())),
+            _ => None,
+        };
+        if let (Step::Start { seq, .. }, Some((_, stop))) = (step, &start) {
+            slot.stops.insert(seq, stop.clone());
+        }
+        let writes = wave.dispatch_effects(&mut slot, effects);
+        (step, start, writes)
+    }
+
+    fn spawn_tenant(
+        &self,
+        wave: &Arc<Wave>,
+        seq: u32,
+        generation: u64,
+        sealed: String,
+        stop: StopSignal,
+    ) {
+        let engine = self.clone();
+        let wave = wave.clone();
+        // A child of the dispatcher's wave span, with what a trace needs to find a tenant.
+        let (span, policy) = {
+            let slot = wave.lock();
+            let Body::Active(machine) = &slot.body else {
+                return;
+            };
+            let Some(t) = machine.tenant(seq) else {
+                return;
+            };
+            let span = tracing::info_span!(
+                "tenant",
+                wave_id = %wave.id,
+                tenant_id = %t.tenant_id,
+                host = %t.host,
+                attempt = t.attempts,
+                decision = tracing::field::Empty,
+                sqlstate = tracing::field::Empty,
+                failed_script = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
+            (span, machine.record().policy.clone())
+        };
+        let task = async move {
+            let outcome = match engine
+                .inner
+                .sealer
+                .open(&sealed)
+                .map(|text| Dsn::parse(&text))
+            {
+                Ok(Ok(dsn)) => {
+                    let run = TenantRun {
+                        bundle: &wave.bundle,
+                        wave_id: &wave.id,
+                        dsn: &dsn,
+                        reach: &engine.inner.reach,
+                        settings: policy.session_settings(),
+                        mode: policy.transaction,
+                        plan_options: policy.plan_options(),
+                    };
+                    engine.inner.applier.apply(&run, &stop).await
+                }
+                Ok(Err(e)) => failed_before_start(e.to_string()),
+                Err(e) => failed_before_start(e.to_string()),
+            };
+            let (e, w) = (engine.clone(), wave.clone());
+            let writes = engine.finish_tenant(&wave, seq, generation, &outcome);
+            // The slot is free now; the next start need not wait for this write.
+            wave.wake.notify_one();
+            if let Some(writes) = writes {
+                let _ = tokio::task::spawn_blocking(move || e.write(&w, writes)).await;
+            }
+        };
+        self.inner.tasks.spawn(task.instrument(span));
+    }
+
+    /// A tenant run's outcome, decided by the machine; returns the writes to carry out.
+    fn finish_tenant(
+        &self,
+        wave: &Wave,
+        seq: u32,
+        generation: u64,
+        outcome: &Outcome,
+    ) -> Option<Writes> {
+        let mut slot = wave.lock();
+        if slot.forgotten {
+            return None;
+        }
+        let Body::Active(machine) = &mut slot.body else {
+            return None;
+        };
+        let (action, effects) = machine.on_outcome(seq, generation, outcome, now());
+        let action = action?;
+        slot.stops.remove(&seq);
+        self.inner.observer.tenant_finished(outcome, action);
+        record_on_span(outcome, action);
+        wave.dispatch_effects(&mut slot, effects)
+    }
+
+    /// Tenants in flight per server in this wave.
+    pub(super) fn running_hosts(wave: &Wave, out: &mut std::collections::BTreeMap<String, u64>) {
+        let slot = wave.lock();
+        let Body::Active(machine) = &slot.body else {
+            return;
+        };
+        for t in machine.tenants() {
+            *out.entry(t.host.clone()).or_insert(0) +=
+                u64::from(t.state == super::TenantState::Running);
+        }
+    }
+
+    /// A wave's tenants: from its machine while it runs, from the store once it finished
+    /// (after every write decided for it).
+    pub(super) fn read_tenants<T>(
+        &self,
+        wave: &Wave,
+        read: impl FnOnce(&[TenantRecord]) -> T,
+    ) -> Result<T, EngineError> {
+        let slot = wave.lock();
+        if slot.forgotten {
+            return Err(EngineError::NotFound(wave.id.clone()));
+        }
+        if let Body::Active(machine) = &slot.body {
+            return Ok(read(machine.tenants()));
+        }
+        wave.wait_for_writes(&slot);
+        drop(slot);
+        Ok(read(&self.inner.store.load_tenants(&wave.id)?))
+    }
+}
+
+/// Puts the result of a run on the current (tenant) span, for traces.
+fn record_on_span(outcome: &Outcome, action: TenantAction) {
+    let span = tracing::Span::current();
+    span.record("decision", action.as_str());
+    if let Outcome::Failed { error, .. } = outcome {
+        if let Some(sqlstate) = error.sqlstate() {
+            span.record("sqlstate", sqlstate);
+        }
+        if let Some(script) = error.script() {
+            span.record("failed_script", script);
+        }
+        span.record("error", error.to_string());
+    }
+}
+
+fn failed_before_start(message: String) -> Outcome {
+    Outcome::Failed {
+        scripts: Vec::new(),
+        error: crate::apply::ApplyError::Connect(DbFailure::of_kind(FailureKind::Refused, message)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

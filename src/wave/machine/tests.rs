@@ -1,0 +1,586 @@
+//! The wave's rules without PostgreSQL: one test per rule, and a property test that
+//! drives random sequences of starts, outcomes, commands and time, checking the
+//! invariants after every step.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::apply::{AppliedScript, ApplyError};
+use crate::failure::DbFailure;
+use crate::policy::{FailureBudget, Policy};
+use crate::store::FORMAT;
+
+fn policy() -> Policy {
+    Policy {
+        concurrency: 3,
+        per_host: Some(2),
+        retries: 2,
+        backoff_base_ms: 100,
+        backoff_max_ms: 1_000,
+        max_failures: FailureBudget::Unlimited,
+        ..Policy::default()
+    }
+}
+
+/// `n` tenants over `hosts` servers; the first `canaries` are canaries.
+fn machine(n: u32, hosts: u32, canaries: u32, policy: Policy) -> Machine {
+    let tenants = (0..n)
+        .map(|seq| TenantRecord {
+            format: FORMAT,
+            seq,
+            tenant_id: format!("t{seq:03}"),
+            dsn_sealed: String::new(),
+            dsn_redacted: String::new(),
+            host: format!("h{}:5432", seq % hosts.max(1)),
+            labels: BTreeMap::new(),
+            canary: seq < canaries,
+            state: TenantState::Pending,
+            attempts: 0,
+            retries_used: 0,
+            generation: 0,
+            last_error: None,
+            busy_since_ms: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+        })
+        .collect();
+    let record = WaveRecord {
+        format: FORMAT,
+        id: "w".into(),
+        bundle_id: "b".into(),
+        policy,
+        state: WaveState::Running,
+        reason: None,
+        created_at_ms: 0,
+        canary_passed: false,
+        history: Vec::new(),
+    };
+    Machine::new(record, tenants, 42).expect("machine")
+}
+
+fn at(base: Instant, ms: u64) -> Now {
+    Now {
+        mono: base + Duration::from_millis(ms),
+        wall_ms: 1_000_000 + ms,
+    }
+}
+
+fn applied() -> Outcome {
+    Outcome::Applied {
+        scripts: vec![AppliedScript {
+            script: "V1__a.sql".into(),
+            version: Some("1".into()),
+            duration: Duration::from_millis(1),
+        }],
+        notes: Vec::new(),
+    }
+}
+
+fn failed(sqlstate: &str) -> Outcome {
+    Outcome::Failed {
+        scripts: Vec::new(),
+        error: ApplyError::Script {
+            script: "V1__a.sql".into(),
+            line: None,
+            failure: DbFailure {
+                sqlstate: Some(sqlstate.into()),
+                message: "boom".into(),
+                retryability: crate::failure::classify_sqlstate(sqlstate),
+                kind: crate::failure::FailureKind::Server,
+            },
+        },
+    }
+}
+
+const RETRYABLE: &str = "40001";
+const PERMANENT: &str = "42601";
+
+/// Starts everything the machine allows now; the (seq, generation) started.
+fn start_all(m: &mut Machine, now: Now) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    while let (Step::Start { seq, generation }, _) = m.next_start(now, false) {
+        out.push((seq, generation));
+    }
+    out
+}
+
+#[test]
+fn the_canary_gate_holds_the_rest_until_every_canary_succeeded() {
+    let base = Instant::now();
+    let mut m = machine(6, 3, 2, policy());
+    let started = start_all(&mut m, at(base, 0));
+    assert_eq!(
+        started.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [0, 1],
+        "only canaries"
+    );
+    m.on_outcome(0, started[0].1, &applied(), at(base, 1));
+    assert!(
+        start_all(&mut m, at(base, 2)).is_empty(),
+        "one canary still runs"
+    );
+    m.on_outcome(1, started[1].1, &applied(), at(base, 3));
+    assert!(m.record().canary_passed);
+    assert_eq!(
+        start_all(&mut m, at(base, 4)).len(),
+        3,
+        "now up to concurrency"
+    );
+}
+
+#[test]
+fn a_failed_canary_pauses_and_resume_needs_acceptance() {
+    let base = Instant::now();
+    let mut m = machine(
+        4,
+        1,
+        1,
+        Policy {
+            retries: 0,
+            ..policy()
+        },
+    );
+    let (seq, generation) = start_all(&mut m, at(base, 0))[0];
+    let (action, effects) = m.on_outcome(seq, generation, &failed(PERMANENT), at(base, 1));
+    assert_eq!(action, Some(TenantAction::Fail));
+    assert_eq!(m.record().state, WaveState::Paused);
+    assert!(effects.iter().any(|e| matches!(e, Effect::PersistWave(_))));
+    let refused = m.command(
+        Command::Resume(CanaryFailure::Refuse),
+        "op",
+        "",
+        at(base, 2),
+    );
+    assert!(matches!(refused, Err(EngineError::CanaryFailed { .. })));
+    m.command(
+        Command::Resume(CanaryFailure::Accept),
+        "op",
+        "",
+        at(base, 3),
+    )
+    .expect("accepted");
+    assert_eq!(m.record().state, WaveState::Running);
+    assert_eq!(
+        start_all(&mut m, at(base, 4)).len(),
+        2,
+        "one host, per_host 2"
+    );
+}
+
+#[test]
+fn a_canary_failing_while_paused_still_counts() {
+    let base = Instant::now();
+    let mut m = machine(
+        3,
+        1,
+        1,
+        Policy {
+            retries: 0,
+            ..policy()
+        },
+    );
+    let (seq, generation) = start_all(&mut m, at(base, 0))[0];
+    m.command(Command::Pause, "op", "lunch", at(base, 1))
+        .expect("pause");
+    m.on_outcome(seq, generation, &failed(PERMANENT), at(base, 2));
+    assert_eq!(m.record().state, WaveState::Paused);
+    assert!(
+        m.record()
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("canary tenant")
+    );
+    assert!(matches!(
+        m.command(
+            Command::Resume(CanaryFailure::Refuse),
+            "op",
+            "",
+            at(base, 3)
+        ),
+        Err(EngineError::CanaryFailed { .. })
+    ));
+}
+
+#[test]
+fn the_failure_budget_pauses_past_its_exact_threshold() {
+    let base = Instant::now();
+    let p = Policy {
+        concurrency: 10,
+        per_host: None,
+        retries: 0,
+        max_failures: FailureBudget::Count(2),
+        ..policy()
+    };
+    let mut m = machine(10, 1, 0, p);
+    let started = start_all(&mut m, at(base, 0));
+    for (i, (seq, generation)) in started.iter().take(2).enumerate() {
+        m.on_outcome(
+            *seq,
+            *generation,
+            &failed(PERMANENT),
+            at(base, 1 + i as u64),
+        );
+        assert_eq!(m.record().state, WaveState::Running, "{} failed", i + 1);
+    }
+    let (seq, generation) = started[2];
+    m.on_outcome(seq, generation, &failed(PERMANENT), at(base, 5));
+    assert_eq!(m.record().state, WaveState::Paused, "3 > 2");
+}
+
+#[test]
+fn retries_wait_for_their_backoff_and_stop_when_spent() {
+    let base = Instant::now();
+    let mut m = machine(1, 1, 0, policy());
+    let (seq, generation) = start_all(&mut m, at(base, 0))[0];
+    let (action, _) = m.on_outcome(seq, generation, &failed(RETRYABLE), at(base, 0));
+    let Some(TenantAction::RetryAfter(delay)) = action else {
+        panic!("{action:?}")
+    };
+    assert!((50..=100).contains(&delay.as_millis()), "{delay:?}");
+    assert!(matches!(
+        m.next_start(at(base, 1), false).0,
+        Step::WaitUntil(_)
+    ));
+    let later = at(base, delay.as_millis() as u64);
+    let (Step::Start { generation, .. }, _) = m.next_start(later, false) else {
+        panic!("due")
+    };
+    let (action, _) = m.on_outcome(seq, generation, &failed(RETRYABLE), later);
+    assert!(matches!(action, Some(TenantAction::RetryAfter(_))));
+    let much_later = at(base, 5_000);
+    let (Step::Start { generation, .. }, _) = m.next_start(much_later, false) else {
+        panic!("due")
+    };
+    let (action, _) = m.on_outcome(seq, generation, &failed(RETRYABLE), much_later);
+    assert_eq!(action, Some(TenantAction::Fail), "two retries spent");
+    let (action, _) = {
+        let mut m2 = machine(1, 1, 0, policy());
+        let (s, g) = start_all(&mut m2, at(base, 0))[0];
+        m2.on_outcome(s, g, &failed(PERMANENT), at(base, 0))
+    };
+    assert_eq!(
+        action,
+        Some(TenantAction::Fail),
+        "a permanent error is not retried"
+    );
+}
+
+#[test]
+fn busy_requeues_without_spending_retries_until_busy_timeout() {
+    let base = Instant::now();
+    let mut m = machine(
+        1,
+        1,
+        0,
+        Policy {
+            busy_timeout_ms: 1_000,
+            ..policy()
+        },
+    );
+    let busy = Outcome::Busy {
+        holder: Some("pid 7".into()),
+    };
+    let mut t = 0;
+    loop {
+        let (Step::Start { seq, generation }, _) = m.next_start(at(base, t), false) else {
+            t += 100;
+            continue;
+        };
+        let (action, _) = m.on_outcome(seq, generation, &busy, at(base, t));
+        match action {
+            Some(TenantAction::RequeueBusy(_)) => {
+                assert_eq!(m.tenant(0).map(|t| t.retries_used), Some(0));
+                assert!(t < 1_000, "still requeued at {t} ms");
+            }
+            Some(TenantAction::Fail) => {
+                assert!(t >= 1_000);
+                let e = m.tenant(0).and_then(|t| t.last_error.clone()).expect("why");
+                assert!(e.message.contains("pid 7") && e.message.contains("busy_timeout"));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        t += 100;
+    }
+}
+
+#[test]
+fn commands_in_every_state() {
+    use Command::*;
+    let allowed = |state: WaveState, command: Command| -> bool {
+        match command {
+            Pause => matches!(state, WaveState::Running | WaveState::Pending),
+            Resume(_) => matches!(state, WaveState::Paused | WaveState::Pending),
+            Cancel => !state.is_finished(),
+            Retry => matches!(
+                state,
+                WaveState::Failed | WaveState::Completed | WaveState::Paused
+            ),
+        }
+    };
+    for state in WaveState::ALL {
+        for command in [Pause, Resume(CanaryFailure::Refuse), Cancel, Retry] {
+            let mut m = machine(2, 1, 0, policy());
+            // One failed tenant so that a retry has something to do.
+            let base = Instant::now();
+            let (seq, generation) = start_all(&mut m, at(base, 0))[0];
+            m.on_outcome(seq, generation, &failed(PERMANENT), at(base, 0));
+            m.record.state = state;
+            let result = m.command(command, "op", "", at(base, 1));
+            assert_eq!(
+                result.is_ok(),
+                allowed(state, command),
+                "{command:?} in {state:?}: {result:?}"
+            );
+            assert_eq!(m.counts(), m.recount());
+        }
+    }
+}
+
+#[test]
+fn a_stale_generation_changes_nothing() {
+    let base = Instant::now();
+    let mut m = machine(1, 1, 0, policy());
+    let (seq, generation) = start_all(&mut m, at(base, 0))[0];
+    let before = m.tenants().to_vec();
+    let (action, effects) = m.on_outcome(seq, generation + 1, &applied(), at(base, 1));
+    assert_eq!((action, effects.len()), (None, 0));
+    assert_eq!(m.tenants(), before.as_slice());
+    m.on_outcome(seq, generation, &applied(), at(base, 2));
+    let (action, _) = m.on_outcome(seq, generation, &applied(), at(base, 3));
+    assert_eq!(action, None, "a second result for a finished run is stale");
+}
+
+#[test]
+fn a_cancel_stops_the_running_and_cancels_the_waiting() {
+    let base = Instant::now();
+    let mut m = machine(
+        5,
+        1,
+        0,
+        Policy {
+            per_host: None,
+            ..policy()
+        },
+    );
+    let started = start_all(&mut m, at(base, 0));
+    let effects = m
+        .command(Command::Cancel, "op", "", at(base, 1))
+        .expect("cancel");
+    let stops: Vec<u32> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Stop(seq) => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stops, started.iter().map(|s| s.0).collect::<Vec<_>>());
+    assert_eq!(m.counts().cancelled, 2);
+    assert!(matches!(m.next_start(at(base, 2), false).0, Step::Wait));
+    for (seq, generation) in started {
+        m.on_outcome(
+            seq,
+            generation,
+            &Outcome::Cancelled {
+                scripts: Vec::new(),
+            },
+            at(base, 3),
+        );
+    }
+    assert_eq!(m.next_start(at(base, 4), false).0, Step::Exit);
+    assert_eq!(m.counts().cancelled, 5);
+}
+
+/// One input to the machine.
+#[derive(Debug, Clone)]
+enum Op {
+    Next,
+    /// An outcome for the `n`-th running tenant (modulo how many run).
+    Finish(usize, Kind),
+    /// A result for a generation that is not the current one.
+    Stale(usize),
+    Command(u8),
+    Advance(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Applied,
+    Retryable,
+    Permanent,
+    Busy,
+    Cancelled,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let kind = prop_oneof![
+        4 => Just(Kind::Applied),
+        2 => Just(Kind::Retryable),
+        1 => Just(Kind::Permanent),
+        1 => Just(Kind::Busy),
+        1 => Just(Kind::Cancelled),
+    ];
+    prop_oneof![
+        6 => Just(Op::Next),
+        6 => (0..8usize, kind).prop_map(|(n, k)| Op::Finish(n, k)),
+        1 => (0..8usize).prop_map(Op::Stale),
+        2 => (0..4u8).prop_map(Op::Command),
+        2 => (0..3_000u64).prop_map(Op::Advance),
+    ]
+}
+
+/// What the store would hold after applying every persist effect so far.
+struct Stored {
+    wave: WaveRecord,
+    tenants: Vec<TenantRecord>,
+}
+
+impl Stored {
+    fn apply(&mut self, effects: &[Effect]) {
+        for e in effects {
+            match e {
+                Effect::PersistTenant(t) => self.tenants[t.seq as usize] = t.clone(),
+                Effect::PersistWave(w) => self.wave = w.clone(),
+                Effect::Emit(_) | Effect::Stop(_) => {}
+            }
+        }
+    }
+}
+
+fn check(m: &Machine, stored: &Stored, succeeded_once: &HashSet<u32>) -> Result<(), TestCaseError> {
+    prop_assert_eq!(m.counts(), m.recount(), "counts equal the tenants' states");
+    prop_assert_eq!(u64::from(m.in_flight()), m.counts().running);
+    let p = &m.record().policy;
+    prop_assert!(m.in_flight() <= p.concurrency);
+    let mut per_host: BTreeMap<&str, u32> = BTreeMap::new();
+    for t in m
+        .tenants()
+        .iter()
+        .filter(|t| t.state == TenantState::Running)
+    {
+        *per_host.entry(t.host.as_str()).or_default() += 1;
+    }
+    for (host, n) in per_host {
+        prop_assert_eq!(n, m.in_flight_on(host));
+        if let Some(limit) = p.per_host {
+            prop_assert!(n <= limit, "{} runs {} > {}", host, n, limit);
+        }
+    }
+    if m.record().state == WaveState::Completed {
+        prop_assert!(
+            m.tenants()
+                .iter()
+                .all(|t| t.state == TenantState::Succeeded)
+        );
+    }
+    for seq in succeeded_once {
+        prop_assert_eq!(
+            m.tenant(*seq).map(|t| t.state),
+            Some(TenantState::Succeeded)
+        );
+    }
+    // What resume relies on: the stored records are the machine's, but for starts
+    // (never stored: a RUNNING tenant is queued again on open).
+    prop_assert_eq!(&stored.wave, m.record());
+    for (live, kept) in m.tenants().iter().zip(&stored.tenants) {
+        if live.state != TenantState::Running {
+            prop_assert_eq!(live, kept);
+        } else {
+            prop_assert!(kept.state != TenantState::Running);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn invariants_hold_after_every_step(
+        n in 1u32..12,
+        hosts in 1u32..4,
+        canaries in 0u32..3,
+        concurrency in 1u32..5,
+        per_host in proptest::option::of(1u32..3),
+        budget in prop_oneof![Just(FailureBudget::Unlimited), (0u32..3).prop_map(FailureBudget::Count)],
+        ops in proptest::collection::vec(op(), 1..120),
+    ) {
+        let p = Policy { concurrency, per_host, max_failures: budget, busy_timeout_ms: 2_000, ..policy() };
+        let mut m = machine(n, hosts, canaries.min(n), p);
+        let mut stored = Stored { wave: m.record().clone(), tenants: m.tenants().to_vec() };
+        let base = Instant::now();
+        let mut t = 0u64;
+        let mut succeeded_once: HashSet<u32> = HashSet::new();
+        for op in ops {
+            let now = at(base, t);
+            match op {
+                Op::Next => {
+                    let state = m.record().state;
+                    let (step, effects) = m.next_start(now, false);
+                    if let Step::Start { seq, .. } = step {
+                        prop_assert_eq!(state, WaveState::Running, "no start unless running");
+                        prop_assert!(!succeeded_once.contains(&seq), "a succeeded tenant runs again");
+                    }
+                    stored.apply(&effects);
+                }
+                Op::Finish(i, kind) => {
+                    let running: Vec<(u32, u64)> = m.tenants().iter()
+                        .filter(|t| t.state == TenantState::Running)
+                        .map(|t| (t.seq, t.generation)).collect();
+                    if running.is_empty() { continue; }
+                    let (seq, generation) = running[i % running.len()];
+                    let outcome = match kind {
+                        Kind::Applied => applied(),
+                        Kind::Retryable => failed(RETRYABLE),
+                        Kind::Permanent => failed(PERMANENT),
+                        Kind::Busy => Outcome::Busy { holder: None },
+                        Kind::Cancelled => Outcome::Cancelled { scripts: Vec::new() },
+                    };
+                    let (action, effects) = m.on_outcome(seq, generation, &outcome, now);
+                    prop_assert!(action.is_some());
+                    if action == Some(TenantAction::Succeed) {
+                        succeeded_once.insert(seq);
+                    }
+                    stored.apply(&effects);
+                }
+                Op::Stale(i) => {
+                    let seq = (i as u32) % n;
+                    let generation = m.tenant(seq).map(|t| t.generation).unwrap_or(0) + 7;
+                    let before = m.tenants().to_vec();
+                    let (action, effects) = m.on_outcome(seq, generation, &applied(), now);
+                    prop_assert!(action.is_none() && effects.is_empty());
+                    prop_assert_eq!(m.tenants(), before.as_slice());
+                }
+                Op::Command(c) => {
+                    let command = match c {
+                        0 => Command::Pause,
+                        1 => Command::Resume(CanaryFailure::Accept),
+                        2 => Command::Cancel,
+                        _ => Command::Retry,
+                    };
+                    if let Ok(effects) = m.command(command, "op", "", now) {
+                        stored.apply(&effects);
+                    }
+                }
+                Op::Advance(ms) => t += ms,
+            }
+            check(&m, &stored, &succeeded_once)?;
+        }
+        // Replaying the store into a fresh machine gives the same wave (what a restart
+        // does), with the running tenants queued again.
+        let mut tenants = stored.tenants.clone();
+        for t in tenants.iter_mut().filter(|t| t.state == TenantState::Running) {
+            t.state = TenantState::Pending;
+        }
+        let fresh = Machine::new(stored.wave.clone(), tenants, 1).expect("reload");
+        prop_assert_eq!(fresh.record(), m.record());
+        let mut expected = m.counts();
+        expected.pending += expected.running;
+        expected.running = 0;
+        prop_assert_eq!(fresh.counts(), expected);
+    }
+}
