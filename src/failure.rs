@@ -4,8 +4,8 @@
 //!
 //! This is the one place errors are classified (PRODUCT.md §4): connection loss and I/O
 //! (SQLSTATE class 08), serialization failure 40001, deadlock 40P01, lock timeout 55P03,
-//! admin/crash/cannot-connect-now shutdowns 57P01–57P03 and too many connections 53300
-//! are retryable; everything else is permanent — a protocol violation (08P01) too: it is
+//! admin/crash/cannot-connect-now shutdowns 57P01–57P03, too many connections 53300 and
+//! a session the server ended as idle (25P03, 57P05) are retryable; everything else is permanent — a protocol violation (08P01) too: it is
 //! middleware Flotilla cannot work through (a pooler refusing its startup options), not
 //! a blip. A cancelled statement (57014) is retryable when someone else cancelled it and
 //! permanent when it was our own `statement_timeout`: the caller knows which and says so
@@ -84,6 +84,9 @@ pub fn classify_sqlstate(code: &str) -> Retryability {
         || matches!(
             code,
             "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300"
+                // The server ended an idle session (idle_in_transaction_session_timeout,
+                // idle_session_timeout): it rolled back; a new session may go on.
+                | "25P03" | "57P05"
         );
     if retryable {
         Retryability::Retryable
@@ -234,6 +237,7 @@ mod tests {
     fn retryable_sqlstates() {
         for code in [
             "08000", "08006", "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300",
+            "25P03", "57P05",
         ] {
             assert_eq!(classify_sqlstate(code), Retryability::Retryable, "{code}");
         }

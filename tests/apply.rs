@@ -1123,3 +1123,56 @@ async fn a_transaction_pooler_is_refused_with_an_explanation() {
     }
     assert!(log(cluster, &db).await.is_empty(), "nothing was applied");
 }
+
+/// What a resumed script restores is the net effect of the statements before its cursor:
+/// a `SET ROLE` that a later `RESET ROLE` undid (the role since dropped) is not replayed —
+/// replaying every SET failed this tenant on every resume, for ever.
+#[tokio::test]
+async fn a_resume_restores_the_net_session_state_only() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "netstate_").await;
+    let role = format!("flotilla_tmp_{}", db.replace('_', ""));
+    let b = bundle(&[
+        ("V1__t.sql", "CREATE TABLE t (a int);"),
+        (
+            "V2__index.sql",
+            &format!(
+                "-- flotilla:no-transaction\nCREATE ROLE {role};\nSET ROLE {role};\nRESET ROLE;\n\
+                 DROP ROLE {role};\nCREATE INDEX CONCURRENTLY IF NOT EXISTS t_a_idx ON t (a);"
+            ),
+        ),
+    ]);
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 2, "{outcome:?}");
+    // Lost right before the index build (statement 4), the role long gone.
+    exec(
+        cluster,
+        &db,
+        "UPDATE flotilla.execution_log SET status = 'started', statements_done = 4, \
+         applied_at = NULL WHERE version = '2'; DROP INDEX t_a_idx;",
+    )
+    .await;
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome), ["V2__index.sql"], "{outcome:?}");
+    assert_eq!(index_valid(cluster, &db, "t_a_idx").await, Some(true));
+}
+
+/// What a `no-transaction` script sets in its session ends with it: the scripts after it
+/// run as on a fresh session (as they would after a crash), not in its `search_path`.
+#[tokio::test]
+async fn a_no_transaction_scripts_settings_do_not_leak_into_the_next_script() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "leak_").await;
+    let b = bundle(&[
+        ("V1__schema.sql", "CREATE SCHEMA app;"),
+        (
+            "V2__set.sql",
+            "-- flotilla:no-transaction\nSET search_path TO app;\nVACUUM;",
+        ),
+        ("V3__table.sql", "CREATE TABLE where_am_i (id int);"),
+    ]);
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 3, "{outcome:?}");
+    assert!(exists(cluster, &db, "public.where_am_i").await, "in public");
+    assert!(!exists(cluster, &db, "app.where_am_i").await, "not in app");
+}

@@ -54,11 +54,18 @@ pub const ENSURE_SQL: &str = log_ddl!();
 pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     "DO $flotilla$ BEGIN IF to_regclass('flotilla.execution_log') IS NULL THEN\n",
     log_ddl!(),
-    "ELSIF to_regclass('flotilla.execution_log_version_once') IS NULL THEN\n",
+    "ELSIF to_regclass('flotilla.execution_log_version_once') IS NULL AND EXISTS (\
+     SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
+     AND granted AND objsubid = 1 AND classid = 1181511540 AND objid = 1768713313) THEN\n",
+    // Only under our lock: a runner that is busy must not queue behind the holder.
     "CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once \
      ON flotilla.execution_log (version) WHERE kind = 'versioned';\n",
     "END IF; END $flotilla$"
 );
+
+/// Ends whatever a script set in the session (settings, role); the settings sent at
+/// startup are what RESET goes back to.
+pub const RESET_SESSION_SQL: &str = "RESET ALL;\nRESET ROLE;\nRESET SESSION AUTHORIZATION;";
 
 /// The session's server process: compared with the one that took the lock.
 pub const BACKEND_SQL: &str = "SELECT pg_backend_pid()";
@@ -118,23 +125,42 @@ pub fn parse_entries(messages: &[SimpleQueryMessage]) -> Result<Vec<LogEntry>, D
     Ok(entries)
 }
 
-/// Takes the lock without waiting; also says which server process took it and the
-/// `lock_timeout` (ms) it runs under, to tell a real session from a pooler's.
+/// Takes the lock without waiting; also says which server process took it, the
+/// `lock_timeout` (ms) it runs under, and whether it held the lock already (it cannot,
+/// on a real new session) — to tell a real session from a pooler's.
 pub fn try_lock_sql() -> String {
+    let (high, low) = lock_key_parts();
     format!(
         "SELECT pg_try_advisory_lock({LOCK_KEY}), pg_backend_pid(), \
-         (SELECT setting FROM pg_settings WHERE name = 'lock_timeout')"
+         (SELECT setting FROM pg_settings WHERE name = 'lock_timeout'), held \
+         FROM (SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
+         AND locktype = 'advisory' AND granted AND objsubid = 1 AND classid = {high} \
+         AND objid = {low}) AS held OFFSET 0) before"
     )
+}
+
+/// Waits for the lock (bounded by the session's `lock_timeout`).
+pub fn wait_for_lock_sql() -> String {
+    format!("SELECT pg_advisory_lock({LOCK_KEY})")
+}
+
+/// How [`LOCK_KEY`] shows in `pg_locks`: its high and low 32 bits (`classid`, `objid`,
+/// with `objsubid = 1` for a bigint key).
+fn lock_key_parts() -> (u64, u64) {
+    ((LOCK_KEY as u64) >> 32, (LOCK_KEY as u64) & 0xffff_ffff)
 }
 
 /// Who holds [`LOCK_KEY`] in this database: pid, application_name, client address,
 /// state, since when. A bigint advisory key shows in `pg_locks` as its high and low
 /// 32 bits (`classid`, `objid`) with `objsubid = 1`.
 pub fn lock_holder_sql() -> String {
-    let (high, low) = ((LOCK_KEY as u64) >> 32, (LOCK_KEY as u64) & 0xffff_ffff);
+    let (high, low) = lock_key_parts();
+    // Without pg_read_all_stats the server hides other roles' details: say "unknown".
     format!(
-        "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'a local socket'), \
-         to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), coalesce(a.state, '') \
+        "SELECT a.pid, coalesce(a.application_name, 'unknown'), \
+         CASE WHEN a.backend_start IS NULL THEN 'unknown' ELSE coalesce(host(a.client_addr), 'a local socket') END, \
+         coalesce(to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), 'unknown'), \
+         coalesce(a.state, 'unknown') \
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {high} AND l.objid = {low} \
          AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \

@@ -202,22 +202,46 @@ async fn confirm_from_log(
     scripts: Vec<AppliedScript>,
     error: ApplyError,
 ) -> Outcome {
-    let confirmed = read_log(run.dsn, &run.settings, run.reach)
-        .await
-        .ok()
-        .and_then(|rows| plan::plan(run.bundle, &rows, run.plan_options).ok())
-        .is_some_and(|p| p.steps.is_empty());
-    if confirmed {
-        tracing::info!(error = %error, "the connection was lost, but the log shows every script applied");
-        Outcome::Applied {
-            scripts,
-            notes: vec![format!(
+    let confirmed = match read_log_after_the_lost_run(run).await {
+        Ok(rows) => plan::plan(run.bundle, &rows, run.plan_options)
+            .ok()
+            .filter(|p| p.steps.is_empty()),
+        Err(_) => None,
+    };
+    match confirmed {
+        Some(plan) => {
+            tracing::info!(error = %error, "the connection was lost, but the log shows every script applied");
+            let mut notes = plan.notes;
+            notes.push(format!(
                 "the connection was lost ({error}); the tenant's log shows every script applied"
-            )],
+            ));
+            Outcome::Applied { scripts, notes }
         }
-    } else {
-        Outcome::Failed { scripts, error }
+        None => Outcome::Failed { scripts, error },
     }
+}
+
+/// Reads the log on a new session once the lost session's server process has let go of
+/// the lock (it may still be running the batch that ends in its COMMIT); the wait is
+/// bounded by the session's `lock_timeout`.
+async fn read_log_after_the_lost_run(run: &TenantRun<'_>) -> Result<Vec<plan::LogRow>, ApplyError> {
+    let session = Session::connect(run.dsn, &run.settings, run.reach)
+        .await
+        .map_err(ApplyError::Connect)?;
+    let result = async {
+        let client = session.client();
+        client
+            .batch_execute(&log::wait_for_lock_sql())
+            .await
+            .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+        match client.simple_query(log::READ_SQL).await {
+            Ok(messages) => Ok(log::parse_rows(&messages)?),
+            Err(e) => Err(ApplyError::Log(DbFailure::from(&e))),
+        }
+    }
+    .await;
+    session.close().await;
+    result
 }
 
 async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option<Session>) {
@@ -393,7 +417,7 @@ async fn lock_holder(session: &Session) -> Option<String> {
         return None;
     };
     Some(format!(
-        "advisory lock held by pid {pid} (application_name {app:?}, from {from}, {state}) since {since}"
+        "advisory lock held by pid {pid} (application_name {app:?}, from {from}, session started {since}, {state})"
     ))
 }
 
@@ -407,11 +431,17 @@ struct Backend {
 }
 
 impl Backend {
-    /// From the lock query's `pg_backend_pid(), lock_timeout in ms`.
+    /// From the lock query's `pg_backend_pid(), lock_timeout in ms, held before`.
     fn check(values: &[String], settings: &SessionSettings) -> Result<Self, ApplyError> {
-        let [pid, lock_timeout_ms] = values else {
+        let [pid, lock_timeout_ms, held_before] = values else {
             return Err(pooler("the lock query returned an unexpected row"));
         };
+        if held_before == "t" {
+            // A new session cannot already hold it: this server session was shared.
+            return Err(pooler(&format!(
+                "server process {pid} already held Flotilla's advisory lock when this session asked for it"
+            )));
+        }
         let want = settings.lock_timeout.as_millis().to_string();
         if *lock_timeout_ms != want {
             return Err(pooler(&format!(
@@ -703,14 +733,16 @@ impl Runner<'_, '_> {
                 from_statement,
             } => {
                 // The session that ran the first statements is gone, and with it what
-                // they set: replay the session-level ones (SET search_path, SET ROLE,
-                // set_config) so the rest runs — and recovery looks — where they meant.
+                // they set: restore their net effect (the last SET of each setting, none
+                // that was RESET later) so the rest runs — and recovery looks — where
+                // they meant.
                 let mut replay = overrides.clone();
-                for stmt in statements.iter().take(*from_statement) {
-                    if rules::session_setting(&stmt.leading) {
-                        replay.push_str(stmt.sql(&script.sql));
-                        replay.push('\n');
-                    }
+                for sql in session_replay(
+                    script,
+                    &statements[..(*from_statement).min(statements.len())],
+                ) {
+                    replay.push_str(sql);
+                    replay.push('\n');
                 }
                 if !replay.is_empty()
                     && let Err(e) = self.batch(&replay).await
@@ -720,6 +752,11 @@ impl Runner<'_, '_> {
                 (*log_id, *from_statement)
             }
             StepAction::Apply | StepAction::Reapply | StepAction::Supersede { .. } => {
+                if matches!(action, StepAction::Supersede { .. })
+                    && let Err(e) = self.clean_up_superseded(script, &statements).await
+                {
+                    return fail(e, None, no_time);
+                }
                 let sql = format!(
                     "{overrides}{}",
                     log::insert_started_sql(&self.identity(script, version.as_deref()))
@@ -743,7 +780,6 @@ impl Runner<'_, '_> {
         };
         let lines = crate::bundle::LineIndex::new(&script.sql);
         let resuming = matches!(action, StepAction::Resume { .. });
-        let superseding = matches!(action, StepAction::Supersede { .. });
         for (n, stmt) in statements.iter().enumerate().skip(from) {
             let line = stmt.first_token.map(|o| lines.line(o));
             if n > from && self.stop.is_stopping() {
@@ -753,24 +789,29 @@ impl Runner<'_, '_> {
             // recorded): recover what PostgreSQL leaves half-done, then run it again.
             let uncertain = resuming && n == from;
             let mut already_done = false;
-            if uncertain || superseding {
-                match self.recover(stmt, uncertain).await {
+            if uncertain {
+                match self.recover(stmt, true).await {
                     Ok(done) => already_done = done,
                     Err(e) => return fail(e, line, no_time),
                 }
             }
             let statement_started = Instant::now();
             if !already_done && let Err(e) = self.batch(stmt.sql(&script.sql)).await {
+                // Only a server error with exactly the SQLSTATE that means "already
+                // there": a lost connection (no SQLSTATE) proves nothing.
                 let done_anyway = uncertain
-                    && matches!(&e, BatchError::Db(db) if db.code().map(|c| c.code())
-                        == rules::done_if_fails_with(&stmt.leading));
+                    && rules::done_if_fails_with(&stmt.leading).is_some_and(|want| {
+                        matches!(&e, BatchError::Db(db) if db.code().map(|c| c.code()) == Some(want))
+                    });
                 if !done_anyway {
                     return fail(e, line, statement_started.elapsed());
                 }
                 tracing::info!(script = %script.name, line, "the interrupted statement's effect is already there");
             }
+            // As the session's own role, whatever the script SET ROLE to (the log is
+            // Flotilla's); SET LOCAL ends with this transaction, the script's role stays.
             let progress = format!(
-                "{};\n{}",
+                "BEGIN;\nSET LOCAL ROLE NONE;\n{};\n{}\nCOMMIT;",
                 log::BACKEND_SQL,
                 log::progress_sql(log_id, n + 1)
             );
@@ -784,9 +825,11 @@ impl Runner<'_, '_> {
             &self.identity(script, version.as_deref()),
             started.elapsed().as_millis(),
         );
-        if !overrides.is_empty() {
-            finish.push_str("\nRESET lock_timeout;\nRESET statement_timeout;");
-        }
+        // What the script set in the session ends with it, so the scripts after it run
+        // as they would on a fresh session (as after a crash); the startup settings
+        // (timeouts) survive RESET. Before the UPDATE: a SET ROLE must not decide who
+        // may write the log.
+        finish = format!("{}\n{finish}", log::RESET_SESSION_SQL);
         if let Err(e) = self.batch(&finish).await {
             return fail(e, None, no_time);
         }
@@ -812,6 +855,26 @@ impl Runner<'_, '_> {
         failure.cancelled_by(CancelCause::judge(timeout, ran))
     }
 
+    /// Before the new version of an interrupted repeatable starts (and records its
+    /// `started` row): drop what the old run may have left `INVALID` for any index the
+    /// new one builds or rebuilds concurrently. Run with the script's own session
+    /// settings in force, in order, then reset, so names resolve as the script means.
+    async fn clean_up_superseded(
+        &self,
+        script: &Script,
+        statements: &[&crate::bundle::Statement],
+    ) -> Result<(), BatchError> {
+        for stmt in statements {
+            if rules::session_setting(&stmt.leading) {
+                self.batch(stmt.sql(&script.sql)).await?;
+            } else {
+                self.recover(stmt, false).await?;
+            }
+        }
+        self.batch(log::RESET_SESSION_SQL).await?;
+        Ok(())
+    }
+
     /// Before running a statement whose earlier run may have been cut off (`uncertain`),
     /// or that follows a changed version of an interrupted repeatable: drop what an
     /// interrupted `CREATE INDEX CONCURRENTLY` or `REINDEX … CONCURRENTLY` left
@@ -828,7 +891,7 @@ impl Runner<'_, '_> {
             // statement's work: let the statement decide (IF NOT EXISTS, or an error).
             return Ok(built && uncertain);
         }
-        if uncertain && let Some(target) = rules::reindex_concurrently(&stmt.leading) {
+        if let Some(target) = rules::reindex_concurrently(&stmt.leading) {
             self.drop_reindex_leftovers(&target).await?;
         }
         Ok(false)
@@ -924,6 +987,26 @@ impl Runner<'_, '_> {
             None => Ok(false),
         }
     }
+}
+
+/// The statements that restore, on a new session, what `done` (the statements of a
+/// script that ran before an interruption) left set in the old one: the last `SET` of
+/// each setting, none that a later `RESET` (or `RESET ALL`) undid, in the order they ran.
+fn session_replay<'s>(script: &'s Script, done: &[&crate::bundle::Statement]) -> Vec<&'s str> {
+    let mut kept: Vec<(String, &'s str)> = Vec::new();
+    for stmt in done {
+        let sql = stmt.sql(&script.sql);
+        match rules::session_change(&stmt.leading, sql) {
+            Some(rules::SessionChange::Set(key)) => {
+                kept.retain(|(k, _)| *k != key);
+                kept.push((key, sql));
+            }
+            Some(rules::SessionChange::Reset(key)) => kept.retain(|(k, _)| *k != key),
+            Some(rules::SessionChange::ResetAll) => kept.clear(),
+            None => {}
+        }
+    }
+    kept.into_iter().map(|(_, sql)| sql).collect()
 }
 
 /// The span of one script, or of the scripts sharing one transaction (`per-tenant`).

@@ -245,14 +245,19 @@ impl Bundle {
         // An uploaded bundle is a list, not a directory: the same name may come twice.
         let mut names: Vec<&str> = scripts.iter().map(|s| s.name.as_str()).collect();
         names.sort_unstable();
-        for pair in names.windows(2).filter(|p| p[0] == p[1]) {
+        let mut twice: Vec<&str> = names
+            .windows(2)
+            .filter(|p| p[0] == p[1])
+            .map(|p| p[0])
+            .collect();
+        twice.dedup();
+        for name in twice {
             problems.push(Problem {
-                file: pair[0].to_string(),
+                file: name.to_string(),
                 line: None,
                 message: "the bundle holds two files of this name".to_string(),
             });
         }
-        problems.dedup_by(|a, b| a.file == b.file && a.message == b.message);
         for pair in scripts.windows(2) {
             if let (ScriptKind::Versioned(a), ScriptKind::Versioned(b)) =
                 (&pair[0].kind, &pair[1].kind)

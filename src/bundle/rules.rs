@@ -34,7 +34,14 @@ pub fn refused_in_transaction(tokens: &[Token]) -> Option<&'static str> {
             Some("CREATE UNIQUE INDEX CONCURRENTLY")
         }
         ("drop", "index") if at(2) == "concurrently" => Some("DROP INDEX CONCURRENTLY"),
-        ("reindex", "index" | "table") if at(2) == "concurrently" => Some("REINDEX CONCURRENTLY"),
+        ("reindex", "index" | "table")
+            if at(2) == "concurrently"
+                || tokens
+                    .iter()
+                    .any(|t| matches!(t, Token::Word(x) if x == "concurrently")) =>
+        {
+            Some("REINDEX CONCURRENTLY")
+        }
         ("reindex", "schema" | "database" | "system") => Some("REINDEX SCHEMA/DATABASE/SYSTEM"),
         ("vacuum", _) => Some("VACUUM"),
         ("create", "database") => Some("CREATE DATABASE"),
@@ -117,17 +124,86 @@ pub fn concurrent_index(tokens: &[Token]) -> Option<ConcurrentIndex> {
     Some(ConcurrentIndex { index, table })
 }
 
-/// True for a statement that changes the *session* (`SET`, `SET ROLE`, `SET SESSION
-/// AUTHORIZATION`, `RESET`, `SELECT set_config(…)`): what a resumed `no-transaction`
-/// script must replay before it continues, since the session that ran them is gone.
-pub fn session_setting(tokens: &[Token]) -> bool {
+/// What a session-level statement does to the session: set something (named by its
+/// key), reset it, or reset everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionChange {
+    Set(String),
+    Reset(String),
+    ResetAll,
+}
+
+/// What this statement changes in the *session* (`SET`, `SET ROLE`, `SET SESSION
+/// AUTHORIZATION`, `RESET`, a bare `SELECT [pg_catalog.]set_config('name', …)`), if it
+/// is one: what a resumed `no-transaction` script must restore, since the session that
+/// ran it is gone. `text` is the statement's SQL (for `set_config`'s setting name).
+pub fn session_change(tokens: &[Token], text: &str) -> Option<SessionChange> {
     let w = words(tokens);
     let at = |i: usize| w.get(i).copied().unwrap_or("");
-    match (at(0), at(1)) {
-        // SET LOCAL only lives in a transaction; SET TRANSACTION/CONSTRAINTS likewise.
-        ("set", "local" | "transaction" | "constraints") => false,
-        ("set", _) | ("reset", _) => true,
-        ("select", "set_config") => true,
+    // `SET SESSION x` is `SET x`; SET LOCAL, TRANSACTION and CONSTRAINTS live in a
+    // transaction only.
+    let rest = if at(1) == "session" && at(2) != "authorization" {
+        2
+    } else {
+        1
+    };
+    match at(0) {
+        "set" => match at(1) {
+            "local" | "transaction" | "constraints" => None,
+            "session" if at(2) == "authorization" => {
+                Some(SessionChange::Set("session authorization".into()))
+            }
+            "" => None,
+            _ => Some(SessionChange::Set(at(rest).to_string())),
+        },
+        "reset" => match at(1) {
+            "all" => Some(SessionChange::ResetAll),
+            "session" if at(2) == "authorization" => {
+                Some(SessionChange::Reset("session authorization".into()))
+            }
+            "" => None,
+            name => Some(SessionChange::Reset(name.to_string())),
+        },
+        "select" => {
+            // Only a statement that does nothing but call set_config: anything more
+            // (another call, FROM, INTO) is not safe to run again.
+            let call = matches!(
+                w.as_slice(),
+                ["select", "set_config"] | ["select", "pg_catalog", "set_config"]
+            );
+            let ends_with_call = matches!(
+                tokens
+                    .iter()
+                    .rev()
+                    .find(|t| !matches!(t, Token::Punct(b';'))),
+                Some(Token::Punct(b')'))
+            ) && tokens.len() < super::sql::MAX_LEADING_TOKENS;
+            if !(call && ends_with_call) {
+                return None;
+            }
+            let name = text
+                .find('(')
+                .map(|i| text[i + 1..].trim_start())
+                .and_then(|args| args.strip_prefix('\''))
+                .and_then(|args| args.split('\'').next())
+                .map(str::to_ascii_lowercase)
+                .unwrap_or_else(|| text.to_string());
+            Some(SessionChange::Set(name))
+        }
+        _ => None,
+    }
+}
+
+/// True for a statement that changes the session (see [`session_change`]).
+pub fn session_setting(tokens: &[Token]) -> bool {
+    let w = words(tokens);
+    match (w.first().copied(), w.get(1).copied()) {
+        (Some("set"), Some("local" | "transaction" | "constraints")) => false,
+        (Some("set" | "reset"), Some(_)) => true,
+        (Some("select"), _) => matches!(
+            w.as_slice(),
+            ["select", "set_config"] | ["select", "pg_catalog", "set_config"]
+        ),
         _ => false,
     }
 }
@@ -136,12 +212,17 @@ pub fn session_setting(tokens: &[Token]) -> bool {
 /// have left `_ccnew`/`_ccold` indexes `INVALID`.
 pub fn reindex_concurrently(tokens: &[Token]) -> Option<ReindexTarget> {
     let w = words(tokens);
-    if w.first() != Some(&"reindex") || !w.contains(&"concurrently") {
+    // `REINDEX KIND CONCURRENTLY name`, or the option form `REINDEX (CONCURRENTLY) KIND
+    // name` of PostgreSQL 14 and later.
+    let as_word = w.contains(&"concurrently");
+    let as_option = tokens
+        .iter()
+        .any(|t| matches!(t, Token::Word(x) if x == "concurrently"));
+    if w.first() != Some(&"reindex") || !(as_word || as_option) {
         return None;
     }
-    // The name follows CONCURRENTLY: `REINDEX [(options)] KIND CONCURRENTLY name`.
     let kind = w.get(1).copied()?;
-    let name = name_after(tokens, "concurrently");
+    let name = name_after(tokens, if as_word { "concurrently" } else { kind });
     Some(match kind {
         "index" => ReindexTarget::IndexOf(name?),
         "table" => ReindexTarget::Table(name?),
@@ -201,10 +282,11 @@ pub fn done_if_fails_with(tokens: &[Token]) -> Option<&'static str> {
 pub fn safe_to_rerun(tokens: &[Token]) -> bool {
     let w = words(tokens);
     let at = |i: usize| w.get(i).copied().unwrap_or("");
-    let guarded = w
-        .windows(2)
-        .any(|p| p == ["if", "exists"] || p == ["or", "replace"])
-        || w.windows(3).any(|p| p == ["if", "not", "exists"]);
+    // IF NOT EXISTS anywhere; IF EXISTS only on a DROP (an `ALTER TABLE IF EXISTS t
+    // ADD COLUMN c` still fails the second time); OR REPLACE on a CREATE.
+    let guarded = w.windows(3).any(|p| p == ["if", "not", "exists"])
+        || (at(0) == "drop" && w.windows(2).any(|p| p == ["if", "exists"]))
+        || (at(0) == "create" && w.windows(2).any(|p| p == ["or", "replace"]));
     guarded
         || concurrent_index(tokens).is_some()
         || reindex_concurrently(tokens).is_some()
@@ -367,6 +449,44 @@ mod tests {
     }
 
     #[test]
+    fn session_changes_are_keyed_by_what_they_set() {
+        let change = |sql: &str| session_change(&first(sql), sql);
+        assert_eq!(
+            change("SET search_path TO app"),
+            Some(SessionChange::Set("search_path".into()))
+        );
+        assert_eq!(
+            change("set session search_path = app"),
+            Some(SessionChange::Set("search_path".into()))
+        );
+        assert_eq!(
+            change("SET ROLE tmp"),
+            Some(SessionChange::Set("role".into()))
+        );
+        assert_eq!(
+            change("RESET ROLE"),
+            Some(SessionChange::Reset("role".into()))
+        );
+        assert_eq!(change("RESET ALL"), Some(SessionChange::ResetAll));
+        assert_eq!(
+            change("SET SESSION AUTHORIZATION app"),
+            Some(SessionChange::Set("session authorization".into()))
+        );
+        assert_eq!(
+            change("SELECT pg_catalog.set_config('search_path', '', false)"),
+            Some(SessionChange::Set("search_path".into()))
+        );
+        for not_replayable in [
+            "SELECT set_config('a', 'b', false), nextval('s')",
+            "SELECT set_config('a', 'b', false) FROM t",
+            "SELECT set_config('a', 'b', false) INTO t",
+            "SET LOCAL search_path TO app",
+        ] {
+            assert_eq!(change(not_replayable), None, "{not_replayable}");
+        }
+    }
+
+    #[test]
     fn reindex_targets() {
         assert_eq!(
             reindex_concurrently(&first("REINDEX (VERBOSE) INDEX CONCURRENTLY app.i")),
@@ -385,6 +505,10 @@ mod tests {
             Some(ReindexTarget::Database)
         );
         assert_eq!(reindex_concurrently(&first("REINDEX INDEX i")), None);
+        assert_eq!(
+            reindex_concurrently(&first("REINDEX (CONCURRENTLY, VERBOSE) TABLE app.t")),
+            Some(ReindexTarget::Table(vec!["app".into(), "t".into()]))
+        );
     }
 
     #[test]
@@ -410,6 +534,7 @@ mod tests {
         }
         for sql in [
             "CREATE TABLE t ()",
+            "ALTER TABLE IF EXISTS t ADD COLUMN c int",
             "INSERT INTO t VALUES (1)",
             "ALTER TABLE t ADD COLUMN c int",
             "UPDATE t SET a = a + 1",

@@ -217,10 +217,13 @@ impl Machine {
         let mut queue = Queue::default();
         let mut counts = Counts::default();
         let mut canaries = 0;
-        for (i, t) in tenants.iter().enumerate() {
+        let mut tenants = tenants;
+        for (i, t) in tenants.iter_mut().enumerate() {
             if t.seq as usize != i {
                 return Err(format!("tenant #{i} has seq {}", t.seq));
             }
+            // Time the daemon was down is not time a tenant was busy.
+            t.busy_since_ms = None;
             counts.total += 1;
             *counts.slot(t.state) += 1;
             match t.state {
@@ -469,6 +472,8 @@ impl Machine {
                         .unwrap_or("the Flotilla advisory lock is held by another session")
                 );
                 if busy_for >= policy.busy_timeout_ms {
+                    // A retry of this tenant starts a new window.
+                    t.busy_since_ms = None;
                     t.last_error = Some(ErrorRecord {
                         script: None,
                         sqlstate: None,
@@ -584,15 +589,19 @@ impl Machine {
                 .all(|c| c.state == TenantState::Succeeded);
             if all_passed {
                 self.record.canary_passed = true;
-                if self.record.policy.after_canary == AfterCanary::Pause
-                    && self.record.state == WaveState::Running
-                {
-                    self.transition(
-                        WaveState::Paused,
-                        DAEMON_ACTOR,
-                        "canary stage succeeded; resume to continue",
-                        now,
-                    );
+                if self.record.policy.after_canary == AfterCanary::Pause {
+                    let checkpoint = "canary stage succeeded; resume to continue";
+                    match self.record.state {
+                        WaveState::Running => {
+                            self.transition(WaveState::Paused, DAEMON_ACTOR, checkpoint, now)
+                        }
+                        // Already paused by an operator: say that this resume is also
+                        // the canary checkpoint's.
+                        WaveState::Paused | WaveState::Pending => {
+                            self.note(DAEMON_ACTOR, checkpoint, now)
+                        }
+                        _ => {}
+                    }
                 }
                 return true;
             }
@@ -659,6 +668,15 @@ impl Machine {
                     }
                     self.record.canary_passed = true;
                     self.note(actor, "the canary stage's failures are accepted", now);
+                }
+                // Time spent paused is not time spent busy.
+                for t in self
+                    .tenants
+                    .iter_mut()
+                    .filter(|t| t.busy_since_ms.is_some())
+                {
+                    t.busy_since_ms = None;
+                    changed.push(t.seq);
                 }
                 self.transition(WaveState::Running, actor, reason, now);
             }
