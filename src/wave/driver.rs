@@ -92,6 +92,9 @@ pub(super) struct Slot {
     pub(super) forgotten: bool,
     /// The next write ticket to hand out.
     issued: u64,
+    /// Set when a store write failed (with why): the store may lag memory, so the wave
+    /// is not let go of, and its whole state is written again before the next command.
+    dirty: Option<String>,
 }
 
 /// A wave in memory: running with its machine, or finished with only its counts (its
@@ -128,6 +131,11 @@ impl Slot {
         }
     }
 
+    /// The next write ticket: every write decided so far is below it.
+    pub(super) fn issued(&self) -> u64 {
+        self.issued
+    }
+
     pub(super) fn running(&self) -> u32 {
         match &self.body {
             Body::Active(m) => m.in_flight(),
@@ -135,9 +143,11 @@ impl Slot {
         }
     }
 
-    /// A finished wave with nothing in flight lets go of its machine.
+    /// A finished wave with nothing in flight lets go of its machine (unless the store
+    /// may lag it).
     fn release_if_done(&mut self) {
         if let Body::Active(m) = &self.body
+            && self.dirty.is_none()
             && m.record().state.is_finished()
             && m.in_flight() == 0
         {
@@ -194,6 +204,7 @@ impl Wave {
                 dispatching: false,
                 forgotten: false,
                 issued: 0,
+                dirty: None,
             }),
             written: Mutex::new(0),
             turn: Condvar::new(),
@@ -243,12 +254,26 @@ impl Wave {
         })
     }
 
-    /// Waits until every write handed out so far is carried out (before reading this
-    /// wave's records back from the store).
-    pub(super) fn wait_for_writes(&self, slot: &Slot) {
+    /// Waits until the writes of every ticket before `issued` are carried out (before
+    /// reading this wave's records back from the store). Call it without the wave's
+    /// lock: status calls must not wait behind an fsync.
+    pub(super) fn wait_for_writes(&self, issued: u64) {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        while *written < slot.issued {
+        while *written < issued {
             written = self.turn.wait(written).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The wave's lock, once every write decided before is in the store: the lock is
+    /// let go while waiting, and taken again until no new write was decided meanwhile.
+    pub(super) fn lock_when_written(&self) -> MutexGuard<'_, Slot> {
+        loop {
+            let issued = self.lock().issued;
+            self.wait_for_writes(issued);
+            let slot = self.lock();
+            if slot.issued == issued {
+                return slot;
+            }
         }
     }
 }
@@ -303,13 +328,14 @@ impl Engine {
         tracing::error!(wave = %wave.id, %error, "cannot write the progress store; pausing the wave");
         let reason = format!("the progress store failed: {error}");
         let mut slot = wave.lock();
+        slot.dirty = Some(reason.clone());
         let Body::Active(machine) = &mut slot.body else {
             return;
         };
-        let effects = match machine.command(Command::Pause, DAEMON_ACTOR, &reason, now()) {
-            Ok(effects) => effects,
-            Err(_) => return,
-        };
+        // Paused if it runs; otherwise (already paused, or finished) the history says it.
+        let effects = machine
+            .command(Command::Pause, DAEMON_ACTOR, &reason, now())
+            .unwrap_or_else(|_| machine.note_problem(&reason, now()));
         let writes = wave.dispatch_effects(&mut slot, effects);
         drop(slot);
         if let Some(writes) = writes {
@@ -336,16 +362,19 @@ impl Engine {
     ) -> Result<WaveStatus, EngineError> {
         let wave = self.wave(id)?;
         let mut slot = wave.lock();
+        if matches!(slot.body, Body::Finished { .. }) {
+            // Woken for a command (a retry): its tenants come back from the store, once
+            // every write decided for it is there.
+            drop(slot);
+            slot = wave.lock_when_written();
+        }
         if slot.forgotten {
             return Err(EngineError::NotFound(id.to_string()));
         }
         if let Body::Finished { record, .. } = &slot.body {
-            // Woken for a command (a retry): its tenants come back from the store, once
-            // every write decided for it is there.
-            let record = record.clone();
-            wave.wait_for_writes(&slot);
-            let tenants = self.inner.store.load_tenants(id)?;
-            let machine = Machine::new(*record, tenants, fastrand::u64(..)).map_err(|message| {
+            let record = (**record).clone();
+            let tenants = interrupted(&record, self.inner.store.load_tenants(id)?, now_ms());
+            let machine = Machine::new(record, tenants, fastrand::u64(..)).map_err(|message| {
                 EngineError::Store(StoreError::Decode {
                     what: format!("tenants of wave {id}"),
                     message,
@@ -353,12 +382,22 @@ impl Engine {
             })?;
             slot.body = Body::Active(Box::new(machine));
         }
+        let dirty = slot.dirty.is_some();
         let Body::Active(machine) = &mut slot.body else {
             return Err(EngineError::NotFound(id.to_string()));
         };
+        // After a failed write the store may lag: write everything again first.
+        let mut effects = if dirty {
+            machine.snapshot()
+        } else {
+            Vec::new()
+        };
         let decided = machine.command(command, actor, reason, now());
         let writes = match decided {
-            Ok(effects) => wave.dispatch_effects(&mut slot, effects),
+            Ok(more) => {
+                effects.extend(more);
+                wave.dispatch_effects(&mut slot, effects)
+            }
             Err(e) => {
                 slot.release_if_done();
                 return Err(e);
@@ -366,19 +405,24 @@ impl Engine {
         };
         let status = slot.status();
         drop(slot);
-        if let Some(writes) = writes {
-            // Durable before acknowledged.
-            self.write(&wave, writes)?;
-        }
-        tracing::info!(wave = %id, actor, action = command.as_str(), "operator command");
+        // Durable before acknowledged.
+        let written = match writes {
+            Some(writes) => self.write(&wave, writes),
+            None => Ok(()),
+        };
         {
             let mut slot = wave.lock();
+            if written.is_ok() {
+                slot.dirty = None;
+            }
             slot.release_if_done();
         }
         wave.wake.notify_one();
         if status.state == super::WaveState::Running {
             self.ensure_dispatcher(&wave);
         }
+        written?;
+        tracing::info!(wave = %id, actor, action = command.as_str(), "operator command");
         Ok(status)
     }
 
@@ -439,9 +483,9 @@ impl Engine {
                     }
                 }
                 Step::Exit => {
-                    let mut slot = wave.lock();
-                    slot.dispatching = false;
-                    slot.release_if_done();
+                    // `dispatching` was cleared with the decision, under the lock: a
+                    // retry meanwhile starts a dispatcher of its own.
+                    wave.lock().release_if_done();
                     return;
                 }
             }
@@ -459,14 +503,18 @@ impl Engine {
     /// The machine's next step, with what a start needs (the sealed DSN, a stop signal).
     fn decide(&self, wave: &Wave) -> (Step, Option<(String, StopSignal)>, Option<Writes>) {
         let mut slot = wave.lock();
-        if slot.forgotten {
-            return (Step::Exit, None, None);
-        }
         let draining = self.inner.draining.is_cancelled();
+        let forgotten = slot.forgotten;
+        let (step, effects) = match &mut slot.body {
+            Body::Active(machine) if !forgotten => machine.next_start(now(), draining),
+            _ => (Step::Exit, Vec::new()),
+        };
+        if step == Step::Exit {
+            slot.dispatching = false;
+        }
         let Body::Active(machine) = &mut slot.body else {
             return (Step::Exit, None, None);
         };
-        let (step, effects) = machine.next_start(now(), draining);
         let start = match step {
             Step::Start { seq, .. } => machine
                 .tenant(seq)
@@ -594,10 +642,34 @@ impl Engine {
         if let Body::Active(machine) = &slot.body {
             return Ok(read(machine.tenants()));
         }
-        wave.wait_for_writes(&slot);
+        let issued = slot.issued;
         drop(slot);
+        wave.wait_for_writes(issued);
         Ok(read(&self.inner.store.load_tenants(&wave.id)?))
     }
+}
+
+/// Stored tenants as a machine may take them: one recorded `RUNNING` was interrupted
+/// (its start is never stored), so it waits again — or, in a cancelled wave, is
+/// cancelled. The same rule as opening the store.
+pub(super) fn interrupted(
+    record: &WaveRecord,
+    mut tenants: Vec<TenantRecord>,
+    now_ms: u64,
+) -> Vec<TenantRecord> {
+    use super::TenantState::{Cancelled, Pending, Running};
+    let cancelled = record.state == super::WaveState::Cancelled;
+    for t in tenants.iter_mut() {
+        match t.state {
+            Running | Pending if cancelled => {
+                t.state = Cancelled;
+                t.finished_at_ms = Some(now_ms);
+            }
+            Running => t.state = Pending,
+            _ => {}
+        }
+    }
+    tenants
 }
 
 /// Puts the result of a run on the current (tenant) span, for traces.

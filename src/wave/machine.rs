@@ -339,6 +339,26 @@ impl Machine {
         tracing::info!(wave = %self.record.id, from = from.as_str(), to = to.as_str(), actor, reason, "wave state changed");
     }
 
+    /// Every record as it is now, to write again after the store failed a write.
+    pub fn snapshot(&self) -> Vec<Effect> {
+        let mut out: Vec<Effect> = self
+            .tenants
+            .iter()
+            .filter(|t| t.state != TenantState::Running)
+            .cloned()
+            .map(Effect::PersistTenant)
+            .collect();
+        out.push(Effect::PersistWave(self.record.clone()));
+        out
+    }
+
+    /// Records a problem the daemon hit (a store that refused a write) in the history,
+    /// without changing the wave's state.
+    pub fn note_problem(&mut self, reason: &str, now: Now) -> Vec<Effect> {
+        self.note(DAEMON_ACTOR, reason, now);
+        vec![Effect::PersistWave(self.record.clone()), self.event(None)]
+    }
+
     /// Records something that happened without changing the wave's state.
     fn note(&mut self, actor: &str, reason: &str, now: Now) {
         let state = self.record.state;
@@ -669,14 +689,17 @@ impl Machine {
                     self.record.canary_passed = true;
                     self.note(actor, "the canary stage's failures are accepted", now);
                 }
-                // Time spent paused is not time spent busy.
+                // Time spent paused is not time spent busy. A running tenant's record is
+                // stored with its outcome (its start never is).
                 for t in self
                     .tenants
                     .iter_mut()
                     .filter(|t| t.busy_since_ms.is_some())
                 {
                     t.busy_since_ms = None;
-                    changed.push(t.seq);
+                    if t.state != TenantState::Running {
+                        changed.push(t.seq);
+                    }
                 }
                 self.transition(WaveState::Running, actor, reason, now);
             }

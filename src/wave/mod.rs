@@ -313,24 +313,15 @@ impl Engine {
         record.policy = record.policy.upgraded();
         record.policy.validate()?;
         let bundle = Arc::new(self.inner.store.load_bundle(&record.bundle_id)?);
-        let mut tenants = self.inner.store.load_tenants(&record.id)?;
+        let stored = self.inner.store.load_tenants(&record.id)?;
         // A tenant interrupted mid-run goes back to the queue (its log will tell the
         // applier what happened) — unless the wave was cancelled: nothing starts in a
         // cancelled wave, so it would wait for ever. Its log still says what ran.
-        let interrupted = if record.state == WaveState::Cancelled {
-            TenantState::Cancelled
-        } else {
-            TenantState::Pending
-        };
-        for t in tenants.iter_mut().filter(|t| {
-            t.state == TenantState::Running
-                || (t.state == TenantState::Pending && interrupted == TenantState::Cancelled)
-        }) {
-            t.state = interrupted;
-            if interrupted == TenantState::Cancelled {
-                t.finished_at_ms = Some(now_ms());
+        let tenants = driver::interrupted(&record, stored.clone(), now_ms());
+        for (before, after) in stored.iter().zip(&tenants) {
+            if before.state != after.state {
+                self.inner.store.save_tenant(&record.id, after)?;
             }
-            self.inner.store.save_tenant(&record.id, t)?;
         }
         let body = if record.state.is_finished() {
             // Only the counts stay in memory; the tenants are read when asked for.
@@ -562,7 +553,9 @@ impl Engine {
             // deleting its records cannot race a retry writing them back; what was
             // decided before is written first.
             slot.forgotten = true;
-            wave.wait_for_writes(&slot);
+            let issued = slot.issued();
+            drop(slot);
+            wave.wait_for_writes(issued);
         }
         self.waves_lock().remove(id);
         self.inner.store.delete_wave(id)?;

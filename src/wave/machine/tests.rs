@@ -232,6 +232,29 @@ fn the_failure_budget_pauses_past_its_exact_threshold() {
 }
 
 #[test]
+fn a_ratio_budget_pauses_past_its_share() {
+    let base = Instant::now();
+    let p = Policy {
+        concurrency: 10,
+        per_host: None,
+        retries: 0,
+        max_failures: FailureBudget::Ratio(0.2),
+        ..policy()
+    };
+    let mut m = machine(10, 1, 0, p);
+    let started = start_all(&mut m, at(base, 0));
+    for (i, (seq, generation)) in started.iter().take(3).enumerate() {
+        m.on_outcome(*seq, *generation, &failed(PERMANENT), at(base, i as u64));
+        let want = if i < 2 {
+            WaveState::Running
+        } else {
+            WaveState::Paused
+        };
+        assert_eq!(m.record().state, want, "{} of 10 failed", i + 1);
+    }
+}
+
+#[test]
 fn retries_wait_for_their_backoff_and_stop_when_spent() {
     let base = Instant::now();
     let mut m = machine(1, 1, 0, policy());
@@ -453,6 +476,11 @@ impl Stored {
 
 fn check(m: &Machine, stored: &Stored, succeeded_once: &HashSet<u32>) -> Result<(), TestCaseError> {
     prop_assert_eq!(m.counts(), m.recount(), "counts equal the tenants' states");
+    let retries = m.record().policy.retries;
+    prop_assert!(
+        m.tenants().iter().all(|t| t.retries_used <= retries),
+        "retries within the policy"
+    );
     prop_assert_eq!(u64::from(m.in_flight()), m.counts().running);
     let p = &m.record().policy;
     prop_assert!(m.in_flight() <= p.concurrency);
@@ -515,15 +543,27 @@ proptest! {
         let base = Instant::now();
         let mut t = 0u64;
         let mut succeeded_once: HashSet<u32> = HashSet::new();
+        // When each requeued tenant is due again (ms).
+        let mut due: BTreeMap<u32, u64> = BTreeMap::new();
         for op in ops {
             let now = at(base, t);
             match op {
                 Op::Next => {
                     let state = m.record().state;
+                    let gated = !m.record().canary_passed && canaries.min(n) > 0;
                     let (step, effects) = m.next_start(now, false);
                     if let Step::Start { seq, .. } = step {
                         prop_assert_eq!(state, WaveState::Running, "no start unless running");
                         prop_assert!(!succeeded_once.contains(&seq), "a succeeded tenant runs again");
+                        if gated {
+                            prop_assert!(
+                                m.tenant(seq).is_some_and(|t| t.canary),
+                                "a non-canary started before the canary stage passed"
+                            );
+                        }
+                        if let Some(at_ms) = due.remove(&seq) {
+                            prop_assert!(t >= at_ms, "started at {} before due at {}", t, at_ms);
+                        }
                     }
                     stored.apply(&effects);
                 }
@@ -540,10 +580,36 @@ proptest! {
                         Kind::Busy => Outcome::Busy { holder: None },
                         Kind::Cancelled => Outcome::Cancelled { scripts: Vec::new() },
                     };
+                    let state = m.record().state;
+                    let retries_before = m.tenant(seq).map(|t| t.retries_used);
                     let (action, effects) = m.on_outcome(seq, generation, &outcome, now);
                     prop_assert!(action.is_some());
-                    if action == Some(TenantAction::Succeed) {
-                        succeeded_once.insert(seq);
+                    match action {
+                        Some(TenantAction::Succeed) => {
+                            succeeded_once.insert(seq);
+                        }
+                        Some(TenantAction::RetryAfter(d)) => {
+                            due.insert(seq, t + d.as_millis() as u64);
+                        }
+                        Some(TenantAction::RequeueBusy(d)) => {
+                            prop_assert_eq!(
+                                m.tenant(seq).map(|t| t.retries_used),
+                                retries_before,
+                                "busy spends no retry"
+                            );
+                            due.insert(seq, t + d.as_millis() as u64);
+                        }
+                        Some(TenantAction::Fail) => {
+                            let c = m.counts();
+                            if state == WaveState::Running && budget.exceeded(c.failed, c.total) {
+                                prop_assert_eq!(
+                                    m.record().state,
+                                    WaveState::Paused,
+                                    "over the failure budget and still running"
+                                );
+                            }
+                        }
+                        _ => {}
                     }
                     stored.apply(&effects);
                 }
@@ -562,7 +628,19 @@ proptest! {
                         2 => Command::Cancel,
                         _ => Command::Retry,
                     };
+                    let running: Vec<u32> = m.tenants().iter()
+                        .filter(|t| t.state == TenantState::Running)
+                        .map(|t| t.seq).collect();
                     if let Ok(effects) = m.command(command, "op", "", now) {
+                        if command == Command::Cancel {
+                            let stops: Vec<u32> = effects.iter()
+                                .filter_map(|e| match e { Effect::Stop(s) => Some(*s), _ => None })
+                                .collect();
+                            prop_assert_eq!(stops, running, "a cancel stops every running tenant");
+                        }
+                        if command == Command::Retry {
+                            due.clear();
+                        }
                         stored.apply(&effects);
                     }
                 }
