@@ -1176,3 +1176,21 @@ async fn a_no_transaction_scripts_settings_do_not_leak_into_the_next_script() {
     assert!(exists(cluster, &db, "public.where_am_i").await, "in public");
     assert!(!exists(cluster, &db, "app.where_am_i").await, "not in app");
 }
+
+/// Issue 12 (a folder written for Flyway): a script of nothing but `CREATE INDEX
+/// CONCURRENTLY`, without a directive, runs outside a transaction as Flyway runs it.
+#[tokio::test]
+async fn a_flyway_style_index_script_runs_without_a_directive() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "flywaycic_").await;
+    let b = bundle(&[
+        ("V1__t.sql", "CREATE TABLE t (a int);"),
+        (
+            "V2__index.sql",
+            "CREATE INDEX CONCURRENTLY t_a_idx ON t (a);",
+        ),
+    ]);
+    let outcome = run(&b, &dsn).await;
+    assert_eq!(applied_names(&outcome).len(), 2, "{outcome:?}");
+    assert_eq!(index_valid(cluster, &db, "t_a_idx").await, Some(true));
+}

@@ -515,17 +515,39 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
             Vec::new()
         }
     };
+    // Flyway's rule, for folders written for Flyway: a script whose statements all
+    // refuse a transaction block runs outside one without a directive; one that mixes
+    // both kinds is refused, naming a line of each.
+    let mut directives = directives;
+    if let Some(d) = &mut directives
+        && d.transaction == TransactionUse::Transactional
+    {
+        let executable: Vec<_> = statements.iter().filter(|s| !s.is_blank()).collect();
+        let refused = |s: &&sql::Statement| rules::refused_in_transaction(&s.leading).is_some();
+        if !executable.is_empty() && executable.iter().all(refused) {
+            d.transaction = TransactionUse::NoTransaction;
+        }
+    }
     if let Some(d) = &directives
         && d.transaction == TransactionUse::Transactional
     {
+        let first_in_transaction = statements
+            .iter()
+            .filter(|s| !s.is_blank())
+            .find(|s| rules::refused_in_transaction(&s.leading).is_none())
+            .and_then(|s| s.first_token)
+            .map(|o| lines.line(o));
         for stmt in statements.iter().filter(|s| !s.is_blank()) {
             let line = stmt.first_token.map(|o| lines.line(o));
             if let Some(what) = rules::refused_in_transaction(&stmt.leading) {
+                let other = first_in_transaction
+                    .map(|l| format!(", and line {l} needs one (a script cannot mix both)"))
+                    .unwrap_or_default();
                 problems.push(problem(
                     line,
                     format!(
-                        "{what} cannot run inside a transaction block; add \
-                         `-- flotilla:no-transaction` at the top of the script"
+                        "{what} cannot run inside a transaction block{other}; split the \
+                         script, or add `-- flotilla:no-transaction` at the top of it"
                     ),
                 ));
             } else if let Some(what) = rules::transaction_control(&stmt.leading) {
@@ -789,9 +811,34 @@ mod tests {
         assert_eq!(
             p,
             [
-                "V3__index.sql:4: CREATE INDEX CONCURRENTLY cannot run inside a transaction block; add `-- flotilla:no-transaction` at the top of the script"
+                "V3__index.sql:4: CREATE INDEX CONCURRENTLY cannot run inside a transaction block, and line 1 needs one (a script cannot mix both); split the script, or add `-- flotilla:no-transaction` at the top of it"
             ]
         );
+    }
+
+    /// Issue 12 (Flyway-compatible folders): a script of nothing but statements that
+    /// refuse a transaction block runs outside one without a directive, as Flyway runs
+    /// it; the bundle id says so.
+    #[test]
+    fn a_script_that_only_refuses_transactions_runs_without_one() {
+        let b = bundle(&[
+            ("V1__t.sql", "create table t (a int);"),
+            (
+                "V2__index.sql",
+                "-- a comment\nCREATE INDEX CONCURRENTLY t_a ON t (a);\nCREATE INDEX CONCURRENTLY t_b ON t (a);",
+            ),
+            ("V3__vacuum.sql", "VACUUM t;"),
+        ])
+        .expect("valid as Flyway reads it");
+        let d = |i: usize| &b.scripts()[i].directives;
+        assert_eq!(d(1).transaction, TransactionUse::NoTransaction);
+        assert_eq!(d(2).transaction, TransactionUse::NoTransaction);
+        assert_eq!(d(0).transaction, TransactionUse::Transactional);
+        assert!(
+            d(1).to_string().contains("no-transaction"),
+            "in the bundle id"
+        );
+        assert!(b.warnings().is_empty(), "{:?}", b.warnings());
     }
 
     #[test]
