@@ -146,6 +146,19 @@ impl FakeServer {
         format!("postgresql://app@127.0.0.1:{}/tenant", self.port)
     }
 
+    /// The connections recorded once there are `n` (each is recorded when its client
+    /// hangs up, which may be just after the daemon answered the test).
+    fn wait_for_connections(&self, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let seen = self.connections();
+            if seen.len() >= n || std::time::Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn connections(&self) -> Vec<String> {
         self.seen
             .lock()
@@ -363,7 +376,7 @@ async fn the_daemons_password_goes_only_where_the_config_says() {
     let daemon = daemon_with(dir.path(), "", &[("PGPASSWORD", AMBIENT)]);
     let mut api = client(&daemon).await;
     read_log(&mut api).await.expect_err("the fake refuses");
-    let seen = fake.connections();
+    let seen = fake.wait_for_connections(1);
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].contains("app"), "the startup packet: {seen:?}");
     assert!(!seen[0].contains(AMBIENT), "no password sent: {seen:?}");
@@ -383,7 +396,7 @@ async fn the_daemons_password_goes_only_where_the_config_says() {
     );
     let mut api = client(&vetted).await;
     read_log(&mut api).await.expect_err("the fake refuses");
-    let seen = fake.connections();
+    let seen = fake.wait_for_connections(2);
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(
         seen[1].contains(AMBIENT),

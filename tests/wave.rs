@@ -774,12 +774,12 @@ async fn the_canary_stage_cannot_be_skipped_by_accident() {
     assert!(refused.to_string().contains("ring=canary"), "{refused}");
     assert!(engine.list().is_empty(), "nothing stored");
 
-    // The canary (the bad tenant, first by id) sleeps 1 s before it fails: the operator
+    // The canary (the bad tenant, first by id) sleeps 3 s before it fails: the operator
     // pauses meanwhile.
     let slow_bad = bundle(&[
         (
             "V1__users.sql",
-            "SELECT pg_sleep(CASE WHEN to_regclass('bad_marker') IS NULL THEN 0 ELSE 1 END);\n\
+            "SELECT pg_sleep(CASE WHEN to_regclass('bad_marker') IS NULL THEN 0 ELSE 3 END);\n\
              CREATE TABLE users (id int PRIMARY KEY);",
         ),
         (

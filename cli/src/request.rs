@@ -64,16 +64,9 @@ impl TargetArgs {
             })?;
             let tenants = flotilla::target::parse_csv(&text, &path.display().to_string())
                 .map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
-            return Ok(Targets::List(
-                tenants
-                    .into_iter()
-                    .map(|t| v1::Tenant {
-                        tenant_id: t.id,
-                        dsn: t.dsn.secret_text().to_string(),
-                        labels: t.labels.into_iter().collect(),
-                    })
-                    .collect(),
-            ));
+            return Ok(Targets::List(flotilla::api::convert::tenants_to_proto(
+                tenants,
+            )));
         }
         if let (Some(dsn), Some(query)) = (&self.catalog_dsn, &self.catalog_query) {
             return Ok(Targets::Source(TargetSource::Catalog {

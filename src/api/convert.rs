@@ -461,14 +461,7 @@ impl Targets {
         Ok(match self {
             Targets::List(tenants) => Wire::List(v1::TargetList { tenants }),
             Targets::Source(TargetSource::Csv { text, origin }) => Wire::List(v1::TargetList {
-                tenants: crate::target::parse_csv(&text, &origin)?
-                    .into_iter()
-                    .map(|t| v1::Tenant {
-                        tenant_id: t.id,
-                        dsn: t.dsn.secret_text().to_string(),
-                        labels: t.labels.into_iter().collect(),
-                    })
-                    .collect(),
+                tenants: tenants_to_proto(crate::target::parse_csv(&text, &origin)?),
             }),
             Targets::Source(TargetSource::Catalog { dsn, query }) => {
                 Wire::Catalog(v1::CatalogTargets {
@@ -484,6 +477,18 @@ impl Targets {
             }
         })
     }
+}
+
+/// Tenants as a request lists them (the DSN as given: the daemon seals it).
+pub fn tenants_to_proto(tenants: Vec<crate::target::Tenant>) -> Vec<v1::Tenant> {
+    tenants
+        .into_iter()
+        .map(|t| v1::Tenant {
+            tenant_id: t.id,
+            dsn: t.dsn.secret_text().to_string(),
+            labels: t.labels.into_iter().collect(),
+        })
+        .collect()
 }
 
 /// The target sources a request can carry.
