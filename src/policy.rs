@@ -92,6 +92,11 @@ pub struct Policy {
     /// before it fails.
     #[serde(default = "default_busy_timeout_ms")]
     pub busy_timeout_ms: u64,
+    /// On a tenant whose execution log is empty, record every version up to this one as
+    /// `baselined` (done without running) before applying the rest: a fleet migrated
+    /// before Flotilla met it. Canonical version text.
+    #[serde(default)]
+    pub baseline_version: Option<String>,
     pub drift: DriftPolicy,
     pub order: OrderPolicy,
 }
@@ -124,6 +129,7 @@ impl Default for Policy {
             connect_timeout_ms: 10_000,
             idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),
             busy_timeout_ms: default_busy_timeout_ms(),
+            baseline_version: None,
             drift: DriftPolicy::Fail,
             order: OrderPolicy::Strict,
         }
@@ -256,7 +262,21 @@ impl Policy {
             ZeroTimeout::Refused,
         )?;
         check_timeout_ms("busy_timeout", self.busy_timeout_ms, ZeroTimeout::Refused)?;
+        if let Some(v) = &self.baseline_version {
+            self.baseline()
+                .filter(|parsed| parsed.to_string() == *v)
+                .ok_or_else(|| {
+                    PolicyError(format!(
+                        "baseline_version {v:?} is not a version (integers separated by . or _, e.g. 60 or 2.3)"
+                    ))
+                })?;
+        }
         Ok(())
+    }
+
+    /// The baseline version, parsed.
+    pub fn baseline(&self) -> Option<crate::bundle::Version> {
+        self.baseline_version.as_deref()?.parse().ok()
     }
 
     /// A policy stored by an earlier build, brought within today's ranges where its

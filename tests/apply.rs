@@ -68,6 +68,7 @@ async fn run_with(
         settings,
         mode,
         plan_options,
+        baseline: None,
     };
     apply_tenant(&run, stop).await
 }
@@ -1193,4 +1194,107 @@ async fn a_flyway_style_index_script_runs_without_a_directive() {
     let outcome = run(&b, &dsn).await;
     assert_eq!(applied_names(&outcome).len(), 2, "{outcome:?}");
     assert_eq!(index_valid(cluster, &db, "t_a_idx").await, Some(true));
+}
+
+/// Runs `bundle` with `--baseline-version upto`.
+async fn run_with_baseline(bundle: &Bundle, dsn: &Dsn, upto: &str) -> Outcome {
+    let run = TenantRun {
+        bundle,
+        wave_id: "wave-test",
+        dsn,
+        reach: &flotilla::reach::Reach::default(),
+        settings: settings(),
+        mode: TransactionMode::PerScript,
+        plan_options: PlanOptions::default(),
+        baseline: Some(upto.parse().expect("version")),
+    };
+    apply_tenant(&run, &StopSignal::new()).await
+}
+
+/// Issue 12 (`--baseline-version`): a tenant migrated by hand, with no log, gets the
+/// versions up to the baseline recorded as `baselined` — not run (running V1 again would
+/// fail: its table exists) — and the rest applied; a tenant that already has a log is
+/// not baselined. An older log table (two statuses in its CHECK, no `source`) is brought
+/// up to date first.
+#[tokio::test]
+async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
+    let cluster = shared();
+    let b = bundle(&[
+        ("V1__users.sql", "CREATE TABLE users (id int PRIMARY KEY);"),
+        ("V2__email.sql", "ALTER TABLE users ADD COLUMN email text;"),
+        ("V3__name.sql", "ALTER TABLE users ADD COLUMN name text;"),
+    ]);
+    let (by_hand, dsn) = tenant(cluster, "baseline_").await;
+    exec(
+        cluster,
+        &by_hand,
+        "CREATE TABLE users (id int PRIMARY KEY, email text);
+         CREATE SCHEMA flotilla;
+         CREATE TABLE flotilla.execution_log (
+             id bigserial PRIMARY KEY, version text, script text NOT NULL, kind text NOT NULL,
+             checksum text NOT NULL, bundle_id text NOT NULL, wave_id text NOT NULL,
+             status text NOT NULL CHECK (status IN ('applied', 'started')),
+             applied_at timestamptz, applied_by text NOT NULL DEFAULT current_user,
+             xact_id text, duration_ms bigint, statements_done integer,
+             started_at timestamptz NOT NULL DEFAULT clock_timestamp());",
+    )
+    .await;
+    let outcome = run_with_baseline(&b, &dsn, "2").await;
+    match &outcome {
+        Outcome::Applied { scripts, notes } => {
+            assert_eq!(
+                scripts
+                    .iter()
+                    .map(|s| s.script.as_str())
+                    .collect::<Vec<_>>(),
+                ["V3__name.sql"]
+            );
+            assert!(
+                notes.iter().any(|n| n.contains("2 versions up to 2")),
+                "{notes:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = cluster.connect(&by_hand).await.expect("connect");
+    let rows: Vec<(String, String, Option<String>)> = c
+        .query(
+            "SELECT version, status, source FROM flotilla.execution_log ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("log")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let baseline = Some("baseline-version 2".to_string());
+    assert_eq!(
+        rows,
+        [
+            ("1".to_string(), "baselined".to_string(), baseline.clone()),
+            ("2".to_string(), "baselined".to_string(), baseline),
+            ("3".to_string(), "applied".to_string(), None),
+        ]
+    );
+    assert!(matches!(
+        run_with_baseline(&b, &dsn, "2").await,
+        Outcome::UpToDate { .. }
+    ));
+
+    // A tenant with a history is not baselined: V2 and V3 run.
+    let (with_log, dsn) = tenant(cluster, "baseline_log_").await;
+    let first = bundle(&[("V1__users.sql", "CREATE TABLE users (id int PRIMARY KEY);")]);
+    assert_eq!(applied_names(&run(&first, &dsn).await).len(), 1);
+    let outcome = run_with_baseline(&b, &dsn, "2").await;
+    assert_eq!(
+        applied_names(&outcome),
+        ["V2__email.sql", "V3__name.sql"],
+        "{outcome:?}"
+    );
+    assert!(
+        log(cluster, &with_log)
+            .await
+            .iter()
+            .all(|r| r.2 == "applied")
+    );
 }

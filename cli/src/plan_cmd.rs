@@ -27,6 +27,9 @@ pub struct PlanArgs {
     /// Plan as a wave with --allow-out-of-order would.
     #[arg(long)]
     pub allow_out_of_order: bool,
+    /// Plan as a wave with --baseline-version V would.
+    #[arg(long, value_name = "V")]
+    pub baseline_version: Option<String>,
 }
 
 /// Runs a plan; exits 1 when some tenant could not be planned or would fail (drift,
@@ -45,6 +48,7 @@ pub async fn plan(
             targets: Some(targets),
             allow_drift: args.allow_drift,
             allow_out_of_order: args.allow_out_of_order,
+            baseline_version: args.baseline_version.clone().unwrap_or_default(),
         })
         .await?
         .into_inner()

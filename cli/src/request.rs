@@ -204,6 +204,10 @@ pub struct PolicyArgs {
     /// [default: 10m].
     #[arg(long, value_parser = parse_duration)]
     pub busy_timeout: Option<Duration>,
+    /// On a tenant whose execution log is empty, record every version up to V as
+    /// `baselined` (done, not run) before applying the rest.
+    #[arg(long, value_name = "V")]
+    pub baseline_version: Option<String>,
     /// Apply even when an applied script's checksum changed.
     #[arg(long)]
     pub allow_drift: bool,
@@ -254,6 +258,7 @@ impl PolicyArgs {
                 ZeroTimeout::Refused,
             )?,
             busy_timeout_ms: ms("--busy-timeout", self.busy_timeout, ZeroTimeout::Refused)?,
+            baseline_version: self.baseline_version.clone().unwrap_or_default(),
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

@@ -1343,3 +1343,72 @@ async fn a_failed_canary_is_accepted_only_on_purpose() {
         "{done}"
     );
 }
+
+/// Issue 12 (`--baseline-version`) through the CLI: `plan` rehearses it (a note, and only
+/// the versions above it as steps), `wave start` records it and runs the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_migrated_by_hand_is_baselined_then_migrated() {
+    let cluster = shared();
+    let (rows, csv, dir, _work) = fleet(cluster, "e_baseline_", 2, FAST).await;
+    for (db, _) in &rows {
+        let c = cluster.connect(db).await.expect("connect");
+        c.batch_execute("CREATE TABLE items (id bigint PRIMARY KEY)")
+            .await
+            .expect("by hand");
+    }
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let plan = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--baseline-version",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(plan.code, 0, "{plan:?}");
+    for t in plan.json()["tenants"].as_array().expect("tenants") {
+        let steps: Vec<&str> = t["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .map(|s| s["script"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(steps, ["V2__add_name.sql", "R__items_view.sql"], "{t}");
+        assert!(t["notes"].to_string().contains("baselined"), "{t}");
+    }
+    let wave = flotilla(
+        &server,
+        &start_args(dir.path(), &csv, &["--baseline-version", "1", "--wait"]),
+    )
+    .await;
+    assert_eq!(wave.code, 0, "{wave:?}");
+    for (db, _) in &rows {
+        let c = cluster.connect(db).await.expect("connect");
+        let statuses: Vec<String> = c
+            .query(
+                "SELECT status FROM flotilla.execution_log WHERE kind = 'versioned' ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("log")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(statuses, ["baselined", "applied"], "{db}");
+    }
+    let bad = flotilla(
+        &server,
+        &start_args(dir.path(), &csv, &["--baseline-version", "v1"]),
+    )
+    .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("baseline_version"), "{}", bad.stderr);
+}

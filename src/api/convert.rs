@@ -212,6 +212,7 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         allow_out_of_order: p.order == OrderPolicy::AllowOutOfOrder,
         idle_in_transaction_timeout_ms: Some(p.idle_in_transaction_timeout_ms),
         busy_timeout_ms: Some(p.busy_timeout_ms),
+        baseline_version: p.baseline_version.clone().unwrap_or_default(),
     }
 }
 
@@ -234,6 +235,20 @@ pub fn plan_action_name(action: v1::PlanAction) -> &'static str {
         v1::PlanAction::Resume => "resume",
         v1::PlanAction::Supersede => "supersede",
     }
+}
+
+/// A wire baseline version in the canonical form the log stores (`1.1` for `1_1`);
+/// empty is none; text that is no version is kept for validation to refuse by name.
+pub fn baseline_version(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return None;
+    }
+    Some(
+        raw.parse::<crate::bundle::Version>()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|_| raw.to_string()),
+    )
 }
 
 /// The planner's rules from the two wire flags `Policy` and `PlanRequest` both carry.
@@ -317,6 +332,7 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
             .idle_in_transaction_timeout_ms
             .unwrap_or(defaults.idle_in_transaction_timeout_ms),
         busy_timeout_ms: p.busy_timeout_ms.unwrap_or(defaults.busy_timeout_ms),
+        baseline_version: baseline_version(&p.baseline_version),
         drift: rules.drift,
         order: rules.order,
         ..defaults

@@ -209,6 +209,15 @@ impl RolloutApi {
             .resolve(&self.limits, reach)
             .await?;
         let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
+        // Validated as a wave's policy would validate it.
+        let baseline = Policy {
+            baseline_version: convert::baseline_version(&r.baseline_version),
+            ..Policy::default()
+        };
+        baseline
+            .validate()
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        let baseline = baseline.baseline();
         let permits = Arc::new(Semaphore::new(PLAN_CONCURRENCY));
         let mut per_host: std::collections::HashMap<String, Arc<Semaphore>> =
             std::collections::HashMap::new();
@@ -220,11 +229,13 @@ impl RolloutApi {
                 .or_insert_with(|| Arc::new(Semaphore::new(PLAN_PER_HOST)))
                 .clone();
             let (bundle, permits, reach) = (bundle.clone(), permits.clone(), reach.clone());
+            let baseline = baseline.clone();
             set.spawn(async move {
                 // The host's permit first: a busy server does not hold global slots.
                 let _host = host.acquire_owned().await;
                 let _permit = permits.acquire_owned().await;
-                (i, plan_tenant(&bundle, &tenant, options, &reach).await)
+                let plan = plan_tenant(&bundle, &tenant, options, baseline.as_ref(), &reach);
+                (i, plan.await)
             });
         }
         let mut plans: Vec<Option<v1::TenantPlan>> = vec![None; count];
@@ -400,6 +411,7 @@ async fn plan_tenant(
     bundle: &Bundle,
     tenant: &Tenant,
     options: PlanOptions,
+    baseline: Option<&crate::bundle::Version>,
     reach: &crate::reach::Reach,
 ) -> v1::TenantPlan {
     let mut out = v1::TenantPlan {
@@ -407,13 +419,36 @@ async fn plan_tenant(
         ..Default::default()
     };
     let settings = Policy::default().session_settings();
-    let rows = match crate::apply::read_log(&tenant.dsn, &settings, reach).await {
+    let mut rows = match crate::apply::read_log(&tenant.dsn, &settings, reach).await {
         Ok(rows) => rows,
         Err(e) => {
             out.problems.push(format!("cannot read the log: {e}"));
             return out;
         }
     };
+    // What the wave would record first, planned as if it had.
+    let baselined = crate::apply::plan::baseline(bundle, &rows, baseline);
+    if !baselined.is_empty() {
+        out.notes.push(format!(
+            "would record {} versions up to {} as baselined (not run)",
+            baselined.len(),
+            baseline.map(|v| v.to_string()).unwrap_or_default()
+        ));
+        rows = baselined
+            .iter()
+            .filter_map(|&i| bundle.scripts().get(i))
+            .enumerate()
+            .map(|(n, s)| crate::apply::plan::LogRow {
+                id: n as i64 + 1,
+                version: s.version().map(|v| v.to_string()),
+                script: s.name.clone(),
+                kind: s.kind.as_str().to_string(),
+                checksum: s.checksum.clone(),
+                status: crate::apply::plan::LogStatus::Baselined,
+                statements_done: None,
+            })
+            .collect();
+    }
     match crate::apply::plan::plan(bundle, &rows, options) {
         Ok(plan) => {
             out.steps = plan
@@ -430,7 +465,7 @@ async fn plan_tenant(
                     }
                 })
                 .collect();
-            out.notes = plan.notes;
+            out.notes.extend(plan.notes);
         }
         Err(e) => out.problems.push(e.to_string()),
     }

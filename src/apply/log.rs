@@ -26,13 +26,15 @@ CREATE TABLE IF NOT EXISTS flotilla.execution_log (
     checksum text NOT NULL,
     bundle_id text NOT NULL,
     wave_id text NOT NULL,
-    status text NOT NULL CHECK (status IN ('applied', 'started')),
+    status text NOT NULL CONSTRAINT execution_log_status_check
+        CHECK (status IN ('applied', 'started', 'baselined', 'undone')),
     applied_at timestamptz,
     applied_by text NOT NULL DEFAULT current_user,
     xact_id text,
     duration_ms bigint,
     statements_done integer,
-    started_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    source text
 );
 CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once
     ON flotilla.execution_log (version) WHERE kind = 'versioned';
@@ -54,12 +56,24 @@ pub const ENSURE_SQL: &str = log_ddl!();
 pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     "DO $flotilla$ BEGIN IF to_regclass('flotilla.execution_log') IS NULL THEN\n",
     log_ddl!(),
-    "ELSIF to_regclass('flotilla.execution_log_version_once') IS NULL AND EXISTS (\
-     SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
+    // A log made by an older build is brought up to date, only under our lock: a
+    // runner that is busy must not queue behind the holder.
+    "ELSIF EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
      AND granted AND objsubid = 1 AND classid = 1181511540 AND objid = 1768713313) THEN\n",
-    // Only under our lock: a runner that is busy must not queue behind the holder.
-    "CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once \
-     ON flotilla.execution_log (version) WHERE kind = 'versioned';\n",
+    "IF to_regclass('flotilla.execution_log_version_once') IS NULL THEN \
+     CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once \
+     ON flotilla.execution_log (version) WHERE kind = 'versioned'; END IF;\n",
+    "IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
+     AND attname = 'source' AND NOT attisdropped) THEN \
+     ALTER TABLE flotilla.execution_log ADD COLUMN source text; END IF;\n",
+    "IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
+     AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%status%' \
+     AND pg_get_constraintdef(oid) NOT LIKE '%baselined%') THEN \
+     EXECUTE (SELECT format('ALTER TABLE flotilla.execution_log DROP CONSTRAINT %I', conname) \
+     FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass AND contype = 'c' \
+     AND pg_get_constraintdef(oid) LIKE '%status%' AND pg_get_constraintdef(oid) NOT LIKE '%baselined%' LIMIT 1); \
+     ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
+     CHECK (status IN ('applied', 'started', 'baselined', 'undone')); END IF;\n",
     "END IF; END $flotilla$"
 );
 
@@ -246,6 +260,18 @@ pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
     )
 }
 
+/// A `baselined` row: the version is recorded as done without running (a tenant
+/// migrated before Flotilla met it); `source` says by what (`baseline-version 60`).
+pub fn insert_baselined_sql(row: &RowIdentity<'_>, source: &str) -> String {
+    format!(
+        "INSERT INTO flotilla.execution_log \
+         ({IDENTITY_COLUMNS}, status, applied_at, applied_by, xact_id, source) \
+         VALUES ({}, 'baselined', clock_timestamp(), current_user, txid_current()::text, {});",
+        row.values(),
+        quote_literal(source),
+    )
+}
+
 /// The `started` row of a non-transactional script, committed before it runs.
 pub fn insert_started_sql(row: &RowIdentity<'_>) -> String {
     format!(
@@ -290,6 +316,8 @@ pub fn parse_rows(messages: &[SimpleQueryMessage]) -> Result<Vec<LogRow>, Decode
         let status = match r.get(5) {
             Some("applied") => LogStatus::Applied,
             Some("started") => LogStatus::Started,
+            Some("baselined") => LogStatus::Baselined,
+            Some("undone") => LogStatus::Undone,
             other => {
                 return Err(DecodeError(format!(
                     "row {id} has unknown status {other:?}"

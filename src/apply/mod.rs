@@ -177,6 +177,9 @@ pub struct TenantRun<'a> {
     pub settings: SessionSettings,
     pub mode: TransactionMode,
     pub plan_options: PlanOptions,
+    /// `--baseline-version`: on an empty log, record versions up to this one as
+    /// `baselined` first.
+    pub baseline: Option<crate::bundle::Version>,
 }
 
 /// Brings the tenant of `run.dsn` up to `run.bundle`.
@@ -269,6 +272,32 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
             return (failed, Some(session));
         }
     };
+    let mut notes = Vec::new();
+    let baselined = plan::baseline(run.bundle, &log_rows, run.baseline.as_ref());
+    let log_rows = if baselined.is_empty() {
+        log_rows
+    } else {
+        match record_baseline(run, &session, &baselined).await {
+            Ok(rows) => {
+                notes.push(format!(
+                    "recorded {} versions up to {} as baselined (not run)",
+                    baselined.len(),
+                    run.baseline
+                        .as_ref()
+                        .map(|v| v.to_string())
+                        .unwrap_or_default()
+                ));
+                rows
+            }
+            Err(error) => {
+                let failed = Outcome::Failed {
+                    scripts: Vec::new(),
+                    error,
+                };
+                return (failed, Some(session));
+            }
+        }
+    };
     let plan = match plan::plan(run.bundle, &log_rows, run.plan_options) {
         Ok(p) => p,
         Err(e) => {
@@ -279,8 +308,9 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
             return (failed, Some(session));
         }
     };
+    notes.extend(plan.notes.iter().cloned());
     if plan.steps.is_empty() {
-        return (Outcome::UpToDate { notes: plan.notes }, Some(session));
+        return (Outcome::UpToDate { notes }, Some(session));
     }
     let mut runner = Runner {
         run,
@@ -293,7 +323,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     let outcome = match runner.execute(&plan).await {
         Ok(Completion::Done) => Outcome::Applied {
             scripts: runner.applied,
-            notes: plan.notes,
+            notes,
         },
         Ok(Completion::Stopped) => Outcome::Cancelled {
             scripts: runner.applied,
@@ -304,6 +334,50 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         },
     };
     (outcome, Some(session))
+}
+
+/// Records the `baselined` rows of `scripts` in one transaction (under the tenant's
+/// lock, on a log that was empty), and reads the log again.
+async fn record_baseline(
+    run: &TenantRun<'_>,
+    session: &Session,
+    scripts: &[usize],
+) -> Result<Vec<plan::LogRow>, ApplyError> {
+    let source = format!(
+        "baseline-version {}",
+        run.baseline
+            .as_ref()
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    );
+    let mut sql = String::from("BEGIN;\n");
+    for &i in scripts {
+        let Some(script) = run.bundle.scripts().get(i) else {
+            continue;
+        };
+        let version = script.version().map(|v| v.to_string());
+        let row = RowIdentity {
+            version: version.as_deref(),
+            script: &script.name,
+            kind: script.kind.as_str(),
+            checksum: &script.checksum,
+            bundle_id: run.bundle.id(),
+            wave_id: run.wave_id,
+        };
+        sql.push_str(&log::insert_baselined_sql(&row, &source));
+        sql.push('\n');
+    }
+    sql.push_str("COMMIT;");
+    let client = session.client();
+    if let Err(e) = client.simple_query(&sql).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(ApplyError::Log(DbFailure::from(&e)));
+    }
+    let rows = client
+        .simple_query(log::READ_SQL)
+        .await
+        .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    Ok(log::parse_rows(&rows)?)
 }
 
 /// Reads the tenant's log for planning without applying anything (a dry run); takes no

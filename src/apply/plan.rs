@@ -20,6 +20,17 @@ pub enum LogStatus {
     Applied,
     /// A non-transactional script began and did not finish.
     Started,
+    /// Recorded as done without running (baseline, adoption): counts as applied.
+    Baselined,
+    /// Rolled back by its undo script: as if never applied.
+    Undone,
+}
+
+impl LogStatus {
+    /// Applied, or recorded as if it were.
+    pub fn counts_as_applied(self) -> bool {
+        matches!(self, LogStatus::Applied | LogStatus::Baselined)
+    }
 }
 
 /// One row of `flotilla.execution_log`, as the planner needs it.
@@ -134,6 +145,25 @@ pub enum PlanError {
     },
 }
 
+/// The versioned scripts (indexes into [`Bundle::scripts`]) a `--baseline-version
+/// upto` records as `baselined` on a tenant whose log is empty: every one up to `upto`.
+/// A tenant with any log row is never baselined (it has a history of its own).
+pub fn baseline(bundle: &Bundle, log: &[LogRow], upto: Option<&Version>) -> Vec<usize> {
+    let Some(upto) = upto else {
+        return Vec::new();
+    };
+    if !log.is_empty() {
+        return Vec::new();
+    }
+    bundle
+        .scripts()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.version().is_some_and(|v| v <= upto))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// Plans `bundle` against `log`.
 pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Plan, PlanError> {
     let mut out = Plan::default();
@@ -144,7 +174,7 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
             continue;
         };
         versioned.insert(v, row);
-        if row.status == LogStatus::Applied
+        if row.status.counts_as_applied()
             && let Ok(parsed) = v.parse::<Version>()
             && newest_applied.as_ref().is_none_or(|(n, _)| parsed > *n)
         {
@@ -179,7 +209,7 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
             ScriptKind::Versioned(version) => {
                 let key = version.to_string();
                 match versioned.get(key.as_str()) {
-                    Some(row) if row.status == LogStatus::Applied => {
+                    Some(row) if row.status.counts_as_applied() => {
                         if row.checksum != script.checksum {
                             let drift = PlanError::Drift {
                                 script: script.name.clone(),
@@ -194,8 +224,9 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
                         }
                         None
                     }
-                    Some(row) => Some(interrupted(row)?),
-                    None => {
+                    Some(row) if row.status == LogStatus::Started => Some(interrupted(row)?),
+                    // Never applied, or undone since.
+                    Some(_) | None => {
                         if let Some((newest, newest_text)) = &newest_applied
                             && version < newest
                             && options.order == OrderPolicy::Strict

@@ -576,6 +576,7 @@ impl Engine {
                         settings: policy.session_settings(),
                         mode: policy.transaction,
                         plan_options: policy.plan_options(),
+                        baseline: policy.baseline(),
                     };
                     engine.inner.applier.apply(&run, &stop).await
                 }
