@@ -578,7 +578,19 @@ impl Engine {
                         plan_options: policy.plan_options(),
                         baseline: policy.baseline(),
                     };
-                    engine.inner.applier.apply(&run, &stop).await
+                    // A panic in the applier is a bug; it must not leave the tenant
+                    // RUNNING for ever: it fails, and its log says what ran.
+                    use futures_util::FutureExt as _;
+                    std::panic::AssertUnwindSafe(engine.inner.applier.apply(&run, &stop))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::error!("the applier panicked; failing the tenant");
+                            failed_before_start(
+                                "the applier panicked (a bug in Flotilla); the tenant's log says what ran"
+                                    .to_string(),
+                            )
+                        })
                 }
                 Ok(Err(e)) => failed_before_start(e.to_string()),
                 Err(e) => failed_before_start(e.to_string()),

@@ -151,6 +151,43 @@ impl ProgressStore for MemStore {
     }
 }
 
+/// Panics on every tenant.
+struct Panicking;
+
+impl Applier for Panicking {
+    fn apply<'a>(
+        &'a self,
+        _run: &'a TenantRun<'a>,
+        _stop: &'a StopSignal,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(async { panic!("a bug in the applier") })
+    }
+}
+
+/// An applier that panics fails its tenants instead of leaving them RUNNING for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_applier_fails_its_tenants() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sealer = Sealer::open_or_create(&dir.path().join("secret.key")).expect("key");
+    let options = EngineOptions {
+        applier: Arc::new(Panicking),
+        ..EngineOptions::default()
+    };
+    let engine =
+        Engine::with_store(Arc::new(MemStore::default()), sealer, options).expect("engine");
+    let policy = Policy {
+        max_failures: crate::policy::FailureBudget::Unlimited,
+        ..Policy::default()
+    };
+    let id = engine
+        .start_wave(bundle(), fleet(3), policy, "test")
+        .expect("start");
+    let done = wait_for(&engine, &id, "finished", |s| s.state.is_finished()).await;
+    assert_eq!((done.state, done.counts.failed), (WaveState::Failed, 3));
+    let t = engine.tenants(&id, None, 0, 1).expect("tenants").remove(0);
+    assert!(t.last_error.expect("why").message.contains("panicked"));
+}
+
 fn engine(store: Arc<MemStore>, applier: Arc<Scripted>) -> (Engine, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let sealer = Sealer::open_or_create(&dir.path().join("secret.key")).expect("key");
