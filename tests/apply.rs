@@ -1297,4 +1297,18 @@ async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
             .iter()
             .all(|r| r.2 == "applied")
     );
+
+    // A new, empty tenant is never baselined: every version runs.
+    let (fresh, dsn) = tenant(cluster, "baseline_new_").await;
+    match run_with_baseline(&b, &dsn, "2").await {
+        Outcome::Applied { scripts, notes } => {
+            assert_eq!(scripts.len(), 3, "{scripts:?}");
+            assert!(
+                notes.iter().any(|n| n.contains("no schema of its own")),
+                "{notes:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(log(cluster, &fresh).await.iter().all(|r| r.2 == "applied"));
 }

@@ -204,12 +204,7 @@ impl RolloutApi {
         })?;
         let r = req.into_inner();
         let bundle = Arc::new(convert::bundle_from_proto(r.bundle, &self.limits)?);
-        let reach = self.engine.reach();
-        let tenants = Targets::from_plan(r.targets)?
-            .resolve(&self.limits, reach)
-            .await?;
-        let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
-        // Validated as a wave's policy would validate it.
+        // Validated as a wave's policy would validate it, before any connection.
         let baseline = Policy {
             baseline_version: convert::baseline_version(&r.baseline_version),
             ..Policy::default()
@@ -218,6 +213,11 @@ impl RolloutApi {
             .validate()
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
         let baseline = baseline.baseline();
+        let reach = self.engine.reach();
+        let tenants = Targets::from_plan(r.targets)?
+            .resolve(&self.limits, reach)
+            .await?;
+        let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
         let permits = Arc::new(Semaphore::new(PLAN_CONCURRENCY));
         let mut per_host: std::collections::HashMap<String, Arc<Semaphore>> =
             std::collections::HashMap::new();
@@ -427,7 +427,30 @@ async fn plan_tenant(
         }
     };
     // What the wave would record first, planned as if it had.
-    let baselined = crate::apply::plan::baseline(bundle, &rows, baseline);
+    if baseline.is_some() && !rows.is_empty() {
+        out.notes.push(format!(
+            "would not baseline: the log already has {} rows",
+            rows.len()
+        ));
+    }
+    let mut baselined = crate::apply::plan::baseline(bundle, &rows, baseline);
+    if !baselined.is_empty() {
+        match crate::apply::has_own_schema(&tenant.dsn, &settings, reach).await {
+            Ok(true) => {}
+            Ok(false) => {
+                out.notes.push(
+                    "would not baseline: the database has no schema of its own (a new tenant)"
+                        .to_string(),
+                );
+                baselined.clear();
+            }
+            Err(e) => {
+                out.problems
+                    .push(format!("cannot tell whether to baseline: {e}"));
+                return out;
+            }
+        }
+    }
     if !baselined.is_empty() {
         out.notes.push(format!(
             "would record {} versions up to {} as baselined (not run)",

@@ -260,6 +260,25 @@ pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
     )
 }
 
+/// True when the database holds relations of its own (outside the catalogs and
+/// Flotilla's schema): a baseline is only for a tenant that was migrated before, never
+/// for a new, empty one.
+pub const HAS_OWN_SCHEMA_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_class c \
+     JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'flotilla') \
+     AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+     AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f'))";
+
+/// Brings an empty log's shape up to what a `baselined` row needs, inside the baseline's
+/// own transaction (we hold the lock; the table is empty): the `source` column and the
+/// status check that admits `baselined`. A refusal (the role does not own the table)
+/// fails the baseline with the server's reason.
+pub const BASELINE_SHAPE_SQL: &str =
+    "ALTER TABLE flotilla.execution_log ADD COLUMN IF NOT EXISTS source text;
+ALTER TABLE flotilla.execution_log DROP CONSTRAINT IF EXISTS execution_log_status_check;
+ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
+CHECK (status IN ('applied', 'started', 'baselined', 'undone'));";
+
 /// A `baselined` row: the version is recorded as done without running (a tenant
 /// migrated before Flotilla met it); `source` says by what (`baseline-version 60`).
 pub fn insert_baselined_sql(row: &RowIdentity<'_>, source: &str) -> String {

@@ -273,12 +273,18 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         }
     };
     let mut notes = Vec::new();
+    if run.baseline.is_some() && !log_rows.is_empty() {
+        notes.push(format!(
+            "not baselined: the log already has {} rows",
+            log_rows.len()
+        ));
+    }
     let baselined = plan::baseline(run.bundle, &log_rows, run.baseline.as_ref());
     let log_rows = if baselined.is_empty() {
         log_rows
     } else {
         match record_baseline(run, &session, &baselined).await {
-            Ok(rows) => {
+            Ok(Some(rows)) => {
                 notes.push(format!(
                     "recorded {} versions up to {} as baselined (not run)",
                     baselined.len(),
@@ -288,6 +294,13 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
                         .unwrap_or_default()
                 ));
                 rows
+            }
+            Ok(None) => {
+                notes.push(
+                    "not baselined: the database has no schema of its own (a new tenant): every version runs"
+                        .to_string(),
+                );
+                log_rows
             }
             Err(error) => {
                 let failed = Outcome::Failed {
@@ -337,12 +350,21 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
 }
 
 /// Records the `baselined` rows of `scripts` in one transaction (under the tenant's
-/// lock, on a log that was empty), and reads the log again.
+/// lock, on a log that was empty), and reads the log again. `None` when the database
+/// has no schema of its own: a new tenant is migrated, never baselined.
 async fn record_baseline(
     run: &TenantRun<'_>,
     session: &Session,
     scripts: &[usize],
-) -> Result<Vec<plan::LogRow>, ApplyError> {
+) -> Result<Option<Vec<plan::LogRow>>, ApplyError> {
+    let own = session
+        .client()
+        .simple_query(log::HAS_OWN_SCHEMA_SQL)
+        .await
+        .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    if first_value(&own).as_deref() != Some("t") {
+        return Ok(None);
+    }
     let source = format!(
         "baseline-version {}",
         run.baseline
@@ -350,7 +372,11 @@ async fn record_baseline(
             .map(|v| v.to_string())
             .unwrap_or_default()
     );
-    let mut sql = String::from("BEGIN;\n");
+    let mut sql = format!(
+        "BEGIN;\n{};\n{}\n",
+        log::BACKEND_SQL,
+        log::BASELINE_SHAPE_SQL
+    );
     for &i in scripts {
         let Some(script) = run.bundle.scripts().get(i) else {
             continue;
@@ -377,7 +403,27 @@ async fn record_baseline(
         .simple_query(log::READ_SQL)
         .await
         .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
-    Ok(log::parse_rows(&rows)?)
+    Ok(Some(log::parse_rows(&rows)?))
+}
+
+/// True when the tenant's database holds relations of its own (see
+/// [`log::HAS_OWN_SCHEMA_SQL`]): whether a baseline would apply, for a dry run.
+pub async fn has_own_schema(
+    dsn: &Dsn,
+    settings: &SessionSettings,
+    reach: &Reach,
+) -> Result<bool, ApplyError> {
+    let session = Session::connect(dsn, settings, reach)
+        .await
+        .map_err(ApplyError::Connect)?;
+    let result = session
+        .client()
+        .simple_query(log::HAS_OWN_SCHEMA_SQL)
+        .await
+        .map(|m| first_value(&m).as_deref() == Some("t"))
+        .map_err(|e| ApplyError::Log(DbFailure::from(&e)));
+    session.close().await;
+    result
 }
 
 /// Reads the tenant's log for planning without applying anything (a dry run); takes no

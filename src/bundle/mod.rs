@@ -534,7 +534,10 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
         let first_in_transaction = statements
             .iter()
             .filter(|s| !s.is_blank())
-            .find(|s| rules::refused_in_transaction(&s.leading).is_none())
+            .find(|s| {
+                rules::refused_in_transaction(&s.leading).is_none()
+                    && rules::transaction_control(&s.leading).is_none()
+            })
             .and_then(|s| s.first_token)
             .map(|o| lines.line(o));
         for stmt in statements.iter().filter(|s| !s.is_blank()) {
