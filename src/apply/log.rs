@@ -270,11 +270,16 @@ pub const HAS_OWN_SCHEMA_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_class c \
      AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f'))";
 
 /// Brings an empty log's shape up to what a `baselined` row needs, inside the baseline's
-/// own transaction (we hold the lock; the table is empty): the `source` column and the
-/// status check that admits `baselined`. A refusal (the role does not own the table)
+/// own transaction: first proves, in the database, that this session holds the lock and
+/// the log is still empty; then the `source` column and the status check that admits
+/// `baselined`. A refusal (the role does not own the table)
 /// fails the baseline with the server's reason.
-pub const BASELINE_SHAPE_SQL: &str =
-    "ALTER TABLE flotilla.execution_log ADD COLUMN IF NOT EXISTS source text;
+pub const BASELINE_SHAPE_SQL: &str = "DO $flotilla$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_locks \
+WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND granted AND objsubid = 1 \
+AND classid = 1181511540 AND objid = 1768713313) OR EXISTS (SELECT 1 FROM flotilla.execution_log) THEN \
+RAISE EXCEPTION 'not baselining: this session does not hold the tenant lock, or the log is no longer empty'; \
+END IF; END $flotilla$;
+ALTER TABLE flotilla.execution_log ADD COLUMN IF NOT EXISTS source text;
 ALTER TABLE flotilla.execution_log DROP CONSTRAINT IF EXISTS execution_log_status_check;
 ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
 CHECK (status IN ('applied', 'started', 'baselined', 'undone'));";

@@ -283,7 +283,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     let log_rows = if baselined.is_empty() {
         log_rows
     } else {
-        match record_baseline(run, &session, &baselined).await {
+        match record_baseline(run, &session, &backend, &baselined).await {
             Ok(Some(rows)) => {
                 notes.push(format!(
                     "recorded {} versions up to {} as baselined (not run)",
@@ -355,6 +355,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
 async fn record_baseline(
     run: &TenantRun<'_>,
     session: &Session,
+    backend: &Backend,
     scripts: &[usize],
 ) -> Result<Option<Vec<plan::LogRow>>, ApplyError> {
     let own = session
@@ -395,9 +396,14 @@ async fn record_baseline(
     }
     sql.push_str("COMMIT;");
     let client = session.client();
-    if let Err(e) = client.simple_query(&sql).await {
-        let _ = client.batch_execute("ROLLBACK").await;
-        return Err(ApplyError::Log(DbFailure::from(&e)));
+    match client.simple_query(&sql).await {
+        // The rows were written on the server process that holds the lock (a pooler
+        // could have sent them elsewhere; they committed, but say so loudly).
+        Ok(rows) => backend.same_as(first_value(&rows).as_deref())?,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(ApplyError::Log(DbFailure::from(&e)));
+        }
     }
     let rows = client
         .simple_query(log::READ_SQL)
