@@ -8,10 +8,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(dsn) = flotilla::dsn::Dsn::parse(text) else { return };
     let shown = dsn.to_string();
+    // The display is percent-encoded: a password with any other character can only
+    // show up verbatim if the display leaked it (short ones may occur by chance).
     if let Some(pw) = dsn.config().get_password() {
         let pw = String::from_utf8_lossy(pw);
-        let named = format!("{} {} {}", dsn.host(), dsn.user(), dsn.dbname());
-        if pw.len() >= 8 && !named.contains(pw.as_ref()) && !"postgresql://".contains(pw.as_ref()) {
+        let displayable =
+            |c: char| c.is_ascii_alphanumeric() || "-_.~%:@/[]".contains(c);
+        if pw.chars().count() >= 4 && pw.chars().any(|c| !displayable(c)) {
             assert!(!shown.contains(pw.as_ref()), "{shown}");
         }
     }
