@@ -247,17 +247,32 @@ pub(crate) async fn tls_config(
     mode: TlsMode,
     dsn: &Dsn,
 ) -> Result<rustls::ClientConfig, DbFailure> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls_error = |what: String| DbFailure::of_kind(FailureKind::Tls, what);
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error(format!("TLS setup for {dsn}: {e}")))?;
+    let builder = || {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map(|b| (b, provider))
+            .map_err(|e| e.to_string())
+    };
     if matches!(mode, TlsMode::Require | TlsMode::Prefer | TlsMode::Allow) {
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-            .with_no_client_auth());
+        // The same for every tenant (nothing to verify): built once, not per session
+        // (`prefer` is the default, so nearly every connection asks for it).
+        static UNVERIFIED: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
+            std::sync::OnceLock::new();
+        return UNVERIFIED
+            .get_or_init(|| {
+                builder().map(|(b, provider)| {
+                    b.dangerous()
+                        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+                        .with_no_client_auth()
+                })
+            })
+            .clone()
+            .map_err(|e| tls_error(format!("TLS setup for {dsn}: {e}")));
     }
+    let (builder, provider) =
+        builder().map_err(|e| tls_error(format!("TLS setup for {dsn}: {e}")))?;
     let mut roots = rustls::RootCertStore::empty();
     match dsn.root_cert() {
         Some(path) => {

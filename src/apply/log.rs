@@ -57,8 +57,13 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     "DO $flotilla$ BEGIN IF to_regclass('flotilla.execution_log') IS NULL THEN\n",
     log_ddl!(),
     // A log made by an older build is brought up to date, only under our lock: a
-    // runner that is busy must not queue behind the holder.
-    "ELSIF EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
+    // runner that is busy must not queue behind the holder. An up-to-date log (the
+    // index and the `source` column there: both come with the current DDL and the
+    // upgrade) costs two catalog lookups on every run, nothing more.
+    "ELSIF (to_regclass('flotilla.execution_log_version_once') IS NULL \
+     OR NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
+     AND attname = 'source' AND NOT attisdropped)) \
+     AND EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
      AND granted AND objsubid = 1 AND classid = 1181511540 AND objid = 1768713313) THEN\n",
     "IF to_regclass('flotilla.execution_log_version_once') IS NULL THEN \
      CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once \
@@ -67,11 +72,9 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
      AND attname = 'source' AND NOT attisdropped) THEN \
      ALTER TABLE flotilla.execution_log ADD COLUMN source text; END IF;\n",
     "IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
-     AND contype = 'c' AND pg_get_constraintdef(oid) LIKE '%status%' \
+     AND conname = 'execution_log_status_check' \
      AND pg_get_constraintdef(oid) NOT LIKE '%baselined%') THEN \
-     EXECUTE (SELECT format('ALTER TABLE flotilla.execution_log DROP CONSTRAINT %I', conname) \
-     FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass AND contype = 'c' \
-     AND pg_get_constraintdef(oid) LIKE '%status%' AND pg_get_constraintdef(oid) NOT LIKE '%baselined%' LIMIT 1); \
+     ALTER TABLE flotilla.execution_log DROP CONSTRAINT execution_log_status_check; \
      ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
      CHECK (status IN ('applied', 'started', 'baselined', 'undone')); END IF;\n",
     "END IF; END $flotilla$"
@@ -140,18 +143,24 @@ pub fn parse_entries(messages: &[SimpleQueryMessage]) -> Result<Vec<LogEntry>, D
 }
 
 /// Takes the lock without waiting; also says which server process took it, the
-/// `lock_timeout` (ms) it runs under, and whether it held the lock already (it cannot,
-/// on a real new session) — to tell a real session from a pooler's.
+/// `lock_timeout` (ms) it runs under, and whether a Flotilla session used this server
+/// session before (on a real new session none did) — to tell a real session from a
+/// pooler's.
 pub fn try_lock_sql() -> String {
-    let (high, low) = lock_key_parts();
+    // Cheap on every run: no scan of pg_settings or pg_locks. A server session that a
+    // Flotilla session used before (a pooler's) still carries its marker.
     format!(
         "SELECT pg_try_advisory_lock({LOCK_KEY}), pg_backend_pid(), \
-         (SELECT setting FROM pg_settings WHERE name = 'lock_timeout'), held \
-         FROM (SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() \
-         AND locktype = 'advisory' AND granted AND objsubid = 1 AND classid = {high} \
-         AND objid = {low}) AS held OFFSET 0) before"
+         (extract(epoch FROM current_setting('lock_timeout')::interval) * 1000)::bigint, \
+         reused, set_config('{SESSION_MARK}', 'taken', false) \
+         FROM (SELECT coalesce(current_setting('{SESSION_MARK}', true), '') <> '' AS reused \
+         OFFSET 0) before"
     )
 }
+
+/// A session-level setting a Flotilla session sets when it takes the lock: a new server
+/// session does not have it.
+const SESSION_MARK: &str = "flotilla.session";
 
 /// Waits for the lock (bounded by the session's `lock_timeout`).
 pub fn wait_for_lock_sql() -> String {

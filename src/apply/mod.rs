@@ -557,15 +557,15 @@ struct Backend {
 }
 
 impl Backend {
-    /// From the lock query's `pg_backend_pid(), lock_timeout in ms, held before`.
+    /// From the lock query's `pg_backend_pid(), lock_timeout in ms, reused, mark`.
     fn check(values: &[String], settings: &SessionSettings) -> Result<Self, ApplyError> {
-        let [pid, lock_timeout_ms, held_before] = values else {
+        let [pid, lock_timeout_ms, reused, _mark] = values else {
             return Err(pooler("the lock query returned an unexpected row"));
         };
-        if held_before == "t" {
-            // A new session cannot already hold it: this server session was shared.
+        if reused == "t" {
+            // A new session cannot carry the mark: this server session was shared.
             return Err(pooler(&format!(
-                "server process {pid} already held Flotilla's advisory lock when this session asked for it"
+                "server process {pid} was already used by another Flotilla session"
             )));
         }
         let want = settings.lock_timeout.as_millis().to_string();
