@@ -194,18 +194,10 @@ pub fn session_change(tokens: &[Token], text: &str) -> Option<SessionChange> {
     }
 }
 
-/// True for a statement that changes the session (see [`session_change`]).
+/// True for a statement that changes the session: the same judgement as
+/// [`session_change`], for callers that need only the yes or no.
 pub fn session_setting(tokens: &[Token]) -> bool {
-    let w = words(tokens);
-    match (w.first().copied(), w.get(1).copied()) {
-        (Some("set"), Some("local" | "transaction" | "constraints")) => false,
-        (Some("set" | "reset"), Some(_)) => true,
-        (Some("select"), _) => matches!(
-            w.as_slice(),
-            ["select", "set_config"] | ["select", "pg_catalog", "set_config"]
-        ),
-        _ => false,
-    }
+    session_change(tokens, "").is_some()
 }
 
 /// What `REINDEX … CONCURRENTLY` rebuilds, if this is one: where an interrupted run may
