@@ -97,6 +97,12 @@ pub struct Policy {
     /// before Flotilla met it. Canonical version text.
     #[serde(default)]
     pub baseline_version: Option<String>,
+    /// On a tenant whose execution log is empty, record as `baselined` what the previous
+    /// migration tool's history says ran (`flyway`, `dbmate`, `golang-migrate`, `sqlx`,
+    /// optionally `=schema.table`), refusing a tenant whose history forbids it.
+    /// Canonical form (`flyway=public.flyway_schema_history`).
+    #[serde(default)]
+    pub adopt: Option<String>,
     pub drift: DriftPolicy,
     pub order: OrderPolicy,
 }
@@ -130,6 +136,7 @@ impl Default for Policy {
             idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),
             busy_timeout_ms: default_busy_timeout_ms(),
             baseline_version: None,
+            adopt: None,
             drift: DriftPolicy::Fail,
             order: OrderPolicy::Strict,
         }
@@ -271,12 +278,38 @@ impl Policy {
                     ))
                 })?;
         }
+        if let Some(a) = &self.adopt {
+            let source: crate::apply::adopt::Source =
+                a.parse().map_err(|e: crate::apply::adopt::SourceError| {
+                    PolicyError(e.to_string())
+                })?;
+            if source.to_string() != *a {
+                return bad(format!(
+                    "adopt {a:?} is not in its canonical form \"{source}\""
+                ));
+            }
+            if self.baseline_version.is_some() {
+                return bad(
+                    "adopt and baseline_version exclude each other: an empty log is either \
+                     adopted from a tool's history or baselined up to a version"
+                        .to_string(),
+                );
+            }
+        }
         Ok(())
     }
 
     /// The baseline version, parsed.
     pub fn baseline(&self) -> Option<crate::bundle::Version> {
         self.baseline_version.as_deref()?.parse().ok()
+    }
+
+    /// What an empty log records first: `adopt` or `baseline_version` (validated).
+    pub fn prior(&self) -> Option<crate::apply::Prior> {
+        if let Some(source) = self.adopt.as_deref().and_then(|a| a.parse().ok()) {
+            return Some(crate::apply::Prior::Adopt(source));
+        }
+        self.baseline().map(crate::apply::Prior::BaselineVersion)
     }
 
     /// A policy stored by an earlier build, brought within today's ranges where its

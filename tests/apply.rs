@@ -68,7 +68,7 @@ async fn run_with(
         settings,
         mode,
         plan_options,
-        baseline: None,
+        prior: None,
     };
     apply_tenant(&run, stop).await
 }
@@ -1206,7 +1206,7 @@ async fn run_with_baseline(bundle: &Bundle, dsn: &Dsn, upto: &str) -> Outcome {
         settings: settings(),
         mode: TransactionMode::PerScript,
         plan_options: PlanOptions::default(),
-        baseline: Some(upto.parse().expect("version")),
+        prior: Some(flotilla::apply::Prior::BaselineVersion(upto.parse().expect("version"))),
     };
     apply_tenant(&run, &StopSignal::new()).await
 }
@@ -1250,7 +1250,7 @@ async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
                 ["V3__name.sql"]
             );
             assert!(
-                notes.iter().any(|n| n.contains("2 versions up to 2")),
+                notes.iter().any(|n| n.contains("recorded 2 scripts as baselined (not run), up to baseline-version 2")),
                 "{notes:?}"
             );
         }

@@ -28,8 +28,12 @@ pub struct PlanArgs {
     #[arg(long)]
     pub allow_out_of_order: bool,
     /// Plan as a wave with --baseline-version V would.
-    #[arg(long, value_name = "V")]
+    #[arg(long, value_name = "V", conflicts_with = "adopt")]
     pub baseline_version: Option<String>,
+    /// Plan as a wave with --adopt TOOL[=SCHEMA.TABLE] would: per tenant, what would be
+    /// adopted from the previous tool's history, applied, or refused and why.
+    #[arg(long, value_name = "TOOL[=SCHEMA.TABLE]")]
+    pub adopt: Option<String>,
 }
 
 /// Runs a plan; exits 1 when some tenant could not be planned or would fail (drift,
@@ -49,16 +53,59 @@ pub async fn plan(
             allow_drift: args.allow_drift,
             allow_out_of_order: args.allow_out_of_order,
             baseline_version: args.baseline_version.clone().unwrap_or_default(),
+            adopt: args.adopt.clone().unwrap_or_default(),
         })
         .await?
         .into_inner()
         .tenants;
     // Problems block (a wave would fail the tenant); notes do not.
     let blocked = plans.iter().filter(|p| !p.problems.is_empty()).count();
-    let action = |s: &v1::PlannedStep| {
-        flotilla::api::convert::plan_action_name(
-            v1::PlanAction::try_from(s.kind).unwrap_or(v1::PlanAction::Unspecified),
-        )
+    let kind = |s: &v1::PlannedStep| {
+        v1::PlanAction::try_from(s.kind).unwrap_or(v1::PlanAction::Unspecified)
+    };
+    let action = |s: &v1::PlannedStep| flotilla::api::convert::plan_action_name(kind(s));
+    let is_baseline = |s: &&v1::PlannedStep| kind(s) == v1::PlanAction::Baseline;
+    let problem_kind = |p: &v1::PlanProblem| {
+        v1::PlanProblemKind::try_from(p.kind)
+            .unwrap_or(v1::PlanProblemKind::Unspecified)
+            .as_str_name()
+            .trim_start_matches("PLAN_PROBLEM_KIND_")
+            .to_ascii_lowercase()
+    };
+    // Baselined scripts can be hundreds: one phrase per tenant, then what runs.
+    let steps_text = |p: &v1::TenantPlan| {
+        let baselined: Vec<&v1::PlannedStep> = p.steps.iter().filter(is_baseline).collect();
+        let mut parts = Vec::new();
+        if let (Some(first), Some(last)) = (baselined.first(), baselined.last()) {
+            let name = |s: &v1::PlannedStep| {
+                if s.version.is_empty() {
+                    s.script.clone()
+                } else {
+                    format!("V{}", s.version)
+                }
+            };
+            parts.push(if baselined.len() == 1 {
+                format!("baseline {}", name(first))
+            } else {
+                format!(
+                    "baseline {} ({} .. {})",
+                    baselined.len(),
+                    name(first),
+                    name(last)
+                )
+            });
+        }
+        parts.extend(
+            p.steps
+                .iter()
+                .filter(|s| !is_baseline(s))
+                .map(|s| format!("{} ({})", s.script, action(s))),
+        );
+        if parts.is_empty() {
+            "-".to_string()
+        } else {
+            parts.join(", ")
+        }
     };
     match output {
         Output::Json => print_json(&json!({
@@ -69,7 +116,10 @@ pub async fn plan(
                     "version": (!s.version.is_empty()).then_some(&s.version),
                     "action": action(s),
                 })).collect::<Vec<_>>(),
-                "problems": p.problems,
+                "problems": p.problem_details.iter().map(|d| json!({
+                    "kind": problem_kind(d),
+                    "message": d.message,
+                })).collect::<Vec<_>>(),
                 "notes": p.notes,
             })).collect::<Vec<_>>(),
         })),
@@ -81,15 +131,7 @@ pub async fn plan(
                     .map(|p| {
                         vec![
                             p.tenant_id.clone(),
-                            if p.steps.is_empty() {
-                                "-".to_string()
-                            } else {
-                                p.steps
-                                    .iter()
-                                    .map(|s| format!("{} ({})", s.script, action(s)))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            },
+                            steps_text(p),
                             p.problems.join("; "),
                             p.notes.join("; "),
                         ]
@@ -100,11 +142,16 @@ pub async fn plan(
                 .iter()
                 .filter(|p| p.steps.is_empty() && p.problems.is_empty())
                 .count();
+            let baselining = plans
+                .iter()
+                .filter(|p| p.problems.is_empty() && p.steps.iter().any(|s| is_baseline(&s)))
+                .count();
             println!(
-                "{} tenants: {} up to date, {} with steps, {} blocked",
+                "{} tenants: {} up to date, {} with steps ({} baselining first), {} blocked",
                 plans.len(),
                 up_to_date,
                 plans.iter().filter(|p| !p.steps.is_empty()).count(),
+                baselining,
                 blocked
             );
         }

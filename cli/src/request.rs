@@ -206,8 +206,13 @@ pub struct PolicyArgs {
     pub busy_timeout: Option<Duration>,
     /// On a tenant whose execution log is empty, record every version up to V as
     /// `baselined` (done, not run) before applying the rest.
-    #[arg(long, value_name = "V")]
+    #[arg(long, value_name = "V", conflicts_with = "adopt")]
     pub baseline_version: Option<String>,
+    /// On a tenant whose execution log is empty, record as `baselined` what the previous
+    /// tool's history says ran: flyway, dbmate, golang-migrate or sqlx, optionally
+    /// `=schema.table`; a failed, dirty or changed history fails the tenant.
+    #[arg(long, value_name = "TOOL[=SCHEMA.TABLE]")]
+    pub adopt: Option<String>,
     /// Apply even when an applied script's checksum changed.
     #[arg(long)]
     pub allow_drift: bool,
@@ -259,6 +264,7 @@ impl PolicyArgs {
             )?,
             busy_timeout_ms: ms("--busy-timeout", self.busy_timeout, ZeroTimeout::Refused)?,
             baseline_version: self.baseline_version.clone().unwrap_or_default(),
+            adopt: self.adopt.clone().unwrap_or_default(),
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

@@ -213,6 +213,7 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         idle_in_transaction_timeout_ms: Some(p.idle_in_transaction_timeout_ms),
         busy_timeout_ms: Some(p.busy_timeout_ms),
         baseline_version: p.baseline_version.clone().unwrap_or_default(),
+        adopt: p.adopt.clone().unwrap_or_default(),
     }
 }
 
@@ -234,7 +235,45 @@ pub fn plan_action_name(action: v1::PlanAction) -> &'static str {
         v1::PlanAction::Reapply => "reapply",
         v1::PlanAction::Resume => "resume",
         v1::PlanAction::Supersede => "supersede",
+        v1::PlanAction::Baseline => "baseline",
     }
+}
+
+/// The typed reason a plan would refuse a tenant, from the error that says so.
+pub fn plan_problem(error: &crate::apply::ApplyError) -> v1::PlanProblem {
+    use crate::apply::ApplyError;
+    let kind = match error {
+        ApplyError::Connect(_) | ApplyError::Log(_) | ApplyError::History { .. } => {
+            v1::PlanProblemKind::Unreadable
+        }
+        ApplyError::Decode(_) | ApplyError::Script { .. } => v1::PlanProblemKind::Unexpected,
+        ApplyError::Adopt(_) => v1::PlanProblemKind::AdoptionRefused,
+        ApplyError::Plan(p) => match p {
+            crate::apply::PlanError::Drift { .. } => v1::PlanProblemKind::Drift,
+            crate::apply::PlanError::OutOfOrder { .. } => v1::PlanProblemKind::OutOfOrder,
+            crate::apply::PlanError::InterruptedScriptChanged { .. } => {
+                v1::PlanProblemKind::InterruptedScriptChanged
+            }
+        },
+    };
+    v1::PlanProblem {
+        kind: kind as i32,
+        message: error.to_string(),
+    }
+}
+
+/// A wire `adopt` value in canonical form; empty is none; text that does not parse is
+/// kept for validation to refuse by name.
+pub fn adopt_source(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return None;
+    }
+    Some(
+        raw.parse::<crate::apply::adopt::Source>()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|_| raw.to_string()),
+    )
 }
 
 /// A wire baseline version in the canonical form the log stores (`1.1` for `1_1`);
@@ -333,6 +372,7 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
             .unwrap_or(defaults.idle_in_transaction_timeout_ms),
         busy_timeout_ms: p.busy_timeout_ms.unwrap_or(defaults.busy_timeout_ms),
         baseline_version: baseline_version(&p.baseline_version),
+        adopt: adopt_source(&p.adopt),
         drift: rules.drift,
         order: rules.order,
         ..defaults

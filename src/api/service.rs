@@ -205,14 +205,15 @@ impl RolloutApi {
         let r = req.into_inner();
         let bundle = Arc::new(convert::bundle_from_proto(r.bundle, &self.limits)?);
         // Validated as a wave's policy would validate it, before any connection.
-        let baseline = Policy {
+        let prior = Policy {
             baseline_version: convert::baseline_version(&r.baseline_version),
+            adopt: convert::adopt_source(&r.adopt),
             ..Policy::default()
         };
-        baseline
+        prior
             .validate()
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let baseline = baseline.baseline();
+        let prior = prior.prior();
         let reach = self.engine.reach();
         let tenants = Targets::from_plan(r.targets)?
             .resolve(&self.limits, reach)
@@ -229,12 +230,12 @@ impl RolloutApi {
                 .or_insert_with(|| Arc::new(Semaphore::new(PLAN_PER_HOST)))
                 .clone();
             let (bundle, permits, reach) = (bundle.clone(), permits.clone(), reach.clone());
-            let baseline = baseline.clone();
+            let prior = prior.clone();
             set.spawn(async move {
                 // The host's permit first: a busy server does not hold global slots.
                 let _host = host.acquire_owned().await;
                 let _permit = permits.acquire_owned().await;
-                let plan = plan_tenant(&bundle, &tenant, options, baseline.as_ref(), &reach);
+                let plan = plan_tenant(&bundle, &tenant, options, prior.as_ref(), &reach);
                 (i, plan.await)
             });
         }
@@ -411,86 +412,68 @@ async fn plan_tenant(
     bundle: &Bundle,
     tenant: &Tenant,
     options: PlanOptions,
-    baseline: Option<&crate::bundle::Version>,
+    prior: Option<&crate::apply::Prior>,
     reach: &crate::reach::Reach,
 ) -> v1::TenantPlan {
     let mut out = v1::TenantPlan {
         tenant_id: tenant.id.clone(),
         ..Default::default()
     };
+    let refuse = |out: &mut v1::TenantPlan, error: crate::apply::ApplyError| {
+        let problem = convert::plan_problem(&error);
+        out.problems.push(problem.message.clone());
+        out.problem_details.push(problem);
+    };
     let settings = Policy::default().session_settings();
     let mut rows = match crate::apply::read_log(&tenant.dsn, &settings, reach).await {
         Ok(rows) => rows,
         Err(e) => {
-            out.problems.push(format!("cannot read the log: {e}"));
+            refuse(&mut out, e);
             return out;
         }
     };
     // What the wave would record first, planned as if it had.
-    if baseline.is_some() && !rows.is_empty() {
-        out.notes.push(format!(
-            "would not baseline: the log already has {} rows",
+    match prior {
+        Some(prior) if !rows.is_empty() => out.notes.push(format!(
+            "would not baseline: the log already has {} rows ({prior} applies only to an empty log)",
             rows.len()
-        ));
-    }
-    let mut baselined = crate::apply::plan::baseline(bundle, &rows, baseline);
-    if !baselined.is_empty() {
-        match crate::apply::has_own_schema(&tenant.dsn, &settings, reach).await {
-            Ok(true) => {}
-            Ok(false) => {
-                out.notes.push(
-                    "would not baseline: the database has no schema of its own (a new tenant)"
-                        .to_string(),
-                );
-                baselined.clear();
-            }
-            Err(e) => {
-                out.problems
-                    .push(format!("cannot tell whether to baseline: {e}"));
-                return out;
+        )),
+        Some(prior) => {
+            match crate::apply::rehearse_prior(&tenant.dsn, &settings, reach, bundle, prior).await
+            {
+                Ok(decision) => {
+                    out.notes.extend(decision.describe(prior, false));
+                    out.steps.extend(decision.rows.iter().map(|r| v1::PlannedStep {
+                        script: r.script.clone(),
+                        version: r.version.clone().unwrap_or_default(),
+                        action: convert::plan_action_name(v1::PlanAction::Baseline).to_string(),
+                        kind: v1::PlanAction::Baseline as i32,
+                    }));
+                    rows = decision.log_rows();
+                }
+                Err(e) => {
+                    refuse(&mut out, e);
+                    return out;
+                }
             }
         }
-    }
-    if !baselined.is_empty() {
-        out.notes.push(format!(
-            "would record {} versions up to {} as baselined (not run)",
-            baselined.len(),
-            baseline.map(|v| v.to_string()).unwrap_or_default()
-        ));
-        rows = baselined
-            .iter()
-            .filter_map(|&i| bundle.scripts().get(i))
-            .enumerate()
-            .map(|(n, s)| crate::apply::plan::LogRow {
-                id: n as i64 + 1,
-                version: s.version().map(|v| v.to_string()),
-                script: s.name.clone(),
-                kind: s.kind.as_str().to_string(),
-                checksum: s.checksum.clone(),
-                status: crate::apply::plan::LogStatus::Baselined,
-                statements_done: None,
-            })
-            .collect();
+        None => {}
     }
     match crate::apply::plan::plan(bundle, &rows, options) {
         Ok(plan) => {
-            out.steps = plan
-                .steps
-                .iter()
-                .map(|step| {
-                    let script = &bundle.scripts()[step.script];
-                    let kind = convert::plan_action(&step.action);
-                    v1::PlannedStep {
-                        script: script.name.clone(),
-                        version: script.version().map(|v| v.to_string()).unwrap_or_default(),
-                        action: convert::plan_action_name(kind).to_string(),
-                        kind: kind as i32,
-                    }
-                })
-                .collect();
+            out.steps.extend(plan.steps.iter().map(|step| {
+                let script = &bundle.scripts()[step.script];
+                let kind = convert::plan_action(&step.action);
+                v1::PlannedStep {
+                    script: script.name.clone(),
+                    version: script.version().map(|v| v.to_string()).unwrap_or_default(),
+                    action: convert::plan_action_name(kind).to_string(),
+                    kind: kind as i32,
+                }
+            }));
             out.notes.extend(plan.notes);
         }
-        Err(e) => out.problems.push(e.to_string()),
+        Err(e) => refuse(&mut out, e.into()),
     }
     out
 }

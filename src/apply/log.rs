@@ -295,12 +295,21 @@ CHECK (status IN ('applied', 'started', 'baselined', 'undone'));";
 
 /// A `baselined` row: the version is recorded as done without running (a tenant
 /// migrated before Flotilla met it); `source` says by what (`baseline-version 60`).
-pub fn insert_baselined_sql(row: &RowIdentity<'_>, source: &str) -> String {
+/// Who applied it and when come from the previous tool's history where it says.
+pub fn insert_baselined_sql(
+    row: &RowIdentity<'_>,
+    source: &str,
+    applied_by: Option<&str>,
+    applied_at: Option<&str>,
+) -> String {
     format!(
         "INSERT INTO flotilla.execution_log \
          ({IDENTITY_COLUMNS}, status, applied_at, applied_by, xact_id, source) \
-         VALUES ({}, 'baselined', clock_timestamp(), current_user, txid_current()::text, {});",
+         VALUES ({}, 'baselined', COALESCE({}::timestamptz, clock_timestamp()), \
+         COALESCE({}, current_user), txid_current()::text, {});",
         row.values(),
+        quote_optional(applied_at),
+        quote_optional(applied_by),
         quote_literal(source),
     )
 }

@@ -15,6 +15,7 @@
 //! This module never retries and never sleeps: it reports an [`Outcome`] and leaves the
 //! decision to the scheduler. It never trusts anything but the tenant's own log.
 
+pub mod adopt;
 pub mod log;
 pub mod plan;
 
@@ -97,6 +98,13 @@ pub enum ApplyError {
     /// The tenant's state forbids applying (drift, out of order, changed interrupted script).
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The previous tool's history forbids adopting the tenant (a failed or dirty row,
+    /// a script changed since it ran, no history on a database with a schema).
+    #[error("adopt: {0}")]
+    Adopt(#[from] adopt::AdoptError),
+    /// The previous tool's history table could not be read.
+    #[error("adopt: reading {table}: {failure}")]
+    History { table: String, failure: DbFailure },
     /// A script failed.
     #[error("{script}{}: {failure}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Script {
@@ -116,21 +124,23 @@ impl ApplyError {
     /// Retryable or permanent: the single answer the scheduler acts on.
     pub fn retryability(&self) -> Retryability {
         match self {
-            ApplyError::Connect(f) | ApplyError::Log(f) | ApplyError::Script { failure: f, .. } => {
-                f.retryability
-            }
+            ApplyError::Connect(f)
+            | ApplyError::Log(f)
+            | ApplyError::History { failure: f, .. }
+            | ApplyError::Script { failure: f, .. } => f.retryability,
             ApplyError::Decode(_) => FailureKind::Unexpected.retryability(),
             // The tenant's state forbids applying until a person acts.
-            ApplyError::Plan(_) => FailureKind::Refused.retryability(),
+            ApplyError::Plan(_) | ApplyError::Adopt(_) => FailureKind::Refused.retryability(),
         }
     }
 
     /// The SQLSTATE, when the failure came from the server.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            ApplyError::Connect(f) | ApplyError::Log(f) | ApplyError::Script { failure: f, .. } => {
-                f.sqlstate.as_deref()
-            }
+            ApplyError::Connect(f)
+            | ApplyError::Log(f)
+            | ApplyError::History { failure: f, .. }
+            | ApplyError::Script { failure: f, .. } => f.sqlstate.as_deref(),
             _ => None,
         }
     }
@@ -177,9 +187,131 @@ pub struct TenantRun<'a> {
     pub settings: SessionSettings,
     pub mode: TransactionMode,
     pub plan_options: PlanOptions,
-    /// `--baseline-version`: on an empty log, record versions up to this one as
-    /// `baselined` first.
-    pub baseline: Option<crate::bundle::Version>,
+    /// `--baseline-version` or `--adopt`: what an empty log records first.
+    pub prior: Option<Prior>,
+}
+
+/// What a tenant whose log is empty records as `baselined` before anything runs: the
+/// history Flotilla did not write itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prior {
+    /// `--baseline-version V`: every version up to V (a fleet migrated by hand).
+    BaselineVersion(crate::bundle::Version),
+    /// `--adopt tool[=schema.table]`: what the previous tool's history says ran.
+    Adopt(adopt::Source),
+}
+
+impl std::fmt::Display for Prior {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Prior::BaselineVersion(v) => write!(f, "up to baseline-version {v}"),
+            Prior::Adopt(source) => write!(f, "adopted from {source}"),
+        }
+    }
+}
+
+/// What [`Prior`] means for one tenant: the rows to record (none for a new tenant, or
+/// an empty history) and what to tell about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriorDecision {
+    pub rows: Vec<adopt::Recorded>,
+    /// Set when nothing is recorded and why is worth telling.
+    pub skipped: Option<String>,
+}
+
+impl PriorDecision {
+    /// The note of a run (`done`) or a plan about what was or would be recorded.
+    pub fn describe(&self, prior: &Prior, done: bool) -> Option<String> {
+        if let Some(why) = &self.skipped {
+            return Some(format!("not baselined: {why}"));
+        }
+        (!self.rows.is_empty()).then(|| {
+            format!(
+                "{} {} script{} as baselined (not run), {prior}",
+                if done { "recorded" } else { "would record" },
+                self.rows.len(),
+                if self.rows.len() == 1 { "" } else { "s" },
+            )
+        })
+    }
+
+    /// The rows as the planner reads them, as if they were in the log.
+    pub fn log_rows(&self) -> Vec<plan::LogRow> {
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(n, r)| plan::LogRow {
+                id: n as i64 + 1,
+                version: r.version.clone(),
+                script: r.script.clone(),
+                kind: r.kind.to_string(),
+                checksum: r.checksum.clone(),
+                status: plan::LogStatus::Baselined,
+                statements_done: None,
+            })
+            .collect()
+    }
+}
+
+/// Decides what `prior` records on this tenant, reading on `client` (inside the
+/// applier's transaction, or a plan's read-only one): nothing on a database with no
+/// schema of its own (a new tenant runs every version); the bundle's versions up to V;
+/// or what the previous tool's history says, refused when that history forbids it.
+async fn decide_prior(
+    client: &tokio_postgres::Client,
+    bundle: &Bundle,
+    prior: &Prior,
+) -> Result<PriorDecision, ApplyError> {
+    let own = client
+        .simple_query(log::HAS_OWN_SCHEMA_SQL)
+        .await
+        .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    if first_value(&own).as_deref() != Some("t") {
+        return Ok(PriorDecision {
+            rows: Vec::new(),
+            skipped: Some(
+                "the database has no schema of its own (a new tenant): every version runs"
+                    .to_string(),
+            ),
+        });
+    }
+    let rows = match prior {
+        Prior::BaselineVersion(upto) => adopt::baseline_rows(bundle, upto),
+        Prior::Adopt(source) => {
+            let table = format!("{}.{}", source.schema, source.table);
+            let history_error = |e: tokio_postgres::Error| ApplyError::History {
+                table: table.clone(),
+                failure: DbFailure::from(&e),
+            };
+            let exists = client
+                .simple_query(&source.exists_sql())
+                .await
+                .map_err(history_error)?;
+            if first_value(&exists).as_deref() != Some("t") {
+                return Err(adopt::AdoptError::NoHistory {
+                    tool: source.tool.as_str(),
+                    table,
+                }
+                .into());
+            }
+            let history = client
+                .simple_query(&source.read_sql())
+                .await
+                .map_err(history_error)?;
+            let rows = adopt::decide(bundle, source, &adopt::parse_history(&history))?;
+            if rows.is_empty() {
+                return Ok(PriorDecision {
+                    rows,
+                    skipped: Some(format!("{table} records nothing the bundle has")),
+                });
+            }
+            rows
+        }
+    };
+    Ok(PriorDecision {
+        rows,
+        skipped: None,
+    })
 }
 
 /// Brings the tenant of `run.dsn` up to `run.bundle`.
@@ -273,34 +405,18 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         }
     };
     let mut notes = Vec::new();
-    if run.baseline.is_some() && !log_rows.is_empty() {
-        notes.push(format!(
-            "not baselined: the log already has {} rows",
-            log_rows.len()
-        ));
-    }
-    let baselined = plan::baseline(run.bundle, &log_rows, run.baseline.as_ref());
-    let log_rows = if baselined.is_empty() {
-        log_rows
-    } else {
-        match record_baseline(run, &session, &backend, &baselined).await {
-            Ok(Some(rows)) => {
-                notes.push(format!(
-                    "recorded {} versions up to {} as baselined (not run)",
-                    baselined.len(),
-                    run.baseline
-                        .as_ref()
-                        .map(|v| v.to_string())
-                        .unwrap_or_default()
-                ));
-                rows
-            }
-            Ok(None) => {
-                notes.push(
-                    "not baselined: the database has no schema of its own (a new tenant): every version runs"
-                        .to_string(),
-                );
-                log_rows
+    let log_rows = match &run.prior {
+        Some(prior) if !log_rows.is_empty() => {
+            notes.push(format!(
+                "not baselined: the log already has {} rows ({prior} applies only to an empty log)",
+                log_rows.len()
+            ));
+            log_rows
+        }
+        Some(prior) => match record_prior(run, prior, &session, &backend).await {
+            Ok((decision, rows)) => {
+                notes.extend(decision.describe(prior, true));
+                rows.unwrap_or(log_rows)
             }
             Err(error) => {
                 let failed = Outcome::Failed {
@@ -309,7 +425,8 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
                 };
                 return (failed, Some(session));
             }
-        }
+        },
+        None => log_rows,
     };
     let plan = match plan::plan(run.bundle, &log_rows, run.plan_options) {
         Ok(p) => p,
@@ -349,85 +466,94 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     (outcome, Some(session))
 }
 
-/// Records the `baselined` rows of `scripts` in one transaction (under the tenant's
-/// lock, on a log that was empty), and reads the log again. `None` when the database
-/// has no schema of its own: a new tenant is migrated, never baselined.
-async fn record_baseline(
+/// Records what `prior` says ran as `baselined` rows, in one transaction with the
+/// reads that decided them (under the tenant's lock, on a log that was empty), and
+/// reads the log again; the log's rows are `None` when nothing was recorded.
+async fn record_prior(
     run: &TenantRun<'_>,
+    prior: &Prior,
     session: &Session,
     backend: &Backend,
-    scripts: &[usize],
-) -> Result<Option<Vec<plan::LogRow>>, ApplyError> {
-    let own = session
-        .client()
-        .simple_query(log::HAS_OWN_SCHEMA_SQL)
-        .await
-        .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
-    if first_value(&own).as_deref() != Some("t") {
-        return Ok(None);
+) -> Result<(PriorDecision, Option<Vec<plan::LogRow>>), ApplyError> {
+    let client = session.client();
+    let rollback = || async {
+        let _ = client.batch_execute("ROLLBACK").await;
+    };
+    // The shape check proves, in this transaction, that the lock is ours and the log
+    // still empty; the rows are written by the server process that holds the lock.
+    let begin = format!("BEGIN;\n{};\n{}", log::BACKEND_SQL, log::BASELINE_SHAPE_SQL);
+    match client.simple_query(&begin).await {
+        Ok(rows) => {
+            if let Err(e) = backend.same_as(first_value(&rows).as_deref()) {
+                rollback().await;
+                return Err(e);
+            }
+        }
+        Err(e) => {
+            rollback().await;
+            return Err(ApplyError::Log(DbFailure::from(&e)));
+        }
     }
-    let source = format!(
-        "baseline-version {}",
-        run.baseline
-            .as_ref()
-            .map(|v| v.to_string())
-            .unwrap_or_default()
-    );
-    let mut sql = format!(
-        "BEGIN;\n{};\n{}\n",
-        log::BACKEND_SQL,
-        log::BASELINE_SHAPE_SQL
-    );
-    for &i in scripts {
-        let Some(script) = run.bundle.scripts().get(i) else {
-            continue;
-        };
-        let version = script.version().map(|v| v.to_string());
+    let decision = match decide_prior(client, run.bundle, prior).await {
+        Ok(d) => d,
+        Err(e) => {
+            rollback().await;
+            return Err(e);
+        }
+    };
+    if decision.rows.is_empty() {
+        rollback().await;
+        return Ok((decision, None));
+    }
+    let mut sql = String::new();
+    for r in &decision.rows {
         let row = RowIdentity {
-            version: version.as_deref(),
-            script: &script.name,
-            kind: script.kind.as_str(),
-            checksum: &script.checksum,
+            version: r.version.as_deref(),
+            script: &r.script,
+            kind: r.kind,
+            checksum: &r.checksum,
             bundle_id: run.bundle.id(),
             wave_id: run.wave_id,
         };
-        sql.push_str(&log::insert_baselined_sql(&row, &source));
+        sql.push_str(&log::insert_baselined_sql(
+            &row,
+            &r.source,
+            r.applied_by.as_deref(),
+            r.applied_at.as_deref(),
+        ));
         sql.push('\n');
     }
     sql.push_str("COMMIT;");
-    let client = session.client();
-    match client.simple_query(&sql).await {
-        // The rows were written on the server process that holds the lock (a pooler
-        // could have sent them elsewhere; they committed, but say so loudly).
-        Ok(rows) => backend.same_as(first_value(&rows).as_deref())?,
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(ApplyError::Log(DbFailure::from(&e)));
-        }
+    if let Err(e) = client.simple_query(&sql).await {
+        rollback().await;
+        return Err(ApplyError::Log(DbFailure::from(&e)));
     }
     let rows = client
         .simple_query(log::READ_SQL)
         .await
         .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
-    Ok(Some(log::parse_rows(&rows)?))
+    let rows = log::parse_rows(&rows)?;
+    Ok((decision, Some(rows)))
 }
 
-/// True when the tenant's database holds relations of its own (see
-/// [`log::HAS_OWN_SCHEMA_SQL`]): whether a baseline would apply, for a dry run.
-pub async fn has_own_schema(
+/// What `prior` would record on the tenant of `dsn`, for a dry run: the same reads as
+/// a wave's, in a read-only transaction, without the lock.
+pub async fn rehearse_prior(
     dsn: &Dsn,
     settings: &SessionSettings,
     reach: &Reach,
-) -> Result<bool, ApplyError> {
+    bundle: &Bundle,
+    prior: &Prior,
+) -> Result<PriorDecision, ApplyError> {
     let session = Session::connect(dsn, settings, reach)
         .await
         .map_err(ApplyError::Connect)?;
-    let result = session
-        .client()
-        .simple_query(log::HAS_OWN_SCHEMA_SQL)
-        .await
-        .map(|m| first_value(&m).as_deref() == Some("t"))
-        .map_err(|e| ApplyError::Log(DbFailure::from(&e)));
+    let client = session.client();
+    let result = match client.batch_execute("BEGIN READ ONLY").await {
+        Ok(()) => decide_prior(client, bundle, prior).await,
+        Err(e) => Err(ApplyError::Log(DbFailure::from(&e))),
+    };
+    let _ = client.batch_execute("ROLLBACK").await;
     session.close().await;
     result
 }

@@ -145,25 +145,6 @@ pub enum PlanError {
     },
 }
 
-/// The versioned scripts (indexes into [`Bundle::scripts`]) a `--baseline-version
-/// upto` records as `baselined` on a tenant whose log is empty: every one up to `upto`.
-/// A tenant with any log row is never baselined (it has a history of its own).
-pub fn baseline(bundle: &Bundle, log: &[LogRow], upto: Option<&Version>) -> Vec<usize> {
-    let Some(upto) = upto else {
-        return Vec::new();
-    };
-    if !log.is_empty() {
-        return Vec::new();
-    }
-    bundle
-        .scripts()
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.version().is_some_and(|v| v <= upto))
-        .map(|(i, _)| i)
-        .collect()
-}
-
 /// Plans `bundle` against `log`.
 pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Plan, PlanError> {
     let mut out = Plan::default();

@@ -372,6 +372,26 @@ pub fn checksum(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// The checksum Flyway records for a script: CRC-32 over the UTF-8 bytes of each line
+/// without its terminator (`\n`, `\r\n` or a lone `\r`, as Java's
+/// `BufferedReader.readLine` splits), a byte-order mark dropped from the first line,
+/// the result read as a signed 32-bit integer. Line endings and blank lines do not
+/// change it; placeholders are not replaced before it is taken.
+pub fn flyway_checksum(text: &str) -> i32 {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut crc = crc32fast::Hasher::new();
+    for line in text.split(['\n', '\r']) {
+        crc.update(line.as_bytes());
+    }
+    // Java's `(int) crc32.getValue()`: the same 32 bits, read as signed.
+    crc.finalize() as i32
+}
+
+/// The checksum sqlx records for a migration: SHA-384 of its text, lowercase hex.
+pub fn sqlx_checksum(text: &str) -> String {
+    hex::encode(sha2::Sha384::digest(text.as_bytes()))
+}
+
 /// The `.sql` files of `dir`, and the problems of those that could not be read.
 fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleError> {
     let dir_error = |source| BundleError::Directory {

@@ -576,7 +576,7 @@ impl Engine {
                         settings: policy.session_settings(),
                         mode: policy.transaction,
                         plan_options: policy.plan_options(),
-                        baseline: policy.baseline(),
+                        prior: policy.prior(),
                     };
                     // A panic in the applier is a bug; it must not leave the tenant
                     // RUNNING for ever: it fails, and its log says what ran.
