@@ -279,10 +279,9 @@ impl Policy {
                 })?;
         }
         if let Some(a) = &self.adopt {
-            let source: crate::apply::adopt::Source =
-                a.parse().map_err(|e: crate::apply::adopt::SourceError| {
-                    PolicyError(e.to_string())
-                })?;
+            let source: crate::apply::adopt::Source = a
+                .parse()
+                .map_err(|e: crate::apply::adopt::SourceError| PolicyError(e.to_string()))?;
             if source.to_string() != *a {
                 return bad(format!(
                     "adopt {a:?} is not in its canonical form \"{source}\""

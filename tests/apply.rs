@@ -1206,7 +1206,9 @@ async fn run_with_baseline(bundle: &Bundle, dsn: &Dsn, upto: &str) -> Outcome {
         settings: settings(),
         mode: TransactionMode::PerScript,
         plan_options: PlanOptions::default(),
-        prior: Some(flotilla::apply::Prior::BaselineVersion(upto.parse().expect("version"))),
+        prior: Some(flotilla::apply::Prior::BaselineVersion(
+            upto.parse().expect("version"),
+        )),
     };
     apply_tenant(&run, &StopSignal::new()).await
 }
@@ -1250,7 +1252,9 @@ async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
                 ["V3__name.sql"]
             );
             assert!(
-                notes.iter().any(|n| n.contains("recorded 2 scripts as baselined (not run), up to baseline-version 2")),
+                notes.iter().any(|n| n.contains(
+                    "recorded 2 scripts as baselined (not run), up to baseline-version 2"
+                )),
                 "{notes:?}"
             );
         }

@@ -98,7 +98,10 @@ impl FromStr for Source {
                     Some((schema, table)) => (schema, table),
                     None => ("public", t),
                 };
-                (identifier(schema).map_err(&fail)?, identifier(table).map_err(&fail)?)
+                (
+                    identifier(schema).map_err(&fail)?,
+                    identifier(table).map_err(&fail)?,
+                )
             }
         };
         Ok(Self {
@@ -336,13 +339,13 @@ pub fn decide(
 ) -> Result<Vec<Recorded>, AdoptError> {
     let table = format!("{}.{}", source.schema, source.table);
     let parse = |raw: &str| -> Result<Version, AdoptError> {
-        raw.trim().parse().map_err(|e: bundle::version::VersionError| {
-            AdoptError::BadVersion {
+        raw.trim()
+            .parse()
+            .map_err(|e: bundle::version::VersionError| AdoptError::BadVersion {
                 table: table.clone(),
                 version: raw.to_string(),
                 reason: e.to_string(),
-            }
-        })
+            })
     };
     let by_version: BTreeMap<Version, &bundle::Script> = bundle
         .scripts()

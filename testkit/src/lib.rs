@@ -425,6 +425,47 @@ impl Cluster {
         Ok(ca_crt)
     }
 
+    /// `pg_dump --schema-only` of `db` without `exclude` (pg_dump `-N`/`-T` patterns: a
+    /// name with a dot is a table, without one a schema), ownership, privileges,
+    /// comments and pg_dump's own `--` and `\restrict` lines: two databases built by
+    /// the same scripts compare equal.
+    pub fn dump_schema(&self, db: &str, exclude: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(self.bindir.join("pg_dump"));
+        cmd.args([
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--no-comments",
+        ])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            SUPERUSER,
+        ])
+        .args(["-d", db]);
+        for name in exclude {
+            cmd.arg(if name.contains('.') { "-T" } else { "-N" })
+                .arg(name);
+        }
+        let out = cmd.output().context("run pg_dump")?;
+        if !out.status.success() {
+            bail!("pg_dump {db}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                !l.trim().is_empty()
+                    && !l.starts_with("--")
+                    && !l.starts_with("\\restrict")
+                    && !l.starts_with("\\unrestrict")
+            })
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
     /// Creates `count` tenant databases named `{prefix}{n:05}` (n from 1), each a copy
     /// of a template seeded with `seed_sql`, using `STRATEGY FILE_COPY` from several
     /// sessions at once. Returns their names in order.

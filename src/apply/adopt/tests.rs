@@ -40,7 +40,10 @@ fn flyway_checksum_matches_java_crc32_over_buffered_reader_lines() {
     // Reference values computed with java.util.zip.CRC32 fed each line of a
     // BufferedReader (UTF-8), the first line without its BOM, read as (int): Flyway's
     // ChecksumCalculator.
-    assert_eq!(bundle::flyway_checksum("CREATE TABLE t (id int);\n"), 92137680);
+    assert_eq!(
+        bundle::flyway_checksum("CREATE TABLE t (id int);\n"),
+        92137680
+    );
     assert_eq!(bundle::flyway_checksum("a\r\nb\rc\n\n"), 891568578);
     assert_eq!(
         bundle::flyway_checksum("\u{feff}select 1;\nselect 2;"),
@@ -96,7 +99,12 @@ fn flyway_success_rows_become_baselined_with_who_and_when() {
     let b = bundle();
     let history = vec![
         flyway_row(1, Some("1"), "V1__init.sql", "CREATE TABLE t (id int);\n"),
-        flyway_row(2, Some("1.1"), "V1_1__add_col.sql", "ALTER TABLE t ADD COLUMN c int;\n"),
+        flyway_row(
+            2,
+            Some("1.1"),
+            "V1_1__add_col.sql",
+            "ALTER TABLE t ADD COLUMN c int;\n",
+        ),
     ];
     let rows = decide(&b, &source("flyway"), &history).expect("adoptable");
     let versions: Vec<_> = rows.iter().map(|r| r.version.clone().unwrap()).collect();
@@ -104,24 +112,44 @@ fn flyway_success_rows_become_baselined_with_who_and_when() {
     assert_eq!(rows[0].script, "V1__init.sql");
     assert_eq!(rows[0].checksum, b.scripts()[0].checksum);
     assert_eq!(rows[0].applied_by.as_deref(), Some("flyway_user"));
-    assert!(rows[1].source.contains("installed_rank 2"), "{}", rows[1].source);
+    assert!(
+        rows[1].source.contains("installed_rank 2"),
+        "{}",
+        rows[1].source
+    );
 }
 
 #[test]
 fn a_changed_script_is_drift_with_both_checksums() {
     let b = bundle();
-    let history = vec![flyway_row(1, Some("1"), "V1__init.sql", "CREATE TABLE t (id bigint);\n")];
+    let history = vec![flyway_row(
+        1,
+        Some("1"),
+        "V1__init.sql",
+        "CREATE TABLE t (id bigint);\n",
+    )];
     let e = decide(&b, &source("flyway"), &history).expect_err("drift");
     let text = e.to_string();
     assert!(matches!(e, AdoptError::Drift { .. }), "{text}");
-    assert!(text.contains("V1__init.sql") && text.contains("92137680"), "{text}");
+    assert!(
+        text.contains("V1__init.sql") && text.contains("92137680"),
+        "{text}"
+    );
 }
 
 #[test]
 fn line_endings_are_not_drift_under_flyway() {
     let b = bundle();
-    let history = vec![flyway_row(1, Some("1"), "V1__init.sql", "CREATE TABLE t (id int);\r\n")];
-    assert_eq!(decide(&b, &source("flyway"), &history).expect("same").len(), 1);
+    let history = vec![flyway_row(
+        1,
+        Some("1"),
+        "V1__init.sql",
+        "CREATE TABLE t (id int);\r\n",
+    )];
+    assert_eq!(
+        decide(&b, &source("flyway"), &history).expect("same").len(),
+        1
+    );
 }
 
 #[test]
@@ -134,7 +162,10 @@ fn a_failed_flyway_row_refuses_the_tenant_naming_repair() {
         failed,
     ];
     let e = decide(&b, &source("flyway"), &history).expect_err("failed");
-    assert!(e.to_string().contains("repair") && e.to_string().contains("installed_rank 2"), "{e}");
+    assert!(
+        e.to_string().contains("repair") && e.to_string().contains("installed_rank 2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -157,18 +188,36 @@ fn flyway_baseline_delete_undo_and_schema_rows() {
     let versions: Vec<_> = rows.iter().map(|r| r.version.clone().unwrap()).collect();
     // Baseline covers 1 and 1.1; V2 was deleted by repair: it runs.
     assert_eq!(versions, ["1", "1.1"]);
-    assert!(rows[0].source.contains("baseline 1.1"), "{}", rows[0].source);
+    assert!(
+        rows[0].source.contains("baseline 1.1"),
+        "{}",
+        rows[0].source
+    );
 }
 
 #[test]
 fn repeatables_count_only_when_flyway_ran_this_file() {
     let b = bundle();
-    let same = flyway_row(1, None, "R__view.sql", "CREATE OR REPLACE VIEW v AS SELECT 1;\n");
+    let same = flyway_row(
+        1,
+        None,
+        "R__view.sql",
+        "CREATE OR REPLACE VIEW v AS SELECT 1;\n",
+    );
     let rows = decide(&b, &source("flyway"), &[same]).expect("adoptable");
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].kind, "repeatable");
-    let changed = flyway_row(1, None, "R__view.sql", "CREATE OR REPLACE VIEW v AS SELECT 2;\n");
-    assert!(decide(&b, &source("flyway"), &[changed]).expect("adoptable").is_empty());
+    let changed = flyway_row(
+        1,
+        None,
+        "R__view.sql",
+        "CREATE OR REPLACE VIEW v AS SELECT 2;\n",
+    );
+    assert!(
+        decide(&b, &source("flyway"), &[changed])
+            .expect("adoptable")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -177,7 +226,11 @@ fn versions_the_bundle_lacks_are_recorded_with_the_tools_names() {
     let history = vec![flyway_row(1, Some("7"), "V7__future.sql", "select 1;")];
     let rows = decide(&b, &source("flyway"), &history).expect("adoptable");
     assert_eq!(rows[0].script, "V7__future.sql");
-    assert!(rows[0].checksum.starts_with("flyway:"), "{}", rows[0].checksum);
+    assert!(
+        rows[0].checksum.starts_with("flyway:"),
+        "{}",
+        rows[0].checksum
+    );
 }
 
 #[test]
@@ -193,7 +246,11 @@ fn golang_migrate_is_linear_and_refuses_dirty() {
     assert_eq!(versions, ["1", "1.1", "2"]);
     let e = decide(&b, &source("golang-migrate"), &[row("2", false)]).expect_err("dirty");
     assert!(matches!(e, AdoptError::Dirty { .. }), "{e}");
-    assert!(decide(&b, &source("golang-migrate"), &[]).expect("empty").is_empty());
+    assert!(
+        decide(&b, &source("golang-migrate"), &[])
+            .expect("empty")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -205,8 +262,12 @@ fn dbmate_maps_versions_and_sqlx_checks_its_checksum() {
         success: ok,
         ..Default::default()
     };
-    let rows = decide(&b, &source("dbmate"), &[row("2", None, true), row("1", None, true)])
-        .expect("dbmate");
+    let rows = decide(
+        &b,
+        &source("dbmate"),
+        &[row("2", None, true), row("1", None, true)],
+    )
+    .expect("dbmate");
     let versions: Vec<_> = rows.iter().map(|r| r.version.clone().unwrap()).collect();
     assert_eq!(versions, ["1", "2"]);
 
