@@ -328,7 +328,7 @@ fn refusal(outcome: Outcome) -> AdoptError {
             error: ApplyError::Adopt(e),
         } => {
             assert!(scripts.is_empty(), "{scripts:?}");
-            e
+            *e
         }
         other => panic!("expected an adoption refusal, got {other:?}"),
     }

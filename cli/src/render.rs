@@ -64,6 +64,8 @@ fn policy_json(p: &v1::Policy) -> Value {
         "statement_timeout_ms": p.statement_timeout_ms,
         "allow_drift": p.allow_drift,
         "allow_out_of_order": p.allow_out_of_order,
+        "baseline_version": (!p.baseline_version.is_empty()).then_some(&p.baseline_version),
+        "adopt": (!p.adopt.is_empty()).then_some(&p.adopt),
     })
 }
 

@@ -1375,13 +1375,26 @@ async fn a_fleet_migrated_by_hand_is_baselined_then_migrated() {
     .await;
     assert_eq!(plan.code, 0, "{plan:?}");
     for t in plan.json()["tenants"].as_array().expect("tenants") {
-        let steps: Vec<&str> = t["steps"]
+        let steps: Vec<(&str, &str)> = t["steps"]
             .as_array()
             .expect("steps")
             .iter()
-            .map(|s| s["script"].as_str().unwrap_or(""))
+            .map(|s| {
+                (
+                    s["script"].as_str().unwrap_or(""),
+                    s["action"].as_str().unwrap_or(""),
+                )
+            })
             .collect();
-        assert_eq!(steps, ["V2__add_name.sql", "R__items_view.sql"], "{t}");
+        assert_eq!(
+            steps,
+            [
+                ("V1__create_items.sql", "baseline"),
+                ("V2__add_name.sql", "apply"),
+                ("R__items_view.sql", "apply")
+            ],
+            "{t}"
+        );
         assert!(t["notes"].to_string().contains("baselined"), "{t}");
     }
     let wave = flotilla(
@@ -1411,4 +1424,125 @@ async fn a_fleet_migrated_by_hand_is_baselined_then_migrated() {
     .await;
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("baseline_version"), "{}", bad.stderr);
+}
+
+/// Issue 12 (`--adopt flyway`) through the CLI and the daemon: `plan --adopt` rehearses
+/// it per tenant (baseline steps, then what runs; a failed Flyway row is a typed
+/// problem and exit 1); `wave start --adopt` adopts the good tenant without running V1
+/// again and fails the other with Flyway's advice; a nonsense `--adopt` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flyway_fleet_is_adopted_through_the_cli() {
+    let cluster = shared();
+    let (rows, csv, dir, _work) = fleet(cluster, "e_adopt_", 2, FAST).await;
+    let v1 = FAST[0];
+    for (n, (db, _)) in rows.iter().enumerate() {
+        let c = cluster.connect(db).await.expect("connect");
+        c.batch_execute(&format!(
+            "CREATE TABLE flyway_schema_history (installed_rank int PRIMARY KEY, \
+             version varchar(50), description varchar(200) NOT NULL, type varchar(20) NOT NULL, \
+             script varchar(1000) NOT NULL, checksum int, installed_by varchar(100) NOT NULL, \
+             installed_on timestamp NOT NULL DEFAULT now(), execution_time int NOT NULL, \
+             success boolean NOT NULL);
+             {};
+             INSERT INTO items VALUES (1);
+             INSERT INTO flyway_schema_history VALUES (1, '1', 'create items', 'SQL', '{}', {}, \
+             'deployer', now(), 3, {});",
+            v1.1,
+            v1.0,
+            flotilla::bundle::flyway_checksum(v1.1),
+            // The second tenant's V1 failed under Flyway.
+            n == 0
+        ))
+        .await
+        .expect("as Flyway left it");
+    }
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let plan = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--adopt",
+            "flyway",
+        ],
+    )
+    .await;
+    assert_eq!(plan.code, 1, "one tenant would be refused: {plan:?}");
+    let plans = plan.json();
+    let good = &plans["tenants"][0];
+    assert_eq!(good["steps"][0]["action"], "baseline", "{good}");
+    assert_eq!(good["steps"][1]["script"], "V2__add_name.sql", "{good}");
+    assert!(
+        good["problems"].as_array().expect("problems").is_empty(),
+        "{good}"
+    );
+    let bad = &plans["tenants"][1];
+    assert_eq!(bad["problems"][0]["kind"], "adoption_refused", "{bad}");
+    assert!(bad["steps"].as_array().expect("steps").is_empty(), "{bad}");
+
+    let wave = flotilla(
+        &server,
+        &start_args(
+            dir.path(),
+            &csv,
+            &[
+                "--adopt",
+                "flyway",
+                "--max-failures",
+                "unlimited",
+                "--wait",
+                "--output",
+                "json",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(wave.code, 1, "a tenant failed: {wave:?}");
+    let id = wave.json()["wave_id"]
+        .as_str()
+        .expect("wave id")
+        .to_string();
+    let done = status(&server, &id).await;
+    assert_eq!(
+        (count(&done, "succeeded"), count(&done, "failed")),
+        (1, 1),
+        "{done}"
+    );
+    assert_eq!(
+        done["policy"]["adopt"], "flyway=public.flyway_schema_history",
+        "{done}"
+    );
+    let c = cluster.connect(&rows[0].0).await.expect("connect");
+    let statuses: Vec<String> = c
+        .query("SELECT status FROM flotilla.execution_log ORDER BY id", &[])
+        .await
+        .expect("log")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(statuses, ["baselined", "applied", "applied"]);
+    let items: i64 = c
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(items, 1, "V1 did not run again");
+
+    let nonsense = flotilla(
+        &server,
+        &start_args(dir.path(), &csv, &["--adopt", "flyway=x;drop"]),
+    )
+    .await;
+    assert_eq!(nonsense.code, 2, "{nonsense:?}");
+    assert!(
+        nonsense.stderr.contains("not a plain identifier"),
+        "{}",
+        nonsense.stderr
+    );
 }

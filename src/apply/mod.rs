@@ -101,7 +101,7 @@ pub enum ApplyError {
     /// The previous tool's history forbids adopting the tenant (a failed or dirty row,
     /// a script changed since it ran, no history on a database with a schema).
     #[error("adopt: {0}")]
-    Adopt(#[from] adopt::AdoptError),
+    Adopt(Box<adopt::AdoptError>),
     /// The previous tool's history table could not be read.
     #[error("adopt: reading {table}: {failure}")]
     History { table: String, failure: DbFailure },
@@ -113,6 +113,12 @@ pub enum ApplyError {
         line: Option<u32>,
         failure: DbFailure,
     },
+}
+
+impl From<adopt::AdoptError> for ApplyError {
+    fn from(e: adopt::AdoptError) -> Self {
+        ApplyError::Adopt(Box::new(e))
+    }
 }
 
 impl ApplyError {
