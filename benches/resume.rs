@@ -53,6 +53,7 @@ fn seed(dir: &std::path::Path, state: WaveState) -> String {
             busy_since_ms: None,
             started_at_ms: Some(1),
             finished_at_ms: Some(2),
+            baselined: 0,
         })
         .collect();
     store.create_wave(&wave, &tenants).expect("wave");

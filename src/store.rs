@@ -100,6 +100,10 @@ pub struct TenantRecord {
     pub busy_since_ms: Option<u64>,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
+    /// Scripts its successful run recorded as `baselined` (adopted, baseline version,
+    /// baseline script).
+    #[serde(default)]
+    pub baselined: u32,
 }
 
 /// A bundle's bytes as stored.
@@ -107,8 +111,15 @@ pub struct TenantRecord {
 struct BundleRecord {
     format: u32,
     id: String,
-    /// (file name, text); scripts are UTF-8 by the time a bundle exists.
+    /// (file name, text) of the files that are UTF-8 (nearly always all of them).
     files: Vec<(String, String)>,
+    /// (file name, bytes in hex) of files in another encoding (`encoding` in the
+    /// folder's Flyway config): stored as given, so the bundle hashes the same.
+    #[serde(default)]
+    other_files: Vec<(String, String)>,
+    /// The wave's placeholder values: part of the bundle id.
+    #[serde(default)]
+    placeholders: BTreeMap<String, String>,
 }
 
 /// Why the store failed.
@@ -255,10 +266,17 @@ impl ProgressStore for SledStore {
             format: FORMAT,
             id: bundle.id().to_string(),
             files: bundle
-                .scripts()
+                .files()
                 .iter()
-                .map(|s| (s.name.clone(), s.sql.clone()))
+                .filter_map(|f| Some((f.name.clone(), String::from_utf8(f.content.clone()).ok()?)))
                 .collect(),
+            other_files: bundle
+                .files()
+                .iter()
+                .filter(|f| std::str::from_utf8(&f.content).is_err())
+                .map(|f| (f.name.clone(), hex::encode(&f.content)))
+                .collect(),
+            placeholders: bundle.placeholders().clone(),
         };
         self.bundles.insert(bundle.id(), encode(&record))?;
         self.flush()
@@ -271,7 +289,7 @@ impl ProgressStore for SledStore {
             .ok_or_else(|| StoreError::MissingBundle(id.to_string()))?;
         let record: BundleRecord = decode(&format!("bundle {id}"), &bytes)?;
         check_format(&format!("bundle {id}"), record.format)?;
-        let files = record
+        let mut files: Vec<BundleFile> = record
             .files
             .into_iter()
             .map(|(name, text)| BundleFile {
@@ -279,12 +297,20 @@ impl ProgressStore for SledStore {
                 content: text.into_bytes(),
             })
             .collect();
-        let bundle =
-            Bundle::from_files(files, &format!("stored bundle {id}")).map_err(|source| {
-                StoreError::Bundle {
-                    id: id.to_string(),
-                    source,
-                }
+        for (name, bytes) in record.other_files {
+            let content = hex::decode(&bytes).map_err(|e| StoreError::Decode {
+                what: format!("bundle {id} file {name}"),
+                message: e.to_string(),
+            })?;
+            files.push(BundleFile { name, content });
+        }
+        let options = crate::bundle::BundleOptions {
+            placeholders: record.placeholders,
+        };
+        let bundle = Bundle::from_files_with(files, &options, &format!("stored bundle {id}"))
+            .map_err(|source| StoreError::Bundle {
+                id: id.to_string(),
+                source,
             })?;
         if bundle.id() != id {
             return Err(StoreError::Decode {
@@ -431,6 +457,7 @@ mod tests {
             busy_since_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
+            baselined: 0,
         }
     }
 

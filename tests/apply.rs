@@ -221,7 +221,13 @@ async fn fresh_tenant_gets_five_logged_scripts_and_a_rerun_does_nothing() {
     );
 
     let again = run(&b, &dsn).await;
-    assert_eq!(again, Outcome::UpToDate { notes: vec![] });
+    assert_eq!(
+        again,
+        Outcome::UpToDate {
+            notes: vec![],
+            baselined: 0
+        }
+    );
     assert_eq!(log(cluster, &db).await.len(), 5, "no new rows");
 }
 
@@ -681,7 +687,7 @@ async fn drift_fails_and_a_changed_repeatable_is_reapplied() {
     )
     .await;
     assert!(
-        matches!(outcome, Outcome::UpToDate { ref notes } if notes.len() == 1),
+        matches!(outcome, Outcome::UpToDate { ref notes, .. } if notes.len() == 1),
         "{outcome:?}"
     );
 
@@ -1243,7 +1249,12 @@ async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
     .await;
     let outcome = run_with_baseline(&b, &dsn, "2").await;
     match &outcome {
-        Outcome::Applied { scripts, notes } => {
+        Outcome::Applied {
+            scripts,
+            notes,
+            baselined,
+        } => {
+            assert_eq!(*baselined, 2);
             assert_eq!(
                 scripts
                     .iter()
@@ -1305,7 +1316,12 @@ async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
     // A new, empty tenant is never baselined: every version runs.
     let (fresh, dsn) = tenant(cluster, "baseline_new_").await;
     match run_with_baseline(&b, &dsn, "2").await {
-        Outcome::Applied { scripts, notes } => {
+        Outcome::Applied {
+            scripts,
+            notes,
+            baselined,
+        } => {
+            assert_eq!(baselined, 0);
             assert_eq!(scripts.len(), 3, "{scripts:?}");
             assert!(
                 notes.iter().any(|n| n.contains("no schema of its own")),

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
+use crate::request::PlaceholderArgs;
 
 /// `flotilla bundle …`
 #[derive(Debug, Subcommand)]
@@ -16,31 +17,39 @@ pub enum BundleCommand {
     Inspect {
         /// The bundle directory.
         dir: PathBuf,
+        #[command(flatten)]
+        placeholders: PlaceholderArgs,
     },
     /// Check a bundle; exits 6 when it has errors.
     Lint {
         /// The bundle directory.
         dir: PathBuf,
+        #[command(flatten)]
+        placeholders: PlaceholderArgs,
     },
 }
 
 /// Runs a bundle command and says how the process should exit.
 pub fn run(cmd: BundleCommand, output: Output) -> Exit {
     match cmd {
-        BundleCommand::Inspect { dir } => match Bundle::load_dir(&dir) {
-            Ok(bundle) => {
-                inspect(&bundle, output);
-                Exit::Ok
+        BundleCommand::Inspect { dir, placeholders } => {
+            match Bundle::load_dir_with(&dir, &placeholders.options()) {
+                Ok(bundle) => {
+                    inspect(&bundle, output);
+                    Exit::Ok
+                }
+                Err(e) => report_error(&e, output),
             }
-            Err(e) => report_error(&e, output),
-        },
-        BundleCommand::Lint { dir } => match Bundle::load_dir(&dir) {
-            Ok(bundle) => {
-                lint_ok(&bundle, output);
-                Exit::Ok
+        }
+        BundleCommand::Lint { dir, placeholders } => {
+            match Bundle::load_dir_with(&dir, &placeholders.options()) {
+                Ok(bundle) => {
+                    lint_ok(&bundle, output);
+                    Exit::Ok
+                }
+                Err(e) => report_error(&e, output),
             }
-            Err(e) => report_error(&e, output),
-        },
+        }
     }
 }
 

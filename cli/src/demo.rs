@@ -102,7 +102,7 @@ pub async fn run(args: DemoArgs, output: Output) -> Result<Exit, Failure> {
         std::fs::write(bundle_dir.join(name), sql)
             .map_err(|e| Failure::new(Exit::Internal, e.to_string()))?;
     }
-    let bundle = crate::request::load_bundle(&bundle_dir)?;
+    let bundle = crate::request::load_bundle(&bundle_dir, &Default::default())?;
 
     let target = client::Target {
         server: daemon.url(),

@@ -11,7 +11,7 @@ use crate::client::{self, Failure};
 use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
 use crate::render;
-use crate::request::{TargetArgs, load_bundle};
+use crate::request::{PlaceholderArgs, TargetArgs, load_bundle};
 
 /// `flotilla plan`.
 #[derive(Debug, Args)]
@@ -19,6 +19,8 @@ pub struct PlanArgs {
     /// The bundle directory.
     #[arg(long, value_name = "DIR")]
     pub bundle: PathBuf,
+    #[command(flatten)]
+    pub placeholders: PlaceholderArgs,
     #[command(flatten)]
     pub targets: TargetArgs,
     /// Plan as a wave with --allow-drift would.
@@ -43,7 +45,7 @@ pub async fn plan(
     target: &client::Target,
     output: Output,
 ) -> Result<Exit, Failure> {
-    let bundle = load_bundle(&args.bundle)?;
+    let bundle = load_bundle(&args.bundle, &args.placeholders)?;
     let targets = args.targets.for_plan()?;
     let mut client = client::connect(target).await?;
     let plans = client

@@ -38,6 +38,8 @@ pub fn counts_json(c: Option<&v1::TenantCounts>) -> Value {
         "succeeded": c.succeeded,
         "failed": c.failed,
         "cancelled": c.cancelled,
+        "baselined_tenants": c.baselined_tenants,
+        "baselined_scripts": c.baselined_scripts,
     })
 }
 
@@ -79,6 +81,7 @@ pub fn wave_json(w: &v1::Wave) -> Value {
         "created_at": time(w.created_at.as_ref()),
         "tenants": counts_json(w.tenants.as_ref()),
         "policy": w.policy.as_ref().map(policy_json),
+        "placeholders": w.placeholders.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "history": w.history.iter().map(|h| json!({
             "from": (h.from != 0).then(|| wave_state(h.from)),
             "to": wave_state(h.to),
@@ -152,6 +155,24 @@ pub fn print_wave(w: &v1::Wave) {
         println!("created  {created}");
     }
     println!("tenants  {}", counts_line(w.tenants.as_ref()));
+    if let Some(c) = w.tenants.as_ref().filter(|c| c.baselined_tenants > 0) {
+        println!(
+            "baseline {} tenants recorded {} scripts as baselined (not run)",
+            c.baselined_tenants, c.baselined_scripts
+        );
+    }
+    if let Some(p) = w.policy.as_ref() {
+        if !p.adopt.is_empty() {
+            println!("adopt    {}", p.adopt);
+        }
+        if !p.baseline_version.is_empty() {
+            println!("baseline up to version {}", p.baseline_version);
+        }
+    }
+    let placeholders: std::collections::BTreeMap<_, _> = w.placeholders.iter().collect();
+    for (name, value) in placeholders {
+        println!("placeholder {name}={value}");
+    }
     if !w.history.is_empty() {
         println!("history");
         for h in &w.history {

@@ -91,10 +91,37 @@ fn invalid(e: flotilla::api::ApiError) -> Failure {
     Failure::new(Exit::InvalidInput, e.to_string())
 }
 
+/// `--placeholder NAME=VALUE`, for commands that read a bundle.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PlaceholderArgs {
+    /// A value for `${NAME}` in the scripts (repeatable); over the folder's
+    /// flyway.conf `placeholders.*`. Part of the bundle id, shown in `wave status`.
+    #[arg(long = "placeholder", value_name = "NAME=VALUE", value_parser = parse_placeholder)]
+    pub placeholders: Vec<(String, String)>,
+}
+
+impl PlaceholderArgs {
+    /// The bundle options these flags give (a name given twice: the last wins, as a
+    /// later flag overrides an earlier one).
+    pub fn options(&self) -> flotilla::bundle::BundleOptions {
+        flotilla::bundle::BundleOptions {
+            placeholders: self.placeholders.iter().cloned().collect(),
+        }
+    }
+}
+
+fn parse_placeholder(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    flotilla::bundle::flyway::check_wave_placeholder(name, value)?;
+    Ok((name.to_string(), value.to_string()))
+}
+
 /// Reads and validates a bundle directory into its wire form.
-pub fn load_bundle(dir: &Path) -> Result<v1::Bundle, Failure> {
-    let bundle =
-        Bundle::load_dir(dir).map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
+pub fn load_bundle(dir: &Path, placeholders: &PlaceholderArgs) -> Result<v1::Bundle, Failure> {
+    let bundle = Bundle::load_dir_with(dir, &placeholders.options())
+        .map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
     Ok(flotilla::api::convert::bundle_to_proto(&bundle))
 }
 

@@ -11,7 +11,7 @@ use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
 use crate::progress;
 use crate::render;
-use crate::request::{PolicyArgs, TargetArgs, load_bundle};
+use crate::request::{PlaceholderArgs, PolicyArgs, TargetArgs, load_bundle};
 
 /// `flotilla wave …`
 #[derive(Debug, Subcommand)]
@@ -79,6 +79,8 @@ pub struct StartArgs {
     #[arg(long, value_name = "DIR")]
     pub bundle: PathBuf,
     #[command(flatten)]
+    pub placeholders: PlaceholderArgs,
+    #[command(flatten)]
     pub targets: TargetArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
@@ -108,7 +110,7 @@ pub async fn run(
     // Local input first: a bad bundle or CSV is reported without contacting anyone.
     let start = match &cmd {
         WaveCommand::Start(args) => Some((
-            load_bundle(&args.bundle)?,
+            load_bundle(&args.bundle, &args.placeholders)?,
             args.targets.for_start()?,
             args.policy.to_proto()?,
         )),

@@ -94,6 +94,8 @@ pub fn counts(c: &Counts) -> v1::TenantCounts {
         succeeded: c.succeeded,
         failed: c.failed,
         cancelled: c.cancelled,
+        baselined_tenants: c.baselined_tenants,
+        baselined_scripts: c.baselined_scripts,
     }
 }
 
@@ -118,6 +120,7 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
         created_at: Some(timestamp(w.created_at_ms)),
         reason: w.reason.clone().unwrap_or_default(),
         history: w.history.iter().map(state_change).collect(),
+        placeholders: w.placeholders.clone().into_iter().collect(),
     }
 }
 
@@ -246,7 +249,9 @@ pub fn plan_problem(error: &crate::apply::ApplyError) -> v1::PlanProblem {
         ApplyError::Connect(_) | ApplyError::Log(_) | ApplyError::History { .. } => {
             v1::PlanProblemKind::Unreadable
         }
-        ApplyError::Decode(_) | ApplyError::Script { .. } => v1::PlanProblemKind::Unexpected,
+        ApplyError::Decode(_) | ApplyError::Script { .. } | ApplyError::TenantPlaceholder(_) => {
+            v1::PlanProblemKind::Unexpected
+        }
         ApplyError::Adopt(_) => v1::PlanProblemKind::AdoptionRefused,
         ApplyError::Plan(p) => match p {
             crate::apply::PlanError::Drift { .. } => v1::PlanProblemKind::Drift,
@@ -260,6 +265,17 @@ pub fn plan_problem(error: &crate::apply::ApplyError) -> v1::PlanProblem {
         kind: kind as i32,
         message: error.to_string(),
     }
+}
+
+/// `adopt` for a wave of `bundle`: a bare `flyway` takes the history table the bundle's
+/// Flyway config names (`defaultSchema`/`schemas` and `table`), as Flyway would.
+pub fn adopt_for_bundle(raw: &str, bundle: &Bundle) -> Option<String> {
+    if raw.trim() == "flyway"
+        && let Some((schema, table)) = bundle.flyway_history_table()
+    {
+        return adopt_source(&format!("flyway={}.{table}", schema.unwrap_or("public")));
+    }
+    adopt_source(raw)
 }
 
 /// A wire `adopt` value in canonical form; empty is none; text that does not parse is
@@ -389,12 +405,13 @@ pub fn bundle_to_proto(b: &Bundle) -> v1::Bundle {
         bundle_id: b.id().to_string(),
         files: b
             .files()
-            .into_iter()
+            .iter()
             .map(|f| v1::BundleFile {
-                name: f.name,
-                content: f.content,
+                name: f.name.clone(),
+                content: f.content.clone(),
             })
             .collect(),
+        placeholders: b.placeholders().clone().into_iter().collect(),
     }
 }
 
@@ -417,7 +434,10 @@ pub fn bundle_from_proto(b: Option<v1::Bundle>, limits: &Limits) -> Result<Bundl
             content: f.content,
         })
         .collect();
-    let bundle = Bundle::from_files(files, "uploaded bundle")?;
+    let options = crate::bundle::BundleOptions {
+        placeholders: b.placeholders.into_iter().collect(),
+    };
+    let bundle = Bundle::from_files_with(files, &options, "uploaded bundle")?;
     if !b.bundle_id.is_empty() && b.bundle_id != bundle.id() {
         return Err(ApiError::BundleIdMismatch {
             sent: b.bundle_id,

@@ -77,8 +77,17 @@ impl RolloutApi {
             .auth
             .authorize(req.metadata(), Role::Operator, "starting a wave")?;
         let r = req.into_inner();
-        let policy = convert::policy_from_proto(r.policy)?;
+        let raw_adopt = r
+            .policy
+            .as_ref()
+            .map(|p| p.adopt.clone())
+            .unwrap_or_default();
+        let mut policy = convert::policy_from_proto(r.policy)?;
         let bundle = convert::bundle_from_proto(r.bundle, &self.limits)?;
+        policy.adopt = convert::adopt_for_bundle(&raw_adopt, &bundle);
+        policy
+            .validate()
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
         let tenants = Targets::from_start(r.targets)?
             .resolve(&self.limits, self.engine.reach())
             .await?;
@@ -207,7 +216,7 @@ impl RolloutApi {
         // Validated as a wave's policy would validate it, before any connection.
         let prior = Policy {
             baseline_version: convert::baseline_version(&r.baseline_version),
-            adopt: convert::adopt_source(&r.adopt),
+            adopt: convert::adopt_for_bundle(&r.adopt, &bundle),
             ..Policy::default()
         };
         prior
@@ -612,6 +621,7 @@ mod tests {
             policy: crate::policy::Policy::default(),
             created_at_ms: 0,
             history: Vec::new(),
+            placeholders: Default::default(),
         }
     }
 

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS flotilla.execution_log (
     id bigserial PRIMARY KEY,
     version text,
     script text NOT NULL,
-    kind text NOT NULL CHECK (kind IN ('versioned', 'repeatable')),
+    kind text NOT NULL CONSTRAINT execution_log_kind_check
+        CHECK (kind IN ('versioned', 'repeatable', 'baseline')),
     checksum text NOT NULL,
     bundle_id text NOT NULL,
     wave_id text NOT NULL,
@@ -291,7 +292,10 @@ END IF; END $flotilla$;
 ALTER TABLE flotilla.execution_log ADD COLUMN IF NOT EXISTS source text;
 ALTER TABLE flotilla.execution_log DROP CONSTRAINT IF EXISTS execution_log_status_check;
 ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
-CHECK (status IN ('applied', 'started', 'baselined', 'undone'));";
+CHECK (status IN ('applied', 'started', 'baselined', 'undone'));
+ALTER TABLE flotilla.execution_log DROP CONSTRAINT IF EXISTS execution_log_kind_check;
+ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_kind_check \
+CHECK (kind IN ('versioned', 'repeatable', 'baseline'));";
 
 /// A `baselined` row: the version is recorded as done without running (a tenant
 /// migrated before Flotilla met it); `source` says by what (`baseline-version 60`).
@@ -367,7 +371,7 @@ pub fn parse_rows(messages: &[SimpleQueryMessage]) -> Result<Vec<LogRow>, Decode
             }
         };
         let kind = text(3).unwrap_or_default();
-        if kind != "versioned" && kind != "repeatable" {
+        if !matches!(kind.as_str(), "versioned" | "repeatable" | "baseline") {
             return Err(DecodeError(format!("row {id} has unknown kind {kind:?}")));
         }
         rows.push(LogRow {

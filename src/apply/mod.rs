@@ -105,6 +105,10 @@ pub enum ApplyError {
     /// The previous tool's history table could not be read.
     #[error("adopt: reading {table}: {failure}")]
     History { table: String, failure: DbFailure },
+    /// A placeholder whose value is the tenant's own (`${flyway:database}`, …) cannot
+    /// be filled in on this tenant.
+    #[error("placeholder: {0}")]
+    TenantPlaceholder(String),
     /// A script failed.
     #[error("{script}{}: {failure}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Script {
@@ -136,7 +140,9 @@ impl ApplyError {
             | ApplyError::Script { failure: f, .. } => f.retryability,
             ApplyError::Decode(_) => FailureKind::Unexpected.retryability(),
             // The tenant's state forbids applying until a person acts.
-            ApplyError::Plan(_) | ApplyError::Adopt(_) => FailureKind::Refused.retryability(),
+            ApplyError::Plan(_) | ApplyError::Adopt(_) | ApplyError::TenantPlaceholder(_) => {
+                FailureKind::Refused.retryability()
+            }
         }
     }
 
@@ -163,12 +169,14 @@ impl ApplyError {
 /// How a tenant run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Nothing to do.
-    UpToDate { notes: Vec<String> },
-    /// Every pending script applied.
+    /// Nothing to do (beyond recording `baselined` scripts: how many).
+    UpToDate { notes: Vec<String>, baselined: u32 },
+    /// Every pending script applied; `baselined` scripts recorded as done without
+    /// running (adopted, `--baseline-version`, covered by a baseline script).
     Applied {
         scripts: Vec<AppliedScript>,
         notes: Vec<String>,
+        baselined: u32,
     },
     /// Another session holds the tenant's lock; try later. `holder` says who, read
     /// from `pg_locks`/`pg_stat_activity` when the server would tell.
@@ -356,7 +364,11 @@ async fn confirm_from_log(
             notes.push(format!(
                 "the connection was lost ({error}); the tenant's log shows every script applied"
             ));
-            Outcome::Applied { scripts, notes }
+            Outcome::Applied {
+                scripts,
+                notes,
+                baselined: 0,
+            }
         }
         None => Outcome::Failed { scripts, error },
     }
@@ -410,7 +422,30 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
             return (failed, Some(session));
         }
     };
+    // Scripts with the tenant's own placeholders get them filled in here, once per run.
+    let filled;
+    let filled_run;
+    let run = if run.bundle.has_tenant_placeholders() {
+        filled = match fill_tenant_placeholders(run.bundle, &session).await {
+            Ok(b) => b,
+            Err(error) => {
+                let failed = Outcome::Failed {
+                    scripts: Vec::new(),
+                    error,
+                };
+                return (failed, Some(session));
+            }
+        };
+        filled_run = TenantRun {
+            bundle: &filled,
+            ..run.clone()
+        };
+        &filled_run
+    } else {
+        run
+    };
     let mut notes = Vec::new();
+    let mut baselined = 0u32;
     let log_rows = match &run.prior {
         Some(prior) if !log_rows.is_empty() => {
             notes.push(format!(
@@ -422,6 +457,9 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         Some(prior) => match record_prior(run, prior, &session, &backend).await {
             Ok((decision, rows)) => {
                 notes.extend(decision.describe(prior, true));
+                if rows.is_some() {
+                    baselined = u32::try_from(decision.rows.len()).unwrap_or(u32::MAX);
+                }
                 rows.unwrap_or(log_rows)
             }
             Err(error) => {
@@ -446,7 +484,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     };
     notes.extend(plan.notes.iter().cloned());
     if plan.steps.is_empty() {
-        return (Outcome::UpToDate { notes }, Some(session));
+        return (Outcome::UpToDate { notes, baselined }, Some(session));
     }
     let mut runner = Runner {
         run,
@@ -458,6 +496,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     // The advisory lock ends with the session: no extra round trip to unlock.
     let outcome = match runner.execute(&plan).await {
         Ok(Completion::Done) => Outcome::Applied {
+            baselined: baselined + covered_by_baseline_scripts(run.bundle, &runner.applied),
             scripts: runner.applied,
             notes,
         },
@@ -470,6 +509,58 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         },
     };
     (outcome, Some(session))
+}
+
+/// How many versioned scripts the baseline scripts among `applied` recorded.
+fn covered_by_baseline_scripts(bundle: &Bundle, applied: &[AppliedScript]) -> u32 {
+    let covered = applied
+        .iter()
+        .filter_map(|a| bundle.scripts().iter().find(|s| s.name == a.script))
+        .filter_map(|s| s.kind.baseline_version())
+        .map(|b| {
+            bundle
+                .scripts()
+                .iter()
+                .filter(|s| s.version().is_some_and(|v| v <= b))
+                .count()
+        })
+        .sum::<usize>();
+    u32::try_from(covered).unwrap_or(u32::MAX)
+}
+
+/// `bundle` with the tenant's own placeholders (`${flyway:user}`, `${flyway:database}`,
+/// …) filled in from what the tenant's server says.
+async fn fill_tenant_placeholders(
+    bundle: &Bundle,
+    session: &Session,
+) -> Result<Bundle, ApplyError> {
+    use crate::bundle::flyway::TENANT_BUILTINS;
+    let sql = format!(
+        "SELECT {}",
+        TENANT_BUILTINS
+            .iter()
+            .map(|(_, expr)| *expr)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let messages = session
+        .client()
+        .simple_query(&sql)
+        .await
+        .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    let mut values = std::collections::BTreeMap::new();
+    for m in &messages {
+        if let SimpleQueryMessage::Row(row) = m {
+            for (i, (name, _)) in TENANT_BUILTINS.iter().enumerate() {
+                if let Some(v) = row.get(i) {
+                    values.insert(*name, v.to_string());
+                }
+            }
+        }
+    }
+    bundle
+        .for_tenant(&values)
+        .map_err(ApplyError::TenantPlaceholder)
 }
 
 /// Records what `prior` says ran as `baselined` rows, in one transaction with the
@@ -858,6 +949,39 @@ impl Runner<'_, '_> {
         }
     }
 
+    /// The log rows a transactional script commits with: its `applied` row; for a
+    /// baseline script (kind `baseline`), also one `baselined` row per version it
+    /// covers, which is what later runs plan against.
+    fn log_rows_sql(&self, script: &Script) -> String {
+        let Some(covers) = script.kind.baseline_version() else {
+            let version = script.version().map(|v| v.to_string());
+            return log::insert_applied_sql(&self.identity(script, version.as_deref()));
+        };
+        let own_version = covers.to_string();
+        let mut sql = log::insert_applied_sql(&self.identity(script, Some(&own_version)));
+        let source = format!(
+            "baseline script {} (sha256 {})",
+            script.name, script.checksum
+        );
+        for covered in self
+            .run
+            .bundle
+            .scripts()
+            .iter()
+            .filter(|s| s.version().is_some_and(|v| v <= covers))
+        {
+            let version = covered.version().map(|v| v.to_string());
+            sql.push('\n');
+            sql.push_str(&log::insert_baselined_sql(
+                &self.identity(covered, version.as_deref()),
+                &source,
+                None,
+                None,
+            ));
+        }
+        sql
+    }
+
     fn timeout_overrides(&self, script: &Script, scope: &str) -> String {
         let mut sql = String::new();
         if let Some(d) = script.directives.lock_timeout {
@@ -910,15 +1034,19 @@ impl Runner<'_, '_> {
             prefix.push_str(";\n");
             prefix.push_str(&log::mark_start_sql());
             prefix.push('\n');
+            if script.kind.baseline_version().is_some() {
+                // Proves the lock is ours and the log still empty, and lets the log
+                // hold `baseline` and `baselined` rows.
+                prefix.push_str(log::BASELINE_SHAPE_SQL);
+                prefix.push('\n');
+            }
             prefix.push_str(&self.timeout_overrides(script, "LOCAL "));
             let mut sql = prefix.clone();
             sql.push_str(&script.sql);
             // A newline first: the script may end in a `--` comment.
             sql.push_str("\n;\n");
             sql.push_str(&self.restore_timeouts(script));
-            sql.push_str(&log::insert_applied_sql(
-                &self.identity(script, version.as_deref()),
-            ));
+            sql.push_str(&self.log_rows_sql(script));
             let last = n + 1 == group.len();
             if last {
                 sql.push_str("\nCOMMIT;");

@@ -170,6 +170,18 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
         }
     }
 
+    // A tenant with no history runs the newest baseline script (Flyway's `B…`) instead
+    // of every version up to its own; a tenant with any history never runs one.
+    let baseline = if log.is_empty() {
+        bundle
+            .scripts()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.kind.baseline_version().map(|v| (i, v)))
+            .max_by(|a, b| a.1.cmp(b.1))
+    } else {
+        None
+    };
     for (index, script) in bundle.scripts().iter().enumerate() {
         let interrupted = |row: &LogRow| -> Result<StepAction, PlanError> {
             if row.checksum != script.checksum {
@@ -187,6 +199,10 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
             })
         };
         let action = match &script.kind {
+            ScriptKind::Baseline(_) => {
+                (baseline.map(|(i, _)| i) == Some(index)).then_some(StepAction::Apply)
+            }
+            ScriptKind::Versioned(version) if baseline.is_some_and(|(_, b)| version <= b) => None,
             ScriptKind::Versioned(version) => {
                 let key = version.to_string();
                 match versioned.get(key.as_str()) {
@@ -509,5 +525,33 @@ mod tests {
         // "10" < "9" as text; the planner must compare numbers.
         let p = plan(&b, &[applied(&b, 0, 1)], PlanOptions::default()).expect("plan");
         assert_eq!(actions(&p), [(1, StepAction::Apply)]);
+    }
+
+    /// Issue 12: a baseline script (Flyway's `B…`) runs only on a tenant with no history,
+    /// instead of the versions it covers; any history and it is never planned.
+    #[test]
+    fn a_baseline_script_replaces_the_versions_it_covers_on_a_new_tenant_only() {
+        let b = bundle(&[
+            ("B2__base.sql", "select 'b';"),
+            ("B1__older_base.sql", "select 'b1';"),
+            ("V1__a.sql", "select 1;"),
+            ("V2__b.sql", "select 2;"),
+            ("V3__c.sql", "select 3;"),
+        ]);
+        let names = |p: &Plan| -> Vec<String> {
+            p.steps
+                .iter()
+                .map(|s| b.scripts()[s.script].name.clone())
+                .collect()
+        };
+        let fresh = plan(&b, &[], PlanOptions::default()).expect("plan");
+        assert_eq!(names(&fresh), ["B2__base.sql", "V3__c.sql"]);
+        let v1 = b
+            .scripts()
+            .iter()
+            .position(|s| s.name == "V1__a.sql")
+            .expect("v1");
+        let with_history = plan(&b, &[applied(&b, v1, 1)], PlanOptions::default()).expect("plan");
+        assert_eq!(names(&with_history), ["V2__b.sql", "V3__c.sql"]);
     }
 }

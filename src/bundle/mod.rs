@@ -9,10 +9,12 @@
 //! validation runs on a directory ([`Bundle::load_dir`]) and on uploaded bytes
 //! ([`Bundle::from_files`]), so the daemon and the CLI cannot disagree.
 
+pub mod flyway;
 pub mod rules;
 pub mod sql;
 pub mod version;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,6 +30,10 @@ pub const MAX_SCRIPT_BYTES: u64 = 16 * 1024 * 1024;
 /// Whether a script is applied once, or again whenever it changes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ScriptKind {
+    /// `B<version>__…` (Flyway's baseline migration): on a tenant whose log is empty,
+    /// runs instead of every versioned script up to its version, which are recorded as
+    /// `baselined` with it. Ignored on a tenant with a history.
+    Baseline(Version),
     /// `V<version>__…`: applied once, in version order.
     Versioned(Version),
     /// `R__…`: applied after every versioned script, and again when its checksum changes.
@@ -38,6 +44,7 @@ impl ScriptKind {
     /// `versioned` or `repeatable`, as the execution log's `kind` column stores it.
     pub fn as_str(&self) -> &'static str {
         match self {
+            ScriptKind::Baseline(_) => "baseline",
             ScriptKind::Versioned(_) => "versioned",
             ScriptKind::Repeatable => "repeatable",
         }
@@ -47,7 +54,15 @@ impl ScriptKind {
     pub fn version(&self) -> Option<&Version> {
         match self {
             ScriptKind::Versioned(v) => Some(v),
-            ScriptKind::Repeatable => None,
+            ScriptKind::Baseline(_) | ScriptKind::Repeatable => None,
+        }
+    }
+
+    /// The version a baseline script covers.
+    pub fn baseline_version(&self) -> Option<&Version> {
+        match self {
+            ScriptKind::Baseline(v) => Some(v),
+            _ => None,
         }
     }
 }
@@ -108,12 +123,18 @@ pub struct Script {
     pub kind: ScriptKind,
     /// The description part of the name, underscores shown as spaces.
     pub description: String,
-    /// SHA-256 of the script's bytes, lowercase hex.
+    /// SHA-256 of the script's bytes as written, lowercase hex.
     pub checksum: String,
     /// Header directives.
     pub directives: Directives,
-    /// The script text.
+    /// The text as written (decoded; placeholders not replaced): what Flyway's and
+    /// sqlx's checksums are taken over.
+    pub text: String,
+    /// The text that runs: placeholders replaced, but for the tenant's own
+    /// (`${flyway:database}`, …), filled in when a tenant's run starts.
     pub sql: String,
+    /// `sql` still holds placeholders whose value is the tenant's own.
+    pub tenant_placeholders: bool,
     /// The script split into pieces; blank pieces (only comments) included.
     pub statements: Vec<Statement>,
 }
@@ -130,11 +151,27 @@ impl Script {
     }
 }
 
-/// A validated bundle: versioned scripts in version order, then repeatables by name.
+/// A validated bundle: baseline scripts, versioned scripts in version order, then
+/// repeatables by name.
 #[derive(Debug, Clone)]
 pub struct Bundle {
     id: String,
     scripts: Vec<Script>,
+    /// Every file as given (scripts and config files): what is uploaded and stored.
+    files: Vec<BundleFile>,
+    /// The wave's placeholder values (`--placeholder`), part of the id.
+    placeholders: BTreeMap<String, String>,
+    /// The folder's `flyway.conf`/`flyway.toml`, or Flyway's defaults.
+    config: flyway::FolderConfig,
+    /// Advice found while loading (config keys not honoured, undo scripts left out).
+    notes: Vec<Problem>,
+}
+
+/// What a wave gives a bundle beyond its files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleOptions {
+    /// `--placeholder name=value`: over the folder config's `placeholders.*`.
+    pub placeholders: BTreeMap<String, String>,
 }
 
 /// One thing wrong with a bundle, located as precisely as it can be.
@@ -172,6 +209,9 @@ pub enum BundleError {
         "bundle {location} has no scripts (expected files named V<version>__<description>.sql or R__<description>.sql)"
     )]
     Empty { location: String },
+    /// A placeholder the wave gives is not usable.
+    #[error("placeholder: {0}")]
+    Placeholder(String),
     /// One or more scripts are invalid; every problem found is listed.
     #[error("{}", list_problems(.0))]
     Invalid(Vec<Problem>),
@@ -203,13 +243,27 @@ impl Bundle {
     /// Loads and validates the `.sql` files directly inside `dir`. Other files and
     /// subdirectories are not part of the bundle; a symlink must stay inside `dir`.
     pub fn load_dir(dir: &Path) -> Result<Self, BundleError> {
+        Self::load_dir_with(dir, &BundleOptions::default())
+    }
+
+    /// [`Bundle::load_dir`] with a wave's options (placeholder values).
+    pub fn load_dir_with(dir: &Path, options: &BundleOptions) -> Result<Self, BundleError> {
         let (files, problems) = read_dir_files(dir)?;
-        Self::build(files, problems, &dir.display().to_string())
+        Self::build(files, options, problems, &dir.display().to_string())
     }
 
     /// Builds a bundle from file names and bytes; `location` names it in errors.
     pub fn from_files(files: Vec<BundleFile>, location: &str) -> Result<Self, BundleError> {
-        Self::build(files, Vec::new(), location)
+        Self::from_files_with(files, &BundleOptions::default(), location)
+    }
+
+    /// [`Bundle::from_files`] with a wave's options (placeholder values).
+    pub fn from_files_with(
+        files: Vec<BundleFile>,
+        options: &BundleOptions,
+        location: &str,
+    ) -> Result<Self, BundleError> {
+        Self::build(files, options, Vec::new(), location)
     }
 
     /// Builds a bundle from `(file name, SQL text)` pairs: bundles embedded in code,
@@ -231,19 +285,79 @@ impl Bundle {
     /// with its own, so one run shows everything that is wrong.
     fn build(
         files: Vec<BundleFile>,
+        options: &BundleOptions,
         mut problems: Vec<Problem>,
         location: &str,
     ) -> Result<Self, BundleError> {
+        for (name, value) in &options.placeholders {
+            flyway::check_wave_placeholder(name, value).map_err(BundleError::Placeholder)?;
+        }
+        let mut notes = Vec::new();
+        let config = folder_config(&files, &mut problems, &mut notes);
+        // Per-script `.sql.conf` files, by the script they belong to.
+        let mut script_configs = BTreeMap::new();
+        for file in &files {
+            let Some(script) = file.name.strip_suffix(flyway::SCRIPT_CONF_SUFFIX) else {
+                continue;
+            };
+            if config.naming.suffix_of(script).is_none() {
+                continue;
+            }
+            let parsed = std::str::from_utf8(&file.content)
+                .map_err(|_| (None, "not valid UTF-8".to_string()))
+                .and_then(flyway::parse_script_conf);
+            match parsed {
+                Ok(c) => {
+                    script_configs.insert(script.to_string(), c);
+                }
+                Err((line, message)) => problems.push(Problem {
+                    file: file.name.clone(),
+                    line,
+                    message,
+                }),
+            }
+        }
+        let mut placeholders = config.placeholders.clone();
+        placeholders.extend(options.placeholders.clone());
+        let context = ParseContext {
+            config: &config,
+            placeholders: &placeholders,
+        };
         let mut scripts = Vec::new();
-        for file in files {
-            match parse_script(file) {
+        let mut seen_scripts = std::collections::HashSet::new();
+        for file in &files {
+            if is_config_file(&file.name, &config.naming) {
+                continue;
+            }
+            seen_scripts.insert(file.name.clone());
+            if let Some(undo) = undo_version(&file.name, &config.naming) {
+                notes.push(Problem {
+                    file: file.name.clone(),
+                    line: None,
+                    message: format!(
+                        "undo script for version {undo}: Flotilla does not run undo scripts; left out"
+                    ),
+                });
+                continue;
+            }
+            let script_config = script_configs.get(&file.name).copied().unwrap_or_default();
+            match parse_script(file, &context, script_config) {
                 Ok(script) => scripts.push(script),
                 Err(mut p) => problems.append(&mut p),
             }
         }
+        for name in script_configs.keys() {
+            if !seen_scripts.contains(name) {
+                problems.push(Problem {
+                    file: format!("{name}{}", flyway::SCRIPT_CONF_SUFFIX),
+                    line: None,
+                    message: format!("configures {name}, which the bundle does not have"),
+                });
+            }
+        }
         scripts.sort_by(|a, b| a.kind.cmp(&b.kind).then_with(|| a.name.cmp(&b.name)));
         // An uploaded bundle is a list, not a directory: the same name may come twice.
-        let mut names: Vec<&str> = scripts.iter().map(|s| s.name.as_str()).collect();
+        let mut names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
         names.sort_unstable();
         let mut twice: Vec<&str> = names
             .windows(2)
@@ -259,15 +373,23 @@ impl Bundle {
             });
         }
         for pair in scripts.windows(2) {
-            if let (ScriptKind::Versioned(a), ScriptKind::Versioned(b)) =
-                (&pair[0].kind, &pair[1].kind)
-                && a == b
-            {
+            let same = match (&pair[0].kind, &pair[1].kind) {
+                (ScriptKind::Versioned(a), ScriptKind::Versioned(b))
+                | (ScriptKind::Baseline(a), ScriptKind::Baseline(b)) => a == b,
+                _ => false,
+            };
+            if same {
+                let v = pair[1]
+                    .kind
+                    .version()
+                    .or(pair[1].kind.baseline_version())
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
                 problems.push(Problem {
                     file: pair[1].name.clone(),
                     line: None,
                     message: format!(
-                        "version {a} is also used by {}: two scripts cannot share a version",
+                        "version {v} is also used by {}: two scripts cannot share a version",
                         pair[0].name
                     ),
                 });
@@ -282,8 +404,15 @@ impl Bundle {
                 location: location.to_string(),
             });
         }
-        let id = bundle_id(&scripts);
-        Ok(Self { id, scripts })
+        let id = bundle_id(&scripts, &files, &config.naming, &options.placeholders);
+        Ok(Self {
+            id,
+            scripts,
+            files,
+            placeholders: options.placeholders.clone(),
+            config,
+            notes,
+        })
     }
 
     /// The bundle id: SHA-256, lowercase hex, over one line per script in order,
@@ -297,20 +426,82 @@ impl Bundle {
         &self.scripts
     }
 
-    /// The bundle's files as bytes, to upload or store.
-    pub fn files(&self) -> Vec<BundleFile> {
-        self.scripts
-            .iter()
-            .map(|s| BundleFile {
-                name: s.name.clone(),
-                content: s.sql.clone().into_bytes(),
-            })
-            .collect()
+    /// The bundle's files as given (scripts and config files), to upload or store.
+    pub fn files(&self) -> &[BundleFile] {
+        &self.files
+    }
+
+    /// The wave's placeholder values, as given.
+    pub fn placeholders(&self) -> &BTreeMap<String, String> {
+        &self.placeholders
+    }
+
+    /// The history table the folder's Flyway config names (`defaultSchema`/`schemas`,
+    /// `table`), for `--adopt flyway` without a table.
+    pub fn flyway_history_table(&self) -> Option<(Option<&str>, &str)> {
+        let table = self.config.table.as_deref();
+        let schema = self.config.default_schema.as_deref();
+        match (schema, table) {
+            (None, None) => None,
+            (schema, table) => Some((schema, table.unwrap_or("flyway_schema_history"))),
+        }
+    }
+
+    /// Whether some script holds placeholders whose value is the tenant's own.
+    pub fn has_tenant_placeholders(&self) -> bool {
+        self.scripts.iter().any(|s| s.tenant_placeholders)
+    }
+
+    /// This bundle with the tenant's own placeholders (`${flyway:database}`, …) filled
+    /// in from `values` (name → value, as the tenant's server gave them). Each value
+    /// must pass [`flyway::tenant_value_ok`], so no script splits differently: the
+    /// statements are those the bundle was validated with. The id and checksums stay.
+    pub fn for_tenant(&self, values: &BTreeMap<&str, String>) -> Result<Bundle, String> {
+        let mut out = self.clone();
+        for script in out.scripts.iter_mut().filter(|s| s.tenant_placeholders) {
+            let lookup = |name: &str| match values.get(name) {
+                Some(v) => flyway::Lookup::Value(v.as_str()),
+                None => flyway::Lookup::Missing,
+            };
+            let (sql, _) = flyway::substitute(
+                &script.sql,
+                &self.config.prefix,
+                &self.config.suffix,
+                lookup,
+            )
+            .map_err(|(_, name)| {
+                format!(
+                    "{}: the tenant gave no value for placeholder {name}",
+                    script.name
+                )
+            })?;
+            for (name, value) in values {
+                if script.sql.contains(*name) && !flyway::tenant_value_ok(value) {
+                    return Err(format!(
+                        "{}: the tenant's {name} is {value:?}, which cannot stand in for a \
+                         placeholder without changing how the script reads (quotes, `;`, `$`, \
+                         comments or line breaks); give the value as a wave placeholder instead",
+                        script.name
+                    ));
+                }
+            }
+            let statements = sql::split(&sql).map_err(|e| format!("{}: {e}", script.name))?;
+            if statements.len() != script.statements.len() {
+                return Err(format!(
+                    "{}: the tenant's placeholder values change how the script splits",
+                    script.name
+                ));
+            }
+            script.sql = sql;
+            script.statements = statements;
+            script.tenant_placeholders = false;
+        }
+        Ok(out)
     }
 
     /// Advice that does not make the bundle invalid.
     pub fn warnings(&self) -> Vec<Problem> {
-        let mut out = Vec::new();
+        let mut out = self.notes.clone();
         for script in &self.scripts {
             if script.directives.transaction == TransactionUse::NoTransaction {
                 let needs = script
@@ -348,10 +539,23 @@ impl Bundle {
     }
 }
 
-fn bundle_id(scripts: &[Script]) -> String {
+/// The id: one line per script; then, only when there are any (so a plain folder keeps
+/// the id it always had), one per config file and one per wave placeholder (its value
+/// hashed: values may hold tabs or line breaks).
+fn bundle_id(
+    scripts: &[Script],
+    files: &[BundleFile],
+    naming: &flyway::Naming,
+    placeholders: &BTreeMap<String, String>,
+) -> String {
     let mut h = Sha256::new();
     for s in scripts {
-        let version = s.version().map(|v| v.to_string()).unwrap_or_default();
+        let version = s
+            .kind
+            .version()
+            .or(s.kind.baseline_version())
+            .map(|v| v.to_string())
+            .unwrap_or_default();
         h.update(
             format!(
                 "{}\t{}\t{}\t{}\t{}\n",
@@ -364,7 +568,92 @@ fn bundle_id(scripts: &[Script]) -> String {
             .as_bytes(),
         );
     }
+    let mut configs: Vec<&BundleFile> = files
+        .iter()
+        .filter(|f| is_config_file(&f.name, naming))
+        .collect();
+    configs.sort_by(|a, b| a.name.cmp(&b.name));
+    for f in configs {
+        h.update(format!("config\t\t{}\t{}\t\n", f.name, checksum(&f.content)).as_bytes());
+    }
+    for (name, value) in placeholders {
+        h.update(
+            format!(
+                "placeholder\t\t{}\t{}\t\n",
+                checksum(name.as_bytes()),
+                checksum(value.as_bytes())
+            )
+            .as_bytes(),
+        );
+    }
     hex::encode(h.finalize())
+}
+
+/// `flyway.conf`, `flyway.toml` and `<script>.conf`: files that configure, not run.
+fn is_config_file(name: &str, naming: &flyway::Naming) -> bool {
+    name == flyway::CONF
+        || name == flyway::TOML
+        || name
+            .strip_suffix(flyway::SCRIPT_CONF_SUFFIX)
+            .is_some_and(|script| naming.suffix_of(script).is_some())
+}
+
+/// The version of an undo script (`U2__x.sql`), which Flotilla lists and leaves out.
+fn undo_version(name: &str, naming: &flyway::Naming) -> Option<String> {
+    let stem = name.strip_suffix(naming.suffix_of(name)?)?;
+    let rest = stem.strip_prefix(naming.undo.as_str())?;
+    let (version, _) = rest.split_once(naming.separator.as_str())?;
+    version.parse::<Version>().ok().map(|v| v.to_string())
+}
+
+/// The folder's Flyway config: `flyway.conf` or `flyway.toml` (not both), or defaults.
+fn folder_config(
+    files: &[BundleFile],
+    problems: &mut Vec<Problem>,
+    notes: &mut Vec<Problem>,
+) -> flyway::FolderConfig {
+    let found: Vec<&BundleFile> = files
+        .iter()
+        .filter(|f| f.name == flyway::CONF || f.name == flyway::TOML)
+        .collect();
+    if found.len() > 1 {
+        problems.push(Problem {
+            file: flyway::CONF.to_string(),
+            line: None,
+            message: "the bundle has both flyway.conf and flyway.toml: keep one".to_string(),
+        });
+        return flyway::FolderConfig::default();
+    }
+    let Some(file) = found.first() else {
+        return flyway::FolderConfig::default();
+    };
+    let parsed = std::str::from_utf8(&file.content)
+        .map_err(|_| (None, "not valid UTF-8".to_string()))
+        .and_then(|text| {
+            if file.name == flyway::TOML {
+                flyway::parse_toml(text)
+            } else {
+                flyway::parse_conf(text)
+            }
+        });
+    match parsed {
+        Ok(config) => {
+            notes.extend(config.warnings.iter().map(|w| Problem {
+                file: file.name.clone(),
+                line: None,
+                message: w.clone(),
+            }));
+            config
+        }
+        Err((line, message)) => {
+            problems.push(Problem {
+                file: file.name.clone(),
+                line,
+                message,
+            });
+            flyway::FolderConfig::default()
+        }
+    }
 }
 
 /// SHA-256 of `bytes`, lowercase hex: the checksum of a script.
@@ -400,12 +689,37 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleE
     };
     let root = dir.canonicalize().map_err(dir_error)?;
     let entries = std::fs::read_dir(&root).map_err(dir_error)?;
+    let mut names = Vec::new();
+    for entry in entries {
+        names.push(
+            entry
+                .map_err(dir_error)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    // The folder's Flyway config says which suffixes scripts have: read it first.
+    let naming = [flyway::CONF, flyway::TOML]
+        .iter()
+        .filter(|n| names.iter().any(|name| name == *n))
+        .find_map(|n| {
+            let text = std::fs::read_to_string(root.join(n)).ok()?;
+            let config = if *n == flyway::TOML {
+                flyway::parse_toml(&text)
+            } else {
+                flyway::parse_conf(&text)
+            };
+            config.ok().map(|c| c.naming)
+        })
+        .unwrap_or_default();
     let mut files = Vec::new();
     let mut problems = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(dir_error)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".sql") || name.starts_with('.') {
+    names.sort();
+    for name in names {
+        if name.starts_with('.')
+            || (naming.suffix_of(&name).is_none() && !is_config_file(&name, &naming))
+        {
             continue;
         }
         let problem = |message: String| Problem {
@@ -413,7 +727,7 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleE
             line: None,
             message,
         };
-        let path = entry.path();
+        let path = root.join(&name);
         let target = match path.canonicalize() {
             Ok(t) => t,
             Err(e) => {
@@ -453,37 +767,101 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleE
     Ok((files, problems))
 }
 
-/// Parses a file name into its kind and description.
-fn parse_name(name: &str) -> Result<(ScriptKind, String), String> {
-    let stem = name
-        .strip_suffix(".sql")
-        .ok_or_else(|| "not a .sql file".to_string())?;
+/// Parses a file name into its kind and description, with the folder's naming.
+fn parse_name(name: &str, naming: &flyway::Naming) -> Result<(ScriptKind, String), String> {
+    let shape = || {
+        format!(
+            "the name matches neither {v}<version>{sep}<description>{suf} nor \
+             {r}{sep}<description>{suf} (nor {b}<version>{sep}… for a baseline script)",
+            v = naming.versioned,
+            r = naming.repeatable,
+            b = naming.baseline,
+            sep = naming.separator,
+            suf = naming
+                .suffixes
+                .first()
+                .map(String::as_str)
+                .unwrap_or(".sql"),
+        )
+    };
+    let stem = naming
+        .suffix_of(name)
+        .and_then(|suffix| name.strip_suffix(suffix))
+        .ok_or_else(|| format!("not a script ({})", naming.suffixes.join(", ")))?;
     let describe = |d: &str| -> Result<String, String> {
         if d.trim().is_empty() {
-            Err("the description after `__` is empty".to_string())
+            Err(format!(
+                "the description after `{}` is empty",
+                naming.separator
+            ))
         } else {
             Ok(d.replace('_', " "))
         }
     };
-    if let Some(desc) = stem.strip_prefix("R__") {
+    if let Some(desc) = stem
+        .strip_prefix(naming.repeatable.as_str())
+        .and_then(|rest| rest.strip_prefix(naming.separator.as_str()))
+    {
         return Ok((ScriptKind::Repeatable, describe(desc)?));
     }
-    if let Some(rest) = stem.strip_prefix('V')
-        && let Some((version, desc)) = rest.split_once("__")
-    {
-        let version: Version = version
-            .parse()
-            .map_err(|e| format!("malformed version {version:?}: {e}"))?;
-        return Ok((ScriptKind::Versioned(version), describe(desc)?));
+    for (prefix, baseline) in [(&naming.versioned, false), (&naming.baseline, true)] {
+        if let Some(rest) = stem.strip_prefix(prefix.as_str())
+            && let Some((version, desc)) = rest.split_once(naming.separator.as_str())
+        {
+            let version: Version = version
+                .parse()
+                .map_err(|e| format!("malformed version {version:?}: {e}"))?;
+            let kind = if baseline {
+                ScriptKind::Baseline(version)
+            } else {
+                ScriptKind::Versioned(version)
+            };
+            return Ok((kind, describe(desc)?));
+        }
     }
-    Err(
-        "the name matches neither V<version>__<description>.sql nor R__<description>.sql"
-            .to_string(),
-    )
+    Err(shape())
 }
 
-fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
-    let name = file.name;
+/// What parsing a script needs from its bundle.
+struct ParseContext<'a> {
+    config: &'a flyway::FolderConfig,
+    /// The folder's `placeholders.*` with the wave's over them.
+    placeholders: &'a BTreeMap<String, String>,
+}
+
+impl ParseContext<'_> {
+    /// What `${name}` means in script `file`.
+    fn lookup<'v>(&'v self, file: &'v str, name: &str) -> flyway::Lookup<'v> {
+        if let Some(v) = self.placeholders.get(name) {
+            return flyway::Lookup::Value(v);
+        }
+        match name {
+            "flyway:filename" => flyway::Lookup::Value(file),
+            "flyway:table" => flyway::Lookup::Value(
+                self.config
+                    .table
+                    .as_deref()
+                    .unwrap_or("flyway_schema_history"),
+            ),
+            "flyway:defaultSchema" => match &self.config.default_schema {
+                Some(schema) => flyway::Lookup::Value(schema),
+                None => flyway::Lookup::Deferred,
+            },
+            _ if flyway::TENANT_BUILTINS.iter().any(|(n, _)| *n == name) => {
+                flyway::Lookup::Deferred
+            }
+            _ => flyway::Lookup::Missing,
+        }
+    }
+}
+
+fn parse_script(
+    file: &BundleFile,
+    context: &ParseContext<'_>,
+    script_config: flyway::ScriptConfig,
+) -> Result<Script, Vec<Problem>> {
+    let name = file.name.clone();
+    let config = context.config;
     let problem = |line: Option<u32>, message: String| Problem {
         file: name.clone(),
         line,
@@ -495,7 +873,8 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
             "a script name cannot contain a path".to_string(),
         )]);
     }
-    let (kind, description) = parse_name(&name).map_err(|m| vec![problem(None, m)])?;
+    let (kind, description) =
+        parse_name(&name, &config.naming).map_err(|m| vec![problem(None, m)])?;
     if file.content.len() as u64 > MAX_SCRIPT_BYTES {
         return Err(vec![problem(
             None,
@@ -506,16 +885,47 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
         )]);
     }
     let checksum = checksum(&file.content);
-    let sql = match String::from_utf8(file.content) {
+    let encoding = script_config.encoding.unwrap_or(config.encoding);
+    let text = match encoding.decode(&file.content) {
         Ok(s) => s,
-        Err(e) => {
-            let valid = e.utf8_error().valid_up_to();
-            let line = LineIndex::new(&String::from_utf8_lossy(&e.as_bytes()[..valid])).line(valid);
+        Err(valid) => {
+            let line = LineIndex::new(&String::from_utf8_lossy(&file.content[..valid])).line(valid);
             return Err(vec![problem(
                 Some(line),
-                format!("not valid UTF-8 (byte {valid}): scripts must be UTF-8 text"),
+                format!(
+                    "not valid {} (byte {valid}): scripts are UTF-8 text unless `encoding` \
+                     says otherwise in flyway.conf or {name}.conf",
+                    encoding.name()
+                ),
             )]);
         }
+    };
+    let text_lines = LineIndex::new(&text);
+    let (sql, tenant_placeholders) = if script_config.replacement.unwrap_or(config.replacement) {
+        match flyway::substitute(&text, &config.prefix, &config.suffix, |n| {
+            context.lookup(&name, n)
+        }) {
+            Ok(done) => done,
+            Err((at, placeholder)) => {
+                let hint = match placeholder.as_str() {
+                    "flyway:workingDirectory" | "flyway:environment" => {
+                        "Flotilla has no such value".to_string()
+                    }
+                    p => format!(
+                        "give it with `--placeholder {p}=VALUE` or as flyway.placeholders.{p} in flyway.conf"
+                    ),
+                };
+                return Err(vec![problem(
+                    Some(text_lines.line(at)),
+                    format!(
+                        "no value for placeholder {}{placeholder}{}: {hint}",
+                        config.prefix, config.suffix
+                    ),
+                )]);
+            }
+        }
+    } else {
+        (text.clone(), false)
     };
     let lines = LineIndex::new(&sql);
     let mut problems = Vec::new();
@@ -535,16 +945,39 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
             Vec::new()
         }
     };
+    let mut directives = directives;
+    if let Some(d) = &mut directives {
+        // `executeInTransaction` (the script's `.conf`, else the folder's) as Flyway
+        // reads it; the directive and a `.conf` saying opposite things is an error.
+        match script_config.execute_in_transaction {
+            Some(true) if d.transaction == TransactionUse::NoTransaction => {
+                problems.push(problem(
+                    None,
+                    format!(
+                        "{name}.conf says executeInTransaction=true but the script says \
+                         -- flotilla:no-transaction: keep one"
+                    ),
+                ));
+            }
+            Some(false) => d.transaction = TransactionUse::NoTransaction,
+            Some(true) => {}
+            None if !config.execute_in_transaction => d.transaction = TransactionUse::NoTransaction,
+            None => {}
+        }
+    }
     // Flyway's rule, for folders written for Flyway: a script whose statements all
     // refuse a transaction block runs outside one without a directive; one that mixes
-    // both kinds is refused, naming a line of each.
-    let mut directives = directives;
+    // both kinds is refused, naming a line of each (unless the folder says `mixed`,
+    // when it runs outside a transaction, as Flyway runs it).
     if let Some(d) = &mut directives
         && d.transaction == TransactionUse::Transactional
+        && script_config.execute_in_transaction.is_none()
     {
         let executable: Vec<_> = statements.iter().filter(|s| !s.is_blank()).collect();
         let refused = |s: &&sql::Statement| rules::refused_in_transaction(&s.leading).is_some();
-        if !executable.is_empty() && executable.iter().all(refused) {
+        if !executable.is_empty()
+            && (executable.iter().all(refused) || (config.mixed && executable.iter().any(refused)))
+        {
             d.transaction = TransactionUse::NoTransaction;
         }
     }
@@ -585,6 +1018,16 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
             }
         }
     }
+    if let (Some(d), ScriptKind::Baseline(_)) = (&directives, &kind)
+        && d.transaction == TransactionUse::NoTransaction
+    {
+        problems.push(problem(
+            None,
+            "a baseline script runs in one transaction with the versions it records: it \
+             cannot be no-transaction"
+                .to_string(),
+        ));
+    }
     let Some(directives) = directives.filter(|_| problems.is_empty()) else {
         return Err(problems);
     };
@@ -594,7 +1037,9 @@ fn parse_script(file: BundleFile) -> Result<Script, Vec<Problem>> {
         description,
         checksum,
         directives,
+        text,
         sql,
+        tenant_placeholders,
         statements,
     })
 }
@@ -891,9 +1336,9 @@ mod tests {
             [
                 "V1__a.sql: version 1 is also used by V1.0__b.sql: two scripts cannot share a version",
                 "V2__.sql: the description after `__` is empty",
-                "V3_d.sql: the name matches neither V<version>__<description>.sql nor R__<description>.sql",
+                "V3_d.sql: the name matches neither V<version>__<description>.sql nor R__<description>.sql (nor B<version>__… for a baseline script)",
                 "Vx__c.sql: malformed version \"x\": version part \"x\" is not a whole number (versions look like 1, 1_1, 2.3 or 20261122_01)",
-                "migrate.sql: the name matches neither V<version>__<description>.sql nor R__<description>.sql",
+                "migrate.sql: the name matches neither V<version>__<description>.sql nor R__<description>.sql (nor B<version>__… for a baseline script)",
             ]
         );
     }
@@ -957,6 +1402,225 @@ mod tests {
         assert!(
             w[0].starts_with("V1__a.sql:4:") && w[0].contains("idempotent"),
             "{w:?}"
+        );
+    }
+
+    fn with_options(
+        files: &[(&str, &[u8])],
+        placeholders: &[(&str, &str)],
+    ) -> Result<Bundle, BundleError> {
+        Bundle::from_files_with(
+            files
+                .iter()
+                .map(|(n, c)| BundleFile {
+                    name: n.to_string(),
+                    content: c.to_vec(),
+                })
+                .collect(),
+            &BundleOptions {
+                placeholders: placeholders
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+            "test",
+        )
+    }
+
+    fn problem_texts(r: Result<Bundle, BundleError>) -> Vec<String> {
+        match r {
+            Err(BundleError::Invalid(p)) => p.iter().map(|p| p.to_string()).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    /// Issue 12: placeholders as Flyway replaces them: the folder's defaults, the wave's
+    /// over them, built-ins; the checksum stays over the file as written and the id
+    /// follows the values; an unresolved one is an error naming file and line.
+    #[test]
+    fn placeholders_are_replaced_and_part_of_the_id() {
+        let conf: &[u8] = b"flyway.placeholders.owner=app_owner\nflyway.table=history\n";
+        let script: &[u8] =
+            b"-- for ${flyway:filename}\nCREATE TABLE t (id int);\nALTER TABLE t OWNER TO ${owner};\nCOMMENT ON TABLE t IS '${flyway:table}';\n";
+        let b = with_options(&[("flyway.conf", conf), ("V1__t.sql", script)], &[]).expect("valid");
+        let s = &b.scripts()[0];
+        assert!(s.sql.contains("OWNER TO app_owner;"), "{}", s.sql);
+        assert!(s.sql.contains("-- for V1__t.sql"), "{}", s.sql);
+        assert!(s.sql.contains("IS 'history'"), "{}", s.sql);
+        assert_eq!(s.checksum, checksum(script));
+        assert_eq!(s.text.as_bytes(), script);
+        let over = with_options(
+            &[("flyway.conf", conf), ("V1__t.sql", script)],
+            &[("owner", "other")],
+        )
+        .expect("valid");
+        assert!(over.scripts()[0].sql.contains("OWNER TO other;"));
+        assert_eq!(over.scripts()[0].checksum, s.checksum);
+        assert_ne!(over.id(), b.id(), "the wave's values are part of the id");
+        assert_eq!(
+            over.placeholders().get("owner").map(String::as_str),
+            Some("other")
+        );
+
+        let p = problem_texts(with_options(&[("V1__t.sql", script)], &[]));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("V1__t.sql:3: no value for placeholder ${owner}"),
+            "{p:?}"
+        );
+        assert!(p[0].contains("--placeholder owner=VALUE"), "{p:?}");
+    }
+
+    #[test]
+    fn a_plain_folder_keeps_its_id() {
+        // Bundles stored before Flyway configs and placeholders existed must reload with
+        // the same id: nothing new enters the id unless it is there.
+        let plain = bundle(&[("V1__a.sql", "select 1;")]).expect("valid");
+        let mut h = Sha256::new();
+        h.update(format!("versioned\t1\tV1__a.sql\t{}\t\n", checksum(b"select 1;")).as_bytes());
+        assert_eq!(plain.id(), hex::encode(h.finalize()));
+    }
+
+    #[test]
+    fn tenant_placeholders_wait_for_the_tenant_and_refuse_unsafe_values() {
+        let b = bundle(&[(
+            "V1__grant.sql",
+            "GRANT CONNECT ON DATABASE \"${flyway:database}\" TO ${flyway:user};",
+        )])
+        .expect("valid");
+        assert!(b.has_tenant_placeholders());
+        let mut values = BTreeMap::new();
+        values.insert("flyway:database", "tenant_0001".to_string());
+        values.insert("flyway:user", "app".to_string());
+        let filled = b.for_tenant(&values).expect("fills");
+        assert_eq!(
+            filled.scripts()[0].sql,
+            "GRANT CONNECT ON DATABASE \"tenant_0001\" TO app;"
+        );
+        assert_eq!(filled.id(), b.id());
+        values.insert("flyway:database", "x\"; DROP TABLE t; --".to_string());
+        let e = b.for_tenant(&values).expect_err("refused");
+        assert!(
+            e.contains("flyway:database") && e.contains("cannot stand in"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn script_conf_files_and_folder_settings() {
+        let cic: &[u8] = b"CREATE INDEX CONCURRENTLY i ON t (c);\nCREATE TABLE u (id int);\n";
+        // Mixed: refused without a word, runs outside a transaction with a .conf.
+        assert!(!problem_texts(with_options(&[("V1__m.sql", cic)], &[])).is_empty());
+        let b = with_options(
+            &[
+                ("V1__m.sql", cic),
+                ("V1__m.sql.conf", b"executeInTransaction=false\n"),
+            ],
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(
+            b.scripts()[0].directives.transaction,
+            TransactionUse::NoTransaction
+        );
+        // The folder's `mixed=true` does the same for every script.
+        let b = with_options(
+            &[("V1__m.sql", cic), ("flyway.conf", b"flyway.mixed=true\n")],
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(
+            b.scripts()[0].directives.transaction,
+            TransactionUse::NoTransaction
+        );
+        // A .conf for a script that is not there, or contradicting a directive.
+        let p = problem_texts(with_options(
+            &[
+                ("V1__a.sql", b"-- flotilla:no-transaction\nselect 1;"),
+                ("V1__a.sql.conf", b"executeInTransaction=true"),
+                ("V2__gone.sql.conf", b"executeInTransaction=false"),
+            ],
+            &[],
+        ));
+        assert!(p.iter().any(|p| p.contains("keep one")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.starts_with("V2__gone.sql.conf: configures V2__gone.sql")),
+            "{p:?}"
+        );
+        // ISO-8859-1 by the script's .conf: decoded, checksum over the bytes as written.
+        let latin1: &[u8] = b"INSERT INTO t VALUES ('caf\xe9');";
+        let b = with_options(
+            &[
+                ("V1__l.sql", latin1),
+                ("V1__l.sql.conf", b"encoding=ISO-8859-1"),
+            ],
+            &[],
+        )
+        .expect("valid");
+        assert!(b.scripts()[0].sql.contains("café"));
+        assert_eq!(b.scripts()[0].checksum, checksum(latin1));
+        assert_eq!(b.files().len(), 2, "configs travel with the scripts");
+    }
+
+    #[test]
+    fn flyway_conf_naming_baseline_and_undo_scripts() {
+        let b = with_options(
+            &[
+                (
+                    "flyway.conf",
+                    b"flyway.sqlMigrationPrefix=M\nflyway.sqlMigrationSuffixes=.pgsql\n",
+                ),
+                ("M1__a.pgsql", b"select 1;"),
+                ("M2__b.pgsql", b"select 2;"),
+                ("B2__base.pgsql", b"select 'base';"),
+                ("U2__undo_b.pgsql", b"select 'undo';"),
+                ("R__v.pgsql", b"select 'v';"),
+            ],
+            &[],
+        )
+        .expect("valid");
+        let kinds: Vec<_> = b
+            .scripts()
+            .iter()
+            .map(|s| (s.name.as_str(), s.kind.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("B2__base.pgsql", "baseline"),
+                ("M1__a.pgsql", "versioned"),
+                ("M2__b.pgsql", "versioned"),
+                ("R__v.pgsql", "repeatable")
+            ]
+        );
+        let w: Vec<String> = b.warnings().iter().map(|p| p.to_string()).collect();
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("U2__undo_b.pgsql: undo script for version 2")),
+            "{w:?}"
+        );
+        // A baseline script cannot be no-transaction: it records what it covers with it.
+        let p = problem_texts(bundle(&[(
+            "B1__b.sql",
+            "-- flotilla:no-transaction\nselect 1;",
+        )]));
+        assert!(
+            p[0].contains("baseline script runs in one transaction"),
+            "{p:?}"
+        );
+        let p = problem_texts(with_options(
+            &[
+                ("flyway.conf", b"x"),
+                ("flyway.toml", b""),
+                ("V1__a.sql", b"select 1;"),
+            ],
+            &[],
+        ));
+        assert!(
+            p.iter()
+                .any(|p| p.contains("both flyway.conf and flyway.toml")),
+            "{p:?}"
         );
     }
 }

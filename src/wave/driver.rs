@@ -107,6 +107,15 @@ pub(super) enum Body {
     },
 }
 
+impl Wave {
+    /// The wave as operators see it: `slot`'s status with what the bundle adds.
+    pub(super) fn status_of(&self, slot: &Slot) -> WaveStatus {
+        let mut status = slot.status();
+        status.placeholders = self.bundle.placeholders().clone();
+        status
+    }
+}
+
 impl Slot {
     pub(super) fn record(&self) -> &WaveRecord {
         match &self.body {
@@ -127,6 +136,7 @@ impl Slot {
                 policy: record.policy.clone(),
                 created_at_ms: record.created_at_ms,
                 history: record.history.clone(),
+                placeholders: Default::default(),
             },
         }
     }
@@ -403,7 +413,7 @@ impl Engine {
                 return Err(e);
             }
         };
-        let status = slot.status();
+        let status = wave.status_of(&slot);
         drop(slot);
         // Durable before acknowledged.
         let written = match writes {

@@ -226,6 +226,7 @@ impl Machine {
             t.busy_since_ms = None;
             counts.total += 1;
             *counts.slot(t.state) += 1;
+            counts.add_baselined(t.baselined);
             match t.state {
                 TenantState::Pending => queue.push_ready(t.seq, &t.host),
                 TenantState::Running => queue.resume_running(&t.host),
@@ -271,6 +272,7 @@ impl Machine {
         };
         for t in &self.tenants {
             *c.slot(t.state) += 1;
+            c.add_baselined(t.baselined);
         }
         c
     }
@@ -296,6 +298,8 @@ impl Machine {
             policy: self.record.policy.clone(),
             created_at_ms: self.record.created_at_ms,
             history: self.record.history.clone(),
+            // The machine does not hold the bundle; the wave fills these in.
+            placeholders: Default::default(),
         }
     }
 
@@ -544,6 +548,15 @@ impl Machine {
         let next = match action {
             TenantAction::Succeed => {
                 t.last_error = None;
+                // A tenant is baselined once (its log is no longer empty after).
+                if let Outcome::Applied { baselined, .. } | Outcome::UpToDate { baselined, .. } =
+                    outcome
+                    && *baselined > 0
+                    && t.baselined == 0
+                {
+                    t.baselined = *baselined;
+                    self.counts.add_baselined(*baselined);
+                }
                 TenantState::Succeeded
             }
             TenantAction::Fail => TenantState::Failed,

@@ -99,9 +99,21 @@ pub struct Counts {
     pub succeeded: u64,
     pub failed: u64,
     pub cancelled: u64,
+    /// Tenants whose run recorded scripts as `baselined` (adopted from another tool,
+    /// `--baseline-version`, covered by a baseline script), and how many scripts.
+    pub baselined_tenants: u64,
+    pub baselined_scripts: u64,
 }
 
 impl Counts {
+    /// Counts `t`'s baselined scripts, if any.
+    pub(crate) fn add_baselined(&mut self, scripts: u32) {
+        if scripts > 0 {
+            self.baselined_tenants += 1;
+            self.baselined_scripts += u64::from(scripts);
+        }
+    }
+
     /// The count of tenants in `state`.
     pub(crate) fn slot(&mut self, state: TenantState) -> &mut u64 {
         match state {
@@ -125,6 +137,8 @@ pub struct WaveStatus {
     pub policy: Policy,
     pub created_at_ms: u64,
     pub history: Vec<StateChange>,
+    /// The placeholder values of the wave's bundle.
+    pub placeholders: BTreeMap<String, String>,
 }
 
 /// A tenant run as operators see it: no secrets.
@@ -427,6 +441,7 @@ impl Engine {
                 busy_since_ms: None,
                 started_at_ms: None,
                 finished_at_ms: None,
+                baselined: 0,
             })
             .collect();
         let now = now_ms();
@@ -495,7 +510,7 @@ impl Engine {
             return Ok(unloadable_status(id, reason));
         }
         let wave = self.wave(id)?;
-        let status = wave.lock().status();
+        let status = wave.status_of(&wave.lock());
         Ok(status)
     }
 
@@ -503,7 +518,7 @@ impl Engine {
     /// quarantined ones included.
     pub fn list(&self) -> Vec<WaveStatus> {
         let waves: Vec<Arc<Wave>> = self.waves_lock().values().cloned().collect();
-        let mut all: Vec<WaveStatus> = waves.iter().map(|w| w.lock().status()).collect();
+        let mut all: Vec<WaveStatus> = waves.iter().map(|w| w.status_of(&w.lock())).collect();
         all.extend(
             self.unloadable_lock()
                 .iter()
@@ -676,7 +691,7 @@ impl Engine {
         let slot = wave.lock();
         // Subscribing under the lock: no event falls between snapshot and stream.
         let rx = wave.subscribe();
-        Ok((slot.status(), rx))
+        Ok((wave.status_of(&slot), rx))
     }
 
     /// The connection string of one tenant of a wave, unsealed: for reading its log on
@@ -750,5 +765,6 @@ fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
         policy: Policy::default(),
         created_at_ms: 0,
         history: Vec::new(),
+        placeholders: BTreeMap::new(),
     }
 }

@@ -37,6 +37,7 @@ impl Applier for Scripted {
                     duration: self.delay,
                 }],
                 notes: Vec::new(),
+                baselined: 0,
             }
         })
     }

@@ -45,6 +45,7 @@ fn machine(n: u32, hosts: u32, canaries: u32, policy: Policy) -> Machine {
             busy_since_ms: None,
             started_at_ms: None,
             finished_at_ms: None,
+            baselined: 0,
         })
         .collect();
     let record = WaveRecord {
@@ -76,6 +77,7 @@ fn applied() -> Outcome {
             duration: Duration::from_millis(1),
         }],
         notes: Vec::new(),
+        baselined: 0,
     }
 }
 
