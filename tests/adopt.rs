@@ -553,3 +553,142 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
     let e = refusal(run(&b, &dsn, adopt("sqlx")).await);
     assert!(matches!(e, AdoptError::Drift { tool: "sqlx", .. }), "{e}");
 }
+
+/// Issue 12: a baseline script (`B2__…`) on a tenant with no history runs instead of
+/// the versions it covers, which are recorded as `baselined` in its transaction (a log
+/// made by an older build, whose kind check knows no `baseline`, included); a tenant
+/// with a history never runs it; the tenant's own placeholders are filled in from its
+/// server, and a database name that could change how a script reads is refused.
+#[tokio::test]
+async fn baseline_scripts_and_tenant_placeholders_on_real_tenants() {
+    let cluster = shared();
+    let with_base = Bundle::from_sources(
+        &[
+            (
+                "B2__base.sql",
+                "CREATE TABLE items (id int PRIMARY KEY, name text);",
+            ),
+            ("V1__items.sql", "CREATE TABLE items (id int PRIMARY KEY);"),
+            ("V2__name.sql", "ALTER TABLE items ADD COLUMN name text;"),
+            (
+                "V3__comment.sql",
+                "COMMENT ON TABLE items IS 'db ${flyway:database} by ${flyway:user}';",
+            ),
+        ],
+        "test",
+    )
+    .expect("valid");
+    let kinds = |db: String| async move {
+        cluster
+            .connect(&db)
+            .await
+            .expect("connect")
+            .query(
+                "SELECT version, script, kind, status FROM flotilla.execution_log ORDER BY id",
+                &[],
+            )
+            .await
+            .expect("log")
+            .iter()
+            .map(|r| {
+                let v: Option<String> = r.get(0);
+                format!(
+                    "{} {} {} {}",
+                    v.unwrap_or_default(),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, String>(3)
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+
+    let (fresh, dsn) = tenant(cluster, "base_fresh_").await;
+    match run(&with_base, &dsn, None).await {
+        Outcome::Applied {
+            scripts, baselined, ..
+        } => {
+            let names: Vec<_> = scripts.iter().map(|s| s.script.as_str()).collect();
+            assert_eq!(names, ["B2__base.sql", "V3__comment.sql"]);
+            assert_eq!(baselined, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        kinds(fresh.clone()).await,
+        [
+            "2 B2__base.sql baseline applied",
+            "1 V1__items.sql versioned baselined",
+            "2 V2__name.sql versioned baselined",
+            "3 V3__comment.sql versioned applied"
+        ]
+    );
+    let comment: String = cluster
+        .connect(&fresh)
+        .await
+        .expect("connect")
+        .query_one("SELECT obj_description('items'::regclass)", &[])
+        .await
+        .expect("comment")
+        .get(0);
+    assert_eq!(comment, format!("db {fresh} by postgres"));
+    assert!(matches!(
+        run(&with_base, &dsn, None).await,
+        Outcome::UpToDate { .. }
+    ));
+
+    // A history: V1 ran before the bundle had a baseline script. B2 never runs.
+    let (older, dsn) = tenant(cluster, "base_history_").await;
+    let first = Bundle::from_sources(
+        &[("V1__items.sql", "CREATE TABLE items (id int PRIMARY KEY);")],
+        "test",
+    )
+    .expect("valid");
+    assert!(matches!(
+        run(&first, &dsn, None).await,
+        Outcome::Applied { .. }
+    ));
+    let outcome = run(&with_base, &dsn, None).await;
+    assert_eq!(applied_names(&outcome), ["V2__name.sql", "V3__comment.sql"]);
+
+    // An empty log made by an older build: its kind check knows only two kinds.
+    let (old_log, dsn) = tenant(cluster, "base_oldlog_").await;
+    exec(
+        cluster,
+        &old_log,
+        "CREATE SCHEMA flotilla;
+         CREATE TABLE flotilla.execution_log (id bigserial PRIMARY KEY, version text,
+           script text NOT NULL, kind text NOT NULL CHECK (kind IN ('versioned', 'repeatable')),
+           checksum text NOT NULL, bundle_id text NOT NULL, wave_id text NOT NULL,
+           status text NOT NULL CHECK (status IN ('applied', 'started')), applied_at timestamptz,
+           applied_by text NOT NULL DEFAULT current_user, xact_id text, duration_ms bigint,
+           statements_done integer, started_at timestamptz NOT NULL DEFAULT clock_timestamp());",
+    )
+    .await;
+    let outcome = run(&with_base, &dsn, None).await;
+    assert_eq!(applied_names(&outcome), ["B2__base.sql", "V3__comment.sql"]);
+
+    // A database name with a quote cannot stand in for ${flyway:database}.
+    let (weird, dsn) = tenant(cluster, "base_q'uote_").await;
+    match run(&with_base, &dsn, None).await {
+        Outcome::Failed { scripts, error } => {
+            assert!(scripts.is_empty(), "{scripts:?}");
+            assert!(matches!(error, ApplyError::TenantPlaceholder(_)), "{error}");
+            assert!(error.to_string().contains("flyway:database"), "{error}");
+            assert_eq!(
+                error.retryability(),
+                flotilla::failure::Retryability::Permanent
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        count(
+            cluster,
+            &weird,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'items'"
+        )
+        .await,
+        0
+    );
+}

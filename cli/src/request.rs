@@ -122,6 +122,11 @@ fn parse_placeholder(s: &str) -> Result<(String, String), String> {
 pub fn load_bundle(dir: &Path, placeholders: &PlaceholderArgs) -> Result<v1::Bundle, Failure> {
     let bundle = Bundle::load_dir_with(dir, &placeholders.options())
         .map_err(|e| Failure::new(Exit::InvalidInput, e.to_string()))?;
+    // Advice (config keys Flotilla does not honour, undo scripts left out) is said
+    // before anything starts, never swallowed.
+    for warning in bundle.warnings() {
+        eprintln!("warning: {warning}");
+    }
     Ok(flotilla::api::convert::bundle_to_proto(&bundle))
 }
 

@@ -1546,3 +1546,89 @@ async fn a_flyway_fleet_is_adopted_through_the_cli() {
         nonsense.stderr
     );
 }
+
+/// Issue 12: a Flyway folder with a flyway.conf and placeholders, through the CLI and
+/// the daemon: a missing value is refused locally naming file and line; `--placeholder`
+/// fills it (over the folder's default), the values are shown by `wave status` and
+/// survive a `kill -9` of the daemon (the stored bundle reloads with the same id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholders_travel_with_the_wave_and_survive_a_restart() {
+    let cluster = shared();
+    let sources: &[(&str, &str)] = &[
+        (
+            "flyway.conf",
+            "flyway.placeholders.note=from the folder\nflyway.url=jdbc:postgresql://ignored/db\n",
+        ),
+        (
+            "V1__create_items.sql",
+            "CREATE TABLE items (id bigint PRIMARY KEY);\nCOMMENT ON TABLE items IS '${note} ${release}';",
+        ),
+    ];
+    let (rows, csv, dir, _work) = fleet(cluster, "e_placeholder_", 2, sources).await;
+    let (mut daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let missing = flotilla(&server, &start_args(dir.path(), &csv, &["--wait"])).await;
+    assert_eq!(missing.code, 6, "an invalid bundle: {missing:?}");
+    assert!(
+        missing
+            .stderr
+            .contains("V1__create_items.sql:2: no value for placeholder ${release}"),
+        "{}",
+        missing.stderr
+    );
+    let wave = flotilla(
+        &server,
+        &start_args(
+            dir.path(),
+            &csv,
+            &[
+                "--placeholder",
+                "release=2026.11",
+                "--placeholder",
+                "note=from the wave",
+                "--wait",
+                "--output",
+                "json",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(wave.code, 0, "{wave:?}");
+    assert!(
+        wave.stderr.contains("warning: flyway.conf: url is ignored"),
+        "what the folder config says and Flotilla does not do is said: {wave:?}"
+    );
+    let id = wave.json()["wave_id"].as_str().expect("id").to_string();
+    for (db, _) in &rows {
+        let c = cluster.connect(db).await.expect("connect");
+        let comment: String = c
+            .query_one("SELECT obj_description('items'::regclass)", &[])
+            .await
+            .expect("comment")
+            .get(0);
+        assert_eq!(comment, "from the wave 2026.11", "{db}");
+    }
+    daemon.kill9().expect("kill -9");
+    daemon.restart().expect("restart");
+    let after = status(&daemon.url(), &id).await;
+    assert_eq!(after["placeholders"]["release"], "2026.11", "{after}");
+    assert_eq!(after["placeholders"]["note"], "from the wave", "{after}");
+    assert_eq!(after["bundle_id"], wave.json()["bundle_id"], "{after}");
+    let lint = flotilla(
+        &server,
+        &[
+            "bundle",
+            "lint",
+            path(dir.path()),
+            "--placeholder",
+            "release=x",
+        ],
+    )
+    .await;
+    assert_eq!(lint.code, 0, "{lint:?}");
+    assert!(
+        lint.stderr
+            .contains("url is ignored: connections come from the wave's targets"),
+        "{lint:?}"
+    );
+}
