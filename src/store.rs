@@ -120,6 +120,10 @@ struct BundleRecord {
     /// The wave's placeholder values: part of the bundle id.
     #[serde(default)]
     placeholders: BTreeMap<String, String>,
+    /// Written by daemons that replace placeholders; a record without it was stored
+    /// before, and its scripts run as written.
+    #[serde(default)]
+    replaces_placeholders: bool,
 }
 
 /// Why the store failed.
@@ -277,6 +281,7 @@ impl ProgressStore for SledStore {
                 .map(|f| (f.name.clone(), hex::encode(&f.content)))
                 .collect(),
             placeholders: bundle.placeholders().clone(),
+            replaces_placeholders: true,
         };
         self.bundles.insert(bundle.id(), encode(&record))?;
         self.flush()
@@ -306,6 +311,7 @@ impl ProgressStore for SledStore {
         }
         let options = crate::bundle::BundleOptions {
             placeholders: record.placeholders,
+            as_written: !record.replaces_placeholders,
         };
         let bundle = Bundle::from_files_with(files, &options, &format!("stored bundle {id}"))
             .map_err(|source| StoreError::Bundle {
@@ -555,6 +561,7 @@ mod tests {
         };
         let options = crate::bundle::BundleOptions {
             placeholders: [("owner".to_string(), "app".to_string())].into(),
+            ..Default::default()
         };
         let b = Bundle::from_files_with(
             vec![
@@ -582,5 +589,40 @@ mod tests {
                 "INSERT INTO t VALUES ('café');"
             ]
         );
+    }
+
+    /// A bundle stored by a daemon from before placeholders: `${…}` in it is text, as
+    /// it was when the wave started; it loads with the same id and runs as written.
+    #[test]
+    fn bundles_stored_before_placeholders_run_as_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let sql = "INSERT INTO greetings VALUES ('Hello ${first_name}');";
+        let old = Bundle::from_files_with(
+            vec![BundleFile {
+                name: "V1__seed.sql".into(),
+                content: sql.as_bytes().to_vec(),
+            }],
+            &crate::bundle::BundleOptions {
+                as_written: true,
+                ..Default::default()
+            },
+            "t",
+        )
+        .expect("as written, it is valid");
+        // The record as the older daemon wrote it: no placeholder fields at all.
+        let record = serde_json::json!({
+            "format": FORMAT,
+            "id": old.id(),
+            "files": [["V1__seed.sql", sql]],
+        });
+        store
+            .bundles
+            .insert(old.id(), serde_json::to_vec(&record).expect("json"))
+            .expect("insert");
+        let back = store.load_bundle(old.id()).expect("loads");
+        assert_eq!(back.scripts()[0].sql, sql);
+        // The same folder given today is Flyway's: the placeholder needs a value.
+        assert!(Bundle::from_sources(&[("V1__seed.sql", sql)], "t").is_err());
     }
 }

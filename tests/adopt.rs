@@ -638,7 +638,7 @@ async fn baseline_scripts_and_tenant_placeholders_on_real_tenants() {
     ));
 
     // A history: V1 ran before the bundle had a baseline script. B2 never runs.
-    let (older, dsn) = tenant(cluster, "base_history_").await;
+    let (_older, dsn) = tenant(cluster, "base_history_").await;
     let first = Bundle::from_sources(
         &[("V1__items.sql", "CREATE TABLE items (id int PRIMARY KEY);")],
         "test",
@@ -691,4 +691,97 @@ async fn baseline_scripts_and_tenant_placeholders_on_real_tenants() {
         .await,
         0
     );
+}
+
+/// The reviewers' cases: a script with placeholders is not drift (Flyway checksums a
+/// versioned script as written); `--adopt dbmate` on golang-migrate's table, and a
+/// history behind a view, are refused; a history with a gap that the wave could not
+/// apply in order is refused before anything is recorded.
+#[tokio::test]
+async fn adoption_reads_only_what_it_should_and_records_nothing_it_cannot_follow() {
+    let cluster = shared();
+    let b = Bundle::from_files_with(
+        vec![
+            flotilla::bundle::BundleFile {
+                name: "V1__create.sql".into(),
+                content: b"CREATE TABLE items (id int, owner text DEFAULT '${owner}');".to_vec(),
+            },
+            flotilla::bundle::BundleFile {
+                name: "V2__more.sql".into(),
+                content: b"ALTER TABLE items ADD COLUMN b int;".to_vec(),
+            },
+            flotilla::bundle::BundleFile {
+                name: "V3__last.sql".into(),
+                content: b"ALTER TABLE items ADD COLUMN c int;".to_vec(),
+            },
+        ],
+        &flotilla::bundle::BundleOptions {
+            placeholders: [("owner".to_string(), "app".to_string())].into(),
+            ..Default::default()
+        },
+        "test",
+    )
+    .expect("valid");
+    let v1 = script(&b, "V1__create.sql");
+    assert_ne!(v1.sql, v1.text, "the placeholder was replaced");
+
+    let (placeholder, dsn) = tenant(cluster, "adopt_ph_").await;
+    exec(cluster, &placeholder, &v1.sql).await;
+    exec(cluster, &placeholder, FLYWAY_HISTORY_DDL).await;
+    exec(
+        cluster,
+        &placeholder,
+        &flyway_row(1, v1, bundle::flyway_checksum(&v1.text), true),
+    )
+    .await;
+    let outcome = run(&b, &dsn, adopt("flyway")).await;
+    assert_eq!(applied_names(&outcome), ["V2__more.sql", "V3__last.sql"]);
+
+    let (gm_table, dsn) = tenant(cluster, "adopt_wrongtool_").await;
+    exec(cluster, &gm_table, &v1.sql).await;
+    exec(
+        cluster,
+        &gm_table,
+        "CREATE TABLE public.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
+         INSERT INTO public.schema_migrations VALUES (3, false);",
+    )
+    .await;
+    let e = refusal(run(&b, &dsn, adopt("dbmate")).await);
+    assert!(e.to_string().contains("golang-migrate"), "{e}");
+
+    let (view, dsn) = tenant(cluster, "adopt_view_").await;
+    exec(cluster, &view, &v1.sql).await;
+    exec(
+        cluster,
+        &view,
+        "CREATE VIEW public.schema_migrations AS SELECT '1'::varchar AS version;",
+    )
+    .await;
+    let e = refusal(run(&b, &dsn, adopt("dbmate")).await);
+    assert!(e.to_string().contains("not a table"), "{e}");
+
+    // dbmate says 1 and 3 ran, not 2: applying 2 after 3 needs out-of-order.
+    let (gap, dsn) = tenant(cluster, "adopt_gap_").await;
+    exec(cluster, &gap, &v1.sql).await;
+    exec(
+        cluster,
+        &gap,
+        "CREATE TABLE public.schema_migrations (version varchar(128) PRIMARY KEY);
+         INSERT INTO public.schema_migrations VALUES ('1'), ('3');",
+    )
+    .await;
+    match run(&b, &dsn, adopt("dbmate")).await {
+        Outcome::Failed {
+            error: ApplyError::Plan(e),
+            ..
+        } => assert!(e.to_string().contains("out of order"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    for db in [&gm_table, &view, &gap] {
+        assert_eq!(
+            count(cluster, db, "SELECT count(*) FROM flotilla.execution_log").await,
+            0,
+            "{db}: nothing recorded"
+        );
+    }
 }

@@ -681,3 +681,78 @@ fn no_unauthenticated_remote_control() {
     .expect("starts when told");
     assert!(daemon.log_text().contains("--insecure-no-auth"));
 }
+
+/// Placeholder values often carry secrets (as in Flyway folders): an operator reading a
+/// wave sees them, a viewer sees each name with a short hash of its value, in
+/// GetWave and ListWaves alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_placeholder_names_not_values() {
+    let cluster = shared();
+    let db = cluster
+        .create_tenants("trust_placeholder_", 1, "")
+        .await
+        .expect("tenant")
+        .remove(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let daemon = daemon_with(dir.path(), "", &[]);
+    let mut api = client(&daemon).await;
+    let bundle = flotilla::bundle::Bundle::from_files_with(
+        vec![flotilla::bundle::BundleFile {
+            name: "V1__role.sql".into(),
+            content: b"CREATE TABLE secret_holder (note text DEFAULT '${app_password}');".to_vec(),
+        }],
+        &flotilla::bundle::BundleOptions {
+            placeholders: [("app_password".to_string(), "hunter2".to_string())].into(),
+            ..Default::default()
+        },
+        "test",
+    )
+    .expect("bundle");
+    let id = api
+        .start_wave(as_token(
+            OPERATOR,
+            v1::StartWaveRequest {
+                bundle: Some(flotilla::api::convert::bundle_to_proto(&bundle)),
+                targets: Some(v1::start_wave_request::Targets::TargetList(list(&[(
+                    "t",
+                    cluster.url(&db),
+                )]))),
+                policy: Some(v1::Policy {
+                    concurrency: 1,
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .expect("start")
+        .into_inner()
+        .wave_id;
+    let get = |token: &'static str| {
+        let mut api = api.clone();
+        let id = id.clone();
+        async move {
+            api.get_wave(as_token(token, v1::GetWaveRequest { wave_id: id }))
+                .await
+                .expect("get")
+                .into_inner()
+        }
+    };
+    assert_eq!(get(OPERATOR).await.placeholders["app_password"], "hunter2");
+    let seen = get(VIEWER).await.placeholders["app_password"].clone();
+    assert!(
+        seen.starts_with("sha256:") && !seen.contains("hunter2"),
+        "{seen}"
+    );
+    let listed = api
+        .list_waves(as_token(VIEWER, v1::ListWavesRequest::default()))
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        listed
+            .waves
+            .iter()
+            .all(|w| w.placeholders.values().all(|v| !v.contains("hunter2"))),
+        "{listed:?}"
+    );
+}

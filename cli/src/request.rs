@@ -106,6 +106,7 @@ impl PlaceholderArgs {
     pub fn options(&self) -> flotilla::bundle::BundleOptions {
         flotilla::bundle::BundleOptions {
             placeholders: self.placeholders.iter().cloned().collect(),
+            ..Default::default()
         }
     }
 }

@@ -124,6 +124,20 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
     }
 }
 
+/// A wave as `role` may see it: placeholder values (often passwords, as in Flyway
+/// folders) only for operators, who could start the wave themselves; a viewer sees
+/// each name with a short hash of its value, enough to tell two waves apart.
+pub fn wave_for(w: &WaveStatus, role: crate::config::Role) -> v1::Wave {
+    let mut out = wave(w);
+    if role != crate::config::Role::Operator {
+        for value in out.placeholders.values_mut() {
+            let digest = crate::bundle::checksum(value.as_bytes());
+            *value = format!("sha256:{}", &digest[..12]);
+        }
+    }
+    out
+}
+
 /// A tenant run as the API shows it: no connection string.
 pub fn tenant(t: &TenantView) -> v1::TenantRun {
     v1::TenantRun {
@@ -436,6 +450,7 @@ pub fn bundle_from_proto(b: Option<v1::Bundle>, limits: &Limits) -> Result<Bundl
         .collect();
     let options = crate::bundle::BundleOptions {
         placeholders: b.placeholders.into_iter().collect(),
+        ..Default::default()
     };
     let bundle = Bundle::from_files_with(files, &options, "uploaded bundle")?;
     if !b.bundle_id.is_empty() && b.bundle_id != bundle.id() {

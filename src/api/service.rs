@@ -100,14 +100,16 @@ impl RolloutApi {
     }
 
     fn get(&self, req: Request<v1::GetWaveRequest>) -> Result<v1::Wave, ApiError> {
-        self.auth
+        let caller = self
+            .auth
             .authorize(req.metadata(), Role::Viewer, "reading a wave")?;
         let status = self.engine.status(&wave_id(&req.get_ref().wave_id)?)?;
-        Ok(convert::wave(&status))
+        Ok(convert::wave_for(&status, caller.role))
     }
 
     fn list(&self, req: Request<v1::ListWavesRequest>) -> Result<v1::ListWavesResponse, ApiError> {
-        self.auth
+        let caller = self
+            .auth
             .authorize(req.metadata(), Role::Viewer, "listing waves")?;
         let r = req.into_inner();
         let (offset, size) = page(r.page_size, &r.page_token, DEFAULT_WAVE_PAGE)?;
@@ -116,7 +118,7 @@ impl RolloutApi {
             .iter()
             .skip(offset)
             .take(size)
-            .map(convert::wave)
+            .map(|w| convert::wave_for(w, caller.role))
             .collect();
         let next = offset + waves.len();
         Ok(v1::ListWavesResponse {
@@ -428,8 +430,9 @@ async fn plan_tenant(
         tenant_id: tenant.id.clone(),
         ..Default::default()
     };
-    let refuse = |out: &mut v1::TenantPlan, error: crate::apply::ApplyError| {
-        let problem = convert::plan_problem(&error);
+    let refuse = |out: &mut v1::TenantPlan, context: &str, error: crate::apply::ApplyError| {
+        let mut problem = convert::plan_problem(&error);
+        problem.message = format!("{context}{}", problem.message);
         out.problems.push(problem.message.clone());
         out.problem_details.push(problem);
     };
@@ -437,7 +440,7 @@ async fn plan_tenant(
     let mut rows = match crate::apply::read_log(&tenant.dsn, &settings, reach).await {
         Ok(rows) => rows,
         Err(e) => {
-            refuse(&mut out, e);
+            refuse(&mut out, "cannot read the log: ", e);
             return out;
         }
     };
@@ -461,7 +464,7 @@ async fn plan_tenant(
                     rows = decision.log_rows();
                 }
                 Err(e) => {
-                    refuse(&mut out, e);
+                    refuse(&mut out, "", e);
                     return out;
                 }
             }
@@ -482,7 +485,7 @@ async fn plan_tenant(
             }));
             out.notes.extend(plan.notes);
         }
-        Err(e) => refuse(&mut out, e.into()),
+        Err(e) => refuse(&mut out, "", e.into()),
     }
     out
 }

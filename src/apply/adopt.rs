@@ -146,12 +146,56 @@ impl Source {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
     }
 
-    /// Whether the history table exists: `t` or `f`.
-    pub fn exists_sql(&self) -> String {
+    /// What the history relation is, one row or none when it does not exist: its
+    /// `relkind`, whether it has a `dirty` column (golang-migrate's, not dbmate's), and
+    /// whether any column has a type defined in the database (whose text output would
+    /// run the tenant's own code as Flotilla's role).
+    pub fn inspect_sql(&self) -> String {
         format!(
-            "SELECT to_regclass({}) IS NOT NULL",
+            "SELECT c.relkind::text, \
+             EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid \
+             AND a.attname = 'dirty' AND a.attnum > 0 AND NOT a.attisdropped), \
+             EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid \
+             AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid >= 16384) \
+             FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass({})",
             quote_literal(&self.qualified())
         )
+    }
+
+    /// Why the relation [`Source::inspect_sql`] described cannot be read as this tool's
+    /// history, if it cannot.
+    pub fn refuse_relation(
+        &self,
+        relkind: &str,
+        has_dirty: bool,
+        user_types: bool,
+    ) -> Option<String> {
+        if relkind != "r" && relkind != "p" {
+            return Some(format!(
+                "is not a table (relkind {relkind:?}): Flotilla reads a history only from a \
+                 plain table, never through a view or function"
+            ));
+        }
+        if user_types {
+            return Some(
+                "has a column of a type defined in the database: not a history table as the \
+                 tool creates it"
+                    .to_string(),
+            );
+        }
+        match (self.tool, has_dirty) {
+            (Tool::Dbmate, true) => Some(
+                "has a `dirty` column: it is golang-migrate's table (its one row is the \
+                 current version), not dbmate's; use --adopt golang-migrate"
+                    .to_string(),
+            ),
+            (Tool::GolangMigrate, false) => Some(
+                "has no `dirty` column: it is not golang-migrate's table (dbmate's has one \
+                 row per version); use --adopt dbmate"
+                    .to_string(),
+            ),
+            _ => None,
+        }
     }
 
     /// The one query that reads the history, every column as text, oldest first.
@@ -295,6 +339,8 @@ pub enum AdoptError {
         script: String,
         what: &'static str,
     },
+    #[error("{table} {reason}")]
+    NotAHistory { table: String, reason: String },
     #[error("{table}: version {version:?} is not a version Flotilla can read ({reason})")]
     BadVersion {
         table: String,
@@ -350,7 +396,7 @@ pub fn decide(
     let by_version: BTreeMap<Version, &bundle::Script> = bundle
         .scripts()
         .iter()
-        .filter_map(|s| s.version().map(|v| (v.clone(), s)))
+        .filter_map(|s| s.version().map(|v| (v.clone(), &**s)))
         .collect();
     match source.tool {
         Tool::Flyway => decide_flyway(bundle, source, &table, history, &by_version, &parse),
@@ -396,7 +442,8 @@ pub fn decide(
                         if source.tool == Tool::Sqlx
                             && let Some(recorded) = &row.checksum
                         {
-                            let file = bundle::sqlx_checksum(&script.sql);
+                            // sqlx hashes the file as written.
+                            let file = bundle::sqlx_checksum(&script.text);
                             if !recorded.eq_ignore_ascii_case(&file) {
                                 return Err(AdoptError::Drift {
                                     tool: source.tool.as_str(),
@@ -455,11 +502,14 @@ fn decide_flyway(
             continue;
         }
         let Some(raw) = row.version.as_deref().filter(|v| !v.trim().is_empty()) else {
-            // A repeatable: the latest successful run of each description counts.
-            if row.success
-                && let Some(d) = &row.description
-            {
-                repeatable.insert(d.clone(), row);
+            // A repeatable: the latest successful run of each description counts; a
+            // `DELETE` row (repair of a missing repeatable) takes it back.
+            if let Some(d) = &row.description {
+                if kind == "DELETE" || kind.starts_with("UNDO_") {
+                    repeatable.remove(d);
+                } else if row.success {
+                    repeatable.insert(d.clone(), row);
+                }
             }
             continue;
         };
@@ -536,7 +586,8 @@ fn decide_flyway(
                        record it with --baseline-version",
             });
         }
-        let file = bundle::flyway_checksum(&script.sql).to_string();
+        // Flyway checksums a versioned script as written (placeholders not replaced).
+        let file = bundle::flyway_checksum(&script.text).to_string();
         if row.checksum.as_deref() != Some(file.as_str()) {
             return Err(AdoptError::Drift {
                 tool: "flyway",
@@ -566,7 +617,8 @@ fn decide_flyway(
         ));
     }
     // A repeatable counts as run only when Flyway ran the file as it is now; otherwise
-    // it runs again, as Flyway would run it.
+    // it runs again, as Flyway would run it. Flyway checksums a repeatable after its
+    // placeholders are replaced (when replacement is on), so its text as it runs.
     for script in bundle
         .scripts()
         .iter()

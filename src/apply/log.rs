@@ -279,23 +279,31 @@ pub const HAS_OWN_SCHEMA_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_class c \
      AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
      AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f'))";
 
-/// Brings an empty log's shape up to what a `baselined` row needs, inside the baseline's
-/// own transaction: first proves, in the database, that this session holds the lock and
-/// the log is still empty; then the `source` column and the status check that admits
-/// `baselined`. A refusal (the role does not own the table)
-/// fails the baseline with the server's reason.
+/// Brings an empty log's shape up to what `baselined` and `baseline` rows need, inside
+/// the recording transaction: first proves, in the database, that this session holds
+/// the lock and the log is still empty; then adds the `source` column and widens the
+/// status and kind checks, each only when missing (an up-to-date log costs catalog
+/// lookups, no table lock). A refusal (the role does not own an old log) fails the run
+/// with the server's reason.
 pub const BASELINE_SHAPE_SQL: &str = "DO $flotilla$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_locks \
 WHERE pid = pg_backend_pid() AND locktype = 'advisory' AND granted AND objsubid = 1 \
 AND classid = 1181511540 AND objid = 1768713313) OR EXISTS (SELECT 1 FROM flotilla.execution_log) THEN \
 RAISE EXCEPTION 'not baselining: this session does not hold the tenant lock, or the log is no longer empty'; \
-END IF; END $flotilla$;
-ALTER TABLE flotilla.execution_log ADD COLUMN IF NOT EXISTS source text;
-ALTER TABLE flotilla.execution_log DROP CONSTRAINT IF EXISTS execution_log_status_check;
+END IF;
+IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
+AND attname = 'source' AND NOT attisdropped) THEN \
+ALTER TABLE flotilla.execution_log ADD COLUMN source text; END IF;
+IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
+AND conname = 'execution_log_status_check' AND pg_get_constraintdef(oid) NOT LIKE '%baselined%') THEN \
+ALTER TABLE flotilla.execution_log DROP CONSTRAINT execution_log_status_check; \
 ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
-CHECK (status IN ('applied', 'started', 'baselined', 'undone'));
-ALTER TABLE flotilla.execution_log DROP CONSTRAINT IF EXISTS execution_log_kind_check;
+CHECK (status IN ('applied', 'started', 'baselined', 'undone')); END IF;
+IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
+AND conname = 'execution_log_kind_check' AND pg_get_constraintdef(oid) NOT LIKE '%''baseline''%') THEN \
+ALTER TABLE flotilla.execution_log DROP CONSTRAINT execution_log_kind_check; \
 ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_kind_check \
-CHECK (kind IN ('versioned', 'repeatable', 'baseline'));";
+CHECK (kind IN ('versioned', 'repeatable', 'baseline')); END IF;
+END $flotilla$;";
 
 /// A `baselined` row: the version is recorded as done without running (a tenant
 /// migrated before Flotilla met it); `source` says by what (`baseline-version 60`).

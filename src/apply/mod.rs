@@ -276,6 +276,12 @@ async fn decide_prior(
     bundle: &Bundle,
     prior: &Prior,
 ) -> Result<PriorDecision, ApplyError> {
+    // The tenant's objects are read as Flotilla's role: nothing of theirs may resolve
+    // in place of the catalog's, and no row-security policy of theirs may run.
+    client
+        .batch_execute("SET LOCAL search_path = pg_catalog, pg_temp; SET LOCAL row_security = off")
+        .await
+        .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
     let own = client
         .simple_query(log::HAS_OWN_SCHEMA_SQL)
         .await
@@ -297,16 +303,26 @@ async fn decide_prior(
                 table: table.clone(),
                 failure: DbFailure::from(&e),
             };
-            let exists = client
-                .simple_query(&source.exists_sql())
+            let described = client
+                .simple_query(&source.inspect_sql())
                 .await
                 .map_err(history_error)?;
-            if first_value(&exists).as_deref() != Some("t") {
+            let Some(relation) = described.iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some((
+                    r.get(0).unwrap_or_default().to_string(),
+                    r.get(1) == Some("t"),
+                    r.get(2) == Some("t"),
+                )),
+                _ => None,
+            }) else {
                 return Err(adopt::AdoptError::NoHistory {
                     tool: source.tool.as_str(),
                     table,
                 }
                 .into());
+            };
+            if let Some(reason) = source.refuse_relation(&relation.0, relation.1, relation.2) {
+                return Err(adopt::AdoptError::NotAHistory { table, reason }.into());
             }
             let history = client
                 .simple_query(&source.read_sql())
@@ -601,6 +617,12 @@ async fn record_prior(
     if decision.rows.is_empty() {
         rollback().await;
         return Ok((decision, None));
+    }
+    // What would follow must be plannable before anything is recorded: a refused
+    // tenant (a gap out of order, drift) is left exactly as it was found.
+    if let Err(e) = plan::plan(run.bundle, &decision.log_rows(), run.plan_options) {
+        rollback().await;
+        return Err(e.into());
     }
     let mut sql = String::new();
     for r in &decision.rows {
@@ -902,7 +924,7 @@ impl Runner<'_, '_> {
             }
             let group: Vec<&Script> = plan.steps[i..end]
                 .iter()
-                .map(|s| &scripts[s.script])
+                .map(|s| &*scripts[s.script])
                 .collect();
             let span = script_span(&group);
             let stopped = self.run_transaction(&group).instrument(span.clone()).await;

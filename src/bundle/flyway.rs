@@ -163,7 +163,16 @@ impl FolderConfig {
     /// Applies one `key` (without the `flyway.` prefix) to the config.
     fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
         if let Some(name) = key.strip_prefix("placeholders.") {
-            check_placeholder_name(name)?;
+            check_wave_placeholder(name, value)?;
+            if value.contains("${") {
+                // Flyway expands environment variables in its config; Flotilla reads
+                // no environment for SQL: the value must come with the wave.
+                self.warnings.push(format!(
+                    "placeholders.{name} = {value:?} refers to the environment, which \
+                     Flotilla does not read: give it with `--placeholder {name}=VALUE`"
+                ));
+                return Ok(());
+            }
             self.placeholders
                 .insert(name.to_string(), value.to_string());
             return Ok(());
@@ -177,8 +186,14 @@ impl FolderConfig {
         };
         match key {
             "placeholderReplacement" => self.replacement = boolean(key, value)?,
-            "placeholderPrefix" => self.prefix = non_empty(key, value)?,
-            "placeholderSuffix" => self.suffix = non_empty(key, value)?,
+            "placeholderPrefix" => {
+                self.prefix = non_empty(key, value)?;
+                check_delimiter(key, &self.prefix)?;
+            }
+            "placeholderSuffix" => {
+                self.suffix = non_empty(key, value)?;
+                check_delimiter(key, &self.suffix)?;
+            }
             "table" => self.table = Some(non_empty(key, value)?),
             "defaultSchema" => self.default_schema = Some(non_empty(key, value)?),
             "schemas" => {
@@ -370,80 +385,48 @@ pub fn parse_script_conf(text: &str) -> Result<ScriptConfig, ConfError> {
     Ok(cfg)
 }
 
-/// Java properties: `(line, key, value)` per entry, with `#`/`!` comments, `=`, `:` or
-/// blanks between key and value, backslash escapes and continuation lines.
+/// `flyway.conf` entries as Flyway reads them: `(line, key, value)`, with `#`/`!`
+/// comments and `=`, `:` or blanks between key and value. Flyway doubles every
+/// backslash before Java's property parser sees the text, so a backslash is literal,
+/// except one ending a line whose next line has content and no `=`: that continues the
+/// value there.
 fn properties(text: &str) -> Vec<(u32, String, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
-    let mut lines = text.lines().enumerate().peekable();
-    while let Some((n, line)) = lines.next() {
-        let first = line.trim_start();
+    let mut i = 0;
+    while i < lines.len() {
+        let n = i;
+        let first = lines[i].trim_start();
+        i += 1;
         if first.is_empty() || first.starts_with('#') || first.starts_with('!') {
             continue;
         }
         let mut logical = first.to_string();
-        // An odd number of trailing backslashes continues the entry on the next line.
-        while logical.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1 {
+        while logical.ends_with('\\')
+            && lines
+                .get(i)
+                .is_some_and(|next| !next.trim().is_empty() && !next.contains('='))
+        {
             logical.pop();
-            match lines.next() {
-                Some((_, next)) => logical.push_str(next.trim_start()),
-                None => break,
-            }
+            logical.push_str(lines[i].trim_start());
+            i += 1;
         }
-        let mut key = String::new();
-        let mut chars = logical.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' => {
-                    if let Some(e) = chars.next() {
-                        key.push(unescape(e, &mut chars));
-                    }
-                }
-                '=' | ':' => break,
-                c if c.is_whitespace() => {
-                    while chars.peek().is_some_and(|c| c.is_whitespace()) {
-                        chars.next();
-                    }
-                    if matches!(chars.peek(), Some('=') | Some(':')) {
-                        chars.next();
-                    }
-                    break;
-                }
-                c => key.push(c),
-            }
+        let key_end = logical
+            .find(|c: char| c == '=' || c == ':' || c.is_whitespace())
+            .unwrap_or(logical.len());
+        let key = logical[..key_end].to_string();
+        let mut rest = logical[key_end..].trim_start();
+        if let Some(r) = rest.strip_prefix(['=', ':']) {
+            rest = r.trim_start();
         }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            if c == '\\' {
-                if let Some(e) = chars.next() {
-                    value.push(unescape(e, &mut chars));
-                }
-            } else {
-                value.push(c);
-            }
-        }
-        out.push((u32::try_from(n + 1).unwrap_or(u32::MAX), key, value));
+        out.push((
+            u32::try_from(n + 1).unwrap_or(u32::MAX),
+            key,
+            rest.to_string(),
+        ));
     }
     out
-}
-
-fn unescape(e: char, rest: &mut std::iter::Peekable<std::str::Chars<'_>>) -> char {
-    match e {
-        't' => '\t',
-        'n' => '\n',
-        'r' => '\r',
-        'f' => '\u{c}',
-        'u' => {
-            let hex: String = (0..4).filter_map(|_| rest.next()).collect();
-            u32::from_str_radix(&hex, 16)
-                .ok()
-                .and_then(char::from_u32)
-                .unwrap_or('\u{fffd}')
-        }
-        other => other,
-    }
 }
 
 /// Built-in placeholders whose value is the tenant's own (asked of its server when a
@@ -458,18 +441,49 @@ pub const TENANT_BUILTINS: &[(&str, &str)] = &[
     ("flyway:defaultSchema", "current_schema()"),
 ];
 
-/// Whether a value from a tenant (its database name, user, schema) can stand in for a
-/// placeholder without changing how the script splits into statements: no quotes,
-/// semicolons, dollar signs, comment starts or line breaks.
-pub fn tenant_value_ok(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 128
-        && value
+/// Whether a value from a tenant can stand in for `name` without changing what a
+/// statement says: a database, user or schema name of letters, digits, `_` and inner
+/// single `-` (no spaces, quotes, dots, `;`, `$` or comment starts: `alice WITH GRANT
+/// OPTION` must not become part of a GRANT); the timestamp as the server formats it.
+pub fn tenant_value_ok(name: &str, value: &str) -> bool {
+    if value.is_empty() || value.len() > 63 {
+        return false;
+    }
+    if name == "flyway:timestamp" {
+        return value
             .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | ' ' | '.' | ':' | '-'))
+            .all(|c| c.is_ascii_digit() || matches!(c, '-' | ' ' | ':'));
+    }
+    value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         && !value.contains("--")
         && !value.starts_with('-')
         && !value.ends_with('-')
+}
+
+/// Checks a custom placeholder prefix or suffix: one made of quote or comment
+/// characters could turn a comment into code once replaced.
+fn check_delimiter(key: &str, value: &str) -> Result<(), String> {
+    if value.contains(['\'', '"', ';', '\n', '\r'])
+        || value.contains("--")
+        || value.contains("/*")
+        || value.contains("*/")
+    {
+        return Err(format!(
+            "{key} {value:?} holds quote, `;` or comment characters: pick another"
+        ));
+    }
+    Ok(())
+}
+
+/// Why substitution stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubstituteError {
+    /// No value for the placeholder at this byte offset.
+    Missing { at: usize, name: String },
+    /// The text would grow past the limit.
+    TooLarge { limit: usize },
 }
 
 /// What a placeholder name resolves to.
@@ -481,15 +495,16 @@ pub enum Lookup<'a> {
 }
 
 /// Replaces `prefix name suffix` in `text`, in one pass (a value is never scanned
-/// again), as Flyway does: a prefix with no suffix on the same line is plain text.
-/// Returns the text and whether a placeholder was deferred, or the byte offset and
-/// name of the first one without a value.
+/// again), as Flyway does: the name runs to the first suffix on the same line; a prefix
+/// with no suffix on its line is plain text. Linear in the text; the result may not grow
+/// past `limit` bytes. Returns the text and whether a placeholder was deferred.
 pub fn substitute<'v>(
     text: &str,
     prefix: &str,
     suffix: &str,
+    limit: usize,
     lookup: impl Fn(&str) -> Lookup<'v>,
-) -> Result<(String, bool), (usize, String)> {
+) -> Result<(String, bool), SubstituteError> {
     let mut out = String::with_capacity(text.len());
     let mut deferred = false;
     let mut rest = text;
@@ -498,9 +513,11 @@ pub fn substitute<'v>(
         let after = &rest[at + prefix.len()..];
         let line_end = after.find(['\n', '\r']).unwrap_or(after.len());
         let Some(len) = after[..line_end].find(suffix).filter(|&l| l > 0) else {
-            out.push_str(&rest[..at + prefix.len()]);
-            offset += at + prefix.len();
-            rest = after;
+            // No placeholder ends on this line: nothing more on it is one.
+            let skip = at + prefix.len() + line_end;
+            out.push_str(&rest[..skip]);
+            offset += skip;
+            rest = &rest[skip..];
             continue;
         };
         let name = &after[..len];
@@ -512,12 +529,23 @@ pub fn substitute<'v>(
                 deferred = true;
                 out.push_str(&rest[at..whole]);
             }
-            Lookup::Missing => return Err((offset + at, name.to_string())),
+            Lookup::Missing => {
+                return Err(SubstituteError::Missing {
+                    at: offset + at,
+                    name: name.to_string(),
+                });
+            }
+        }
+        if out.len() > limit {
+            return Err(SubstituteError::TooLarge { limit });
         }
         offset += whole;
         rest = &rest[whole..];
     }
     out.push_str(rest);
+    if out.len() > limit {
+        return Err(SubstituteError::TooLarge { limit });
+    }
     Ok((out, deferred))
 }
 
@@ -529,14 +557,15 @@ mod tests {
     fn conf_files_read_as_java_properties() {
         let cfg = parse_conf(
             "# comment\n! also a comment\nflyway.placeholders.owner = app_owner\n\
-             flyway.placeholders.motd=Hello\\, world \\\n   again\n\
+             flyway.placeholders.motd=C:\\temp\\x, world \\\n   again\n\
              flyway.table: history\nflyway.schemas=app,audit\n\
              flyway.sqlMigrationSuffixes=.sql,.pgsql\nflyway.url=jdbc:postgresql://x/y\n\
              flyway.outOfOrder=true\nflyway.mixed=true\nother.key=1\n",
         )
         .expect("valid");
         assert_eq!(cfg.placeholders["owner"], "app_owner");
-        assert_eq!(cfg.placeholders["motd"], "Hello, world again");
+        // Backslashes are literal, as Flyway reads them; a trailing one continues.
+        assert_eq!(cfg.placeholders["motd"], "C:\\temp\\x, world again");
         assert_eq!(cfg.table.as_deref(), Some("history"));
         assert_eq!(cfg.default_schema.as_deref(), Some("app"));
         assert_eq!(cfg.naming.suffixes, [".sql", ".pgsql"]);
@@ -577,7 +606,8 @@ mod tests {
         assert!(e.contains("share the prefix"), "{e}");
         let (_, e) = parse_conf("flyway.encoding=EBCDIC\n").expect_err("encoding");
         assert!(e.contains("not supported"), "{e}");
-        let (_, e) = parse_conf("flyway.placeholders.flyway\\:user=x\n").expect_err("builtin");
+        let (_, e) =
+            parse_toml("[flyway.placeholders]\n\"flyway:user\" = \"x\"\n").expect_err("builtin");
         assert!(e.contains("built-ins"), "{e}");
         assert!(parse_toml("[flyway\n").is_err());
         let (line, e) = parse_script_conf("executeInTransaction=false\nexecuteInTransacton=true\n")
@@ -594,13 +624,34 @@ mod tests {
             "flyway:user" => Lookup::Deferred,
             _ => Lookup::Missing,
         };
-        let (out, deferred) =
-            substitute("x ${a} ${b} ${flyway:user} $ {a} ${\n}", "${", "}", lookup).expect("ok");
+        let (out, deferred) = substitute(
+            "x ${a} ${b} ${flyway:user} $ {a} ${\n}",
+            "${",
+            "}",
+            1000,
+            lookup,
+        )
+        .expect("ok");
         assert_eq!(out, "x ${b} B ${flyway:user} $ {a} ${\n}");
         assert!(deferred);
-        let (at, name) =
-            substitute("ok;\nselect '${nope}';", "${", "}", lookup).expect_err("missing");
-        assert_eq!((at, name.as_str()), (12, "nope"));
+        let missing =
+            substitute("ok;\nselect '${nope}';", "${", "}", 1000, lookup).expect_err("missing");
+        assert_eq!(
+            missing,
+            SubstituteError::Missing {
+                at: 12,
+                name: "nope".into()
+            }
+        );
+        // Growth is bounded, and a line of prefixes without a suffix is one step.
+        let big = "${b}".repeat(100);
+        assert_eq!(
+            substitute(&big, "${", "}", 50, |_| Lookup::Value("0123456789")),
+            Err(SubstituteError::TooLarge { limit: 50 })
+        );
+        let prefixes = "${".repeat(200_000);
+        let (same, _) = substitute(&prefixes, "${", "}", usize::MAX, lookup).expect("plain text");
+        assert_eq!(same, prefixes);
     }
 
     #[test]
@@ -616,14 +667,28 @@ mod tests {
     }
 
     #[test]
-    fn tenant_values_that_could_change_how_a_script_splits_are_refused() {
-        for ok in ["tenant_0001", "tenant-42", "2024-01-01 12:00:00", "app.v2"] {
-            assert!(tenant_value_ok(ok), "{ok}");
+    fn tenant_values_that_could_change_what_a_statement_says_are_refused() {
+        for ok in ["tenant_0001", "tenant-42", "App2"] {
+            assert!(tenant_value_ok("flyway:database", ok), "{ok}");
         }
+        assert!(tenant_value_ok("flyway:timestamp", "2024-01-01 12:00:00"));
         for bad in [
-            "", "a'b", "a;b", "a--b", "-a", "a-", "$x$", "a\nb", "a\"b", "a/*b",
+            "",
+            "a'b",
+            "a;b",
+            "a--b",
+            "-a",
+            "a-",
+            "$x$",
+            "a\nb",
+            "a\"b",
+            "a/*b",
+            "app.v2",
+            "alice WITH GRANT OPTION",
+            "x AUTHORIZATION postgres",
         ] {
-            assert!(!tenant_value_ok(bad), "{bad}");
+            assert!(!tenant_value_ok("flyway:user", bad), "{bad}");
         }
+        assert!(!tenant_value_ok("flyway:timestamp", "now'"));
     }
 }

@@ -156,9 +156,11 @@ impl Script {
 #[derive(Debug, Clone)]
 pub struct Bundle {
     id: String,
-    scripts: Vec<Script>,
+    /// Shared: a tenant's copy ([`Bundle::for_tenant`]) replaces only the scripts it
+    /// fills in.
+    scripts: Vec<std::sync::Arc<Script>>,
     /// Every file as given (scripts and config files): what is uploaded and stored.
-    files: Vec<BundleFile>,
+    files: std::sync::Arc<[BundleFile]>,
     /// The wave's placeholder values (`--placeholder`), part of the id.
     placeholders: BTreeMap<String, String>,
     /// The folder's `flyway.conf`/`flyway.toml`, or Flyway's defaults.
@@ -172,6 +174,10 @@ pub struct Bundle {
 pub struct BundleOptions {
     /// `--placeholder name=value`: over the folder config's `placeholders.*`.
     pub placeholders: BTreeMap<String, String>,
+    /// A bundle stored before Flotilla replaced placeholders: its scripts run as
+    /// written, as they did when it was stored (its id says nothing about
+    /// replacement, so it must not start replacing now).
+    pub as_written: bool,
 }
 
 /// One thing wrong with a bundle, located as precisely as it can be.
@@ -293,7 +299,19 @@ impl Bundle {
             flyway::check_wave_placeholder(name, value).map_err(BundleError::Placeholder)?;
         }
         let mut notes = Vec::new();
-        let config = folder_config(&files, &mut problems, &mut notes);
+        let mut config = folder_config(&files, &mut problems, &mut notes);
+        if options.as_written {
+            config.replacement = false;
+        }
+        for file in &files {
+            if file.name.chars().any(char::is_control) {
+                problems.push(Problem {
+                    file: file.name.escape_debug().to_string(),
+                    line: None,
+                    message: "a file name cannot hold control characters".to_string(),
+                });
+            }
+        }
         // Per-script `.sql.conf` files, by the script they belong to.
         let mut script_configs = BTreeMap::new();
         for file in &files {
@@ -407,8 +425,8 @@ impl Bundle {
         let id = bundle_id(&scripts, &files, &config.naming, &options.placeholders);
         Ok(Self {
             id,
-            scripts,
-            files,
+            scripts: scripts.into_iter().map(std::sync::Arc::new).collect(),
+            files: files.into(),
             placeholders: options.placeholders.clone(),
             config,
             notes,
@@ -422,7 +440,7 @@ impl Bundle {
     }
 
     /// The scripts in the order they apply.
-    pub fn scripts(&self) -> &[Script] {
+    pub fn scripts(&self) -> &[std::sync::Arc<Script>] {
         &self.scripts
     }
 
@@ -453,48 +471,91 @@ impl Bundle {
     }
 
     /// This bundle with the tenant's own placeholders (`${flyway:database}`, …) filled
-    /// in from `values` (name → value, as the tenant's server gave them). Each value
-    /// must pass [`flyway::tenant_value_ok`], so no script splits differently: the
-    /// statements are those the bundle was validated with. The id and checksums stay.
+    /// in from `values` (name → value, as the tenant's server gave them). The scripts
+    /// are rendered again from their text in one pass (a wave's value holding `${…}` is
+    /// never read as a placeholder); each tenant value must pass
+    /// [`flyway::tenant_value_ok`], and every statement must keep the shape it was
+    /// validated with (same pieces, same leading keywords). Scripts without such
+    /// placeholders are shared, not copied; the id and checksums stay.
     pub fn for_tenant(&self, values: &BTreeMap<&str, String>) -> Result<Bundle, String> {
+        let mut effective = self.config.placeholders.clone();
+        effective.extend(self.placeholders.clone());
+        let context = ParseContext {
+            config: &self.config,
+            placeholders: &effective,
+        };
+        let (prefix, suffix) = (&self.config.prefix, &self.config.suffix);
         let mut out = self.clone();
-        for script in out.scripts.iter_mut().filter(|s| s.tenant_placeholders) {
-            let lookup = |name: &str| match values.get(name) {
-                Some(v) => flyway::Lookup::Value(v.as_str()),
-                None => flyway::Lookup::Missing,
-            };
-            let (sql, _) = flyway::substitute(
-                &script.sql,
-                &self.config.prefix,
-                &self.config.suffix,
-                lookup,
-            )
-            .map_err(|(_, name)| {
-                format!(
-                    "{}: the tenant gave no value for placeholder {name}",
-                    script.name
-                )
-            })?;
+        for slot in out.scripts.iter_mut().filter(|s| s.tenant_placeholders) {
+            let script: &Script = slot;
             for (name, value) in values {
-                if script.sql.contains(*name) && !flyway::tenant_value_ok(value) {
+                let used = script.text.contains(&format!("{prefix}{name}{suffix}"));
+                if used && !flyway::tenant_value_ok(name, value) {
                     return Err(format!(
                         "{}: the tenant's {name} is {value:?}, which cannot stand in for a \
-                         placeholder without changing how the script reads (quotes, `;`, `$`, \
-                         comments or line breaks); give the value as a wave placeholder instead",
+                         placeholder without changing what a statement says (only letters, \
+                         digits, `_` and inner `-`); give the value as a wave placeholder",
                         script.name
                     ));
                 }
             }
+            let lookup = |name: &str| match context.lookup(&script.name, name) {
+                flyway::Lookup::Deferred => match values.get(name) {
+                    Some(v) => flyway::Lookup::Value(v.as_str()),
+                    None => flyway::Lookup::Missing,
+                },
+                other => other,
+            };
+            let (sql, _) = flyway::substitute(
+                strip_bom(&script.text),
+                prefix,
+                suffix,
+                MAX_SCRIPT_BYTES as usize,
+                lookup,
+            )
+            .map_err(|e| match e {
+                flyway::SubstituteError::Missing { name, .. } => {
+                    format!(
+                        "{}: the tenant gave no value for placeholder {name}",
+                        script.name
+                    )
+                }
+                flyway::SubstituteError::TooLarge { limit } => {
+                    format!(
+                        "{}: with the tenant's values it is over {limit} bytes",
+                        script.name
+                    )
+                }
+            })?;
             let statements = sql::split(&sql).map_err(|e| format!("{}: {e}", script.name))?;
-            if statements.len() != script.statements.len() {
+            // The same pieces, each the same command, classified the same way (a user
+            // named `concurrently` must not turn an index build into another kind).
+            let class = |st: &Statement| {
+                (
+                    st.is_blank(),
+                    st.leading.first().cloned(),
+                    rules::refused_in_transaction(&st.leading).is_some(),
+                    rules::transaction_control(&st.leading).is_some(),
+                    rules::session_setting(&st.leading),
+                )
+            };
+            let same_shape = statements.len() == script.statements.len()
+                && statements
+                    .iter()
+                    .zip(&script.statements)
+                    .all(|(a, b)| class(a) == class(b));
+            if !same_shape {
                 return Err(format!(
-                    "{}: the tenant's placeholder values change how the script splits",
+                    "{}: the tenant's placeholder values change how the script reads (a \
+                     statement that begins with one, or a different split)",
                     script.name
                 ));
             }
-            script.sql = sql;
-            script.statements = statements;
-            script.tenant_placeholders = false;
+            let mut filled = script.clone();
+            filled.sql = sql;
+            filled.statements = statements;
+            filled.tenant_placeholders = false;
+            *slot = std::sync::Arc::new(filled);
         }
         Ok(out)
     }
@@ -704,7 +765,13 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleE
         .iter()
         .filter(|n| names.iter().any(|name| name == *n))
         .find_map(|n| {
-            let text = std::fs::read_to_string(root.join(n)).ok()?;
+            // Only a small regular file inside the folder (not a link to /dev/zero).
+            let path = root.join(n).canonicalize().ok()?;
+            let meta = std::fs::metadata(&path).ok()?;
+            if !path.starts_with(&root) || !meta.is_file() || meta.len() > 1024 * 1024 {
+                return None;
+            }
+            let text = std::fs::read_to_string(&path).ok()?;
             let config = if *n == flyway::TOML {
                 flyway::parse_toml(&text)
             } else {
@@ -767,6 +834,11 @@ fn read_dir_files(dir: &Path) -> Result<(Vec<BundleFile>, Vec<Problem>), BundleE
     Ok((files, problems))
 }
 
+/// `text` without a leading byte-order mark.
+fn strip_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// Parses a file name into its kind and description, with the folder's naming.
 fn parse_name(name: &str, naming: &flyway::Naming) -> Result<(ScriptKind, String), String> {
     let shape = || {
@@ -804,7 +876,10 @@ fn parse_name(name: &str, naming: &flyway::Naming) -> Result<(ScriptKind, String
     {
         return Ok((ScriptKind::Repeatable, describe(desc)?));
     }
-    for (prefix, baseline) in [(&naming.versioned, false), (&naming.baseline, true)] {
+    // The longest prefix first, as Flyway matches them (`V` and `VB` can both be set).
+    let mut kinds = [(&naming.versioned, false), (&naming.baseline, true)];
+    kinds.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    for (prefix, baseline) in kinds {
         if let Some(rest) = stem.strip_prefix(prefix.as_str())
             && let Some((version, desc)) = rest.split_once(naming.separator.as_str())
         {
@@ -901,12 +976,27 @@ fn parse_script(
         }
     };
     let text_lines = LineIndex::new(&text);
+    // A byte-order mark is not SQL (PostgreSQL refuses it, Flyway drops it); the text
+    // as written keeps it for the checksums.
     let (sql, tenant_placeholders) = if script_config.replacement.unwrap_or(config.replacement) {
-        match flyway::substitute(&text, &config.prefix, &config.suffix, |n| {
-            context.lookup(&name, n)
-        }) {
+        match flyway::substitute(
+            strip_bom(&text),
+            &config.prefix,
+            &config.suffix,
+            MAX_SCRIPT_BYTES as usize,
+            |n| context.lookup(&name, n),
+        ) {
             Ok(done) => done,
-            Err((at, placeholder)) => {
+            Err(flyway::SubstituteError::TooLarge { limit }) => {
+                return Err(vec![problem(
+                    None,
+                    format!("with its placeholders replaced the script is over {limit} bytes"),
+                )]);
+            }
+            Err(flyway::SubstituteError::Missing {
+                at,
+                name: placeholder,
+            }) => {
                 let hint = match placeholder.as_str() {
                     "flyway:workingDirectory" | "flyway:environment" => {
                         "Flotilla has no such value".to_string()
@@ -915,8 +1005,9 @@ fn parse_script(
                         "give it with `--placeholder {p}=VALUE` or as flyway.placeholders.{p} in flyway.conf"
                     ),
                 };
+                let bom = text.len() - strip_bom(&text).len();
                 return Err(vec![problem(
-                    Some(text_lines.line(at)),
+                    Some(text_lines.line(at + bom)),
                     format!(
                         "no value for placeholder {}{placeholder}{}: {hint}",
                         config.prefix, config.suffix
@@ -925,7 +1016,7 @@ fn parse_script(
             }
         }
     } else {
-        (text.clone(), false)
+        (strip_bom(&text).to_string(), false)
     };
     let lines = LineIndex::new(&sql);
     let mut problems = Vec::new();
@@ -1422,6 +1513,7 @@ mod tests {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                ..Default::default()
             },
             "test",
         )
@@ -1504,6 +1596,16 @@ mod tests {
             e.contains("flyway:database") && e.contains("cannot stand in"),
             "{e}"
         );
+        // A user named `concurrently` would turn an index build into another kind of
+        // statement: the shape check refuses it even though the name is plain.
+        let index =
+            bundle(&[("V1__i.sql", "CREATE INDEX ${flyway:user} ON t (c);")]).expect("valid");
+        let mut values = BTreeMap::new();
+        values.insert("flyway:user", "concurrently".to_string());
+        let e = index
+            .for_tenant(&values)
+            .expect_err("changes the statement");
+        assert!(e.contains("change how the script reads"), "{e}");
     }
 
     #[test]
@@ -1622,5 +1724,29 @@ mod tests {
                 .any(|p| p.contains("both flyway.conf and flyway.toml")),
             "{p:?}"
         );
+    }
+
+    /// A byte-order mark is dropped from what runs (PostgreSQL would refuse it) but not
+    /// from what is hashed: directives and statement rules see the first line.
+    #[test]
+    fn a_byte_order_mark_is_not_sql() {
+        let text = "\u{feff}CREATE INDEX CONCURRENTLY i ON t (c);\n";
+        let b = bundle(&[("V1__i.sql", text)]).expect("valid");
+        let s = &b.scripts()[0];
+        assert_eq!(s.directives.transaction, TransactionUse::NoTransaction);
+        assert!(!s.sql.starts_with('\u{feff}'));
+        assert_eq!(s.checksum, checksum(text.as_bytes()));
+        let with_directive = "\u{feff}-- flotilla:lock-timeout 2s\nselect 1;";
+        let b = bundle(&[("V1__d.sql", with_directive)]).expect("valid");
+        assert_eq!(
+            b.scripts()[0].directives.lock_timeout,
+            Some(Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        let p = problem_texts(bundle(&[("V1__a\tb.sql", "select 1;")]));
+        assert!(p.iter().any(|p| p.contains("control characters")), "{p:?}");
     }
 }
