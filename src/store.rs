@@ -485,7 +485,18 @@ mod tests {
             store.save_tenant("w1", &t).expect("save");
             store.flush().expect("flush");
         }
-        let store = SledStore::open(dir.path()).expect("reopen");
+        // sled's background flusher may hold the file lock for a moment after the last
+        // handle is dropped (a new process never sees this: the lock dies with the old
+        // one); wait for it, bounded.
+        let mut reopened = SledStore::open(dir.path());
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            reopened = SledStore::open(dir.path());
+        }
+        let store = reopened.expect("reopen");
         let waves = store.load_waves().expect("waves");
         assert_eq!(waves.len(), 1);
         assert_eq!(waves[0].0, "w1");
