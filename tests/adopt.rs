@@ -382,29 +382,13 @@ async fn adoption_refuses_failed_drifted_dirty_and_missing_histories_and_writes_
 
     let (dirty, dsn) = tenant(cluster, "adopt_gm_dirty_").await;
     by_hand(cluster, &dirty, &b, &["V1__create_accounts.sql"]).await;
-    exec(
-        cluster,
-        &dirty,
-        "CREATE TABLE public.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
-         INSERT INTO public.schema_migrations VALUES (1, true);",
-    )
-    .await;
+    golang_migrate_history(cluster, &dirty, 1, true).await;
     let e = refusal(run(&b, &dsn, adopt("golang-migrate")).await);
     assert!(matches!(e, AdoptError::Dirty { .. }), "{e}");
 
     let (sqlx_failed, dsn) = tenant(cluster, "adopt_sqlx_failed_").await;
     by_hand(cluster, &sqlx_failed, &b, &["V1__create_accounts.sql"]).await;
-    exec(cluster, &sqlx_failed, SQLX_DDL).await;
-    exec(
-        cluster,
-        &sqlx_failed,
-        &format!(
-            "INSERT INTO public._sqlx_migrations (version, description, success, checksum, execution_time) \
-             VALUES (1, 'create accounts', false, '\\x{}', 1000)",
-            bundle::sqlx_checksum(&v1.sql)
-        ),
-    )
-    .await;
+    sqlx_history(cluster, &sqlx_failed, &v1.text, false).await;
     let e = refusal(run(&b, &dsn, adopt("sqlx")).await);
     assert!(matches!(e, AdoptError::SqlxFailed { .. }), "{e}");
 
@@ -422,6 +406,52 @@ async fn adoption_refuses_failed_drifted_dirty_and_missing_histories_and_writes_
             "{db}"
         );
     }
+}
+
+/// golang-migrate's table as it creates it, saying `version` is current (and `dirty`).
+async fn golang_migrate_history(cluster: &Cluster, db: &str, version: i64, dirty: bool) {
+    exec(
+        cluster,
+        db,
+        &format!(
+            "CREATE TABLE public.schema_migrations (version bigint NOT NULL PRIMARY KEY, \
+             dirty boolean NOT NULL);
+             INSERT INTO public.schema_migrations VALUES ({version}, {dirty});"
+        ),
+    )
+    .await;
+}
+
+/// dbmate's table as it creates it, one row per version.
+async fn dbmate_history(cluster: &Cluster, db: &str, versions: &[&str]) {
+    let rows: Vec<String> = versions.iter().map(|v| format!("('{v}')")).collect();
+    exec(
+        cluster,
+        db,
+        &format!(
+            "CREATE TABLE public.schema_migrations (version character varying(128) NOT NULL \
+             PRIMARY KEY);
+             INSERT INTO public.schema_migrations VALUES {};",
+            rows.join(", ")
+        ),
+    )
+    .await;
+}
+
+/// sqlx's table as it creates it, with one row for version 1 whose checksum is the
+/// SHA-384 of `ran` (the file as sqlx ran it).
+async fn sqlx_history(cluster: &Cluster, db: &str, ran: &str, success: bool) {
+    exec(cluster, db, SQLX_DDL).await;
+    exec(
+        cluster,
+        db,
+        &format!(
+            "INSERT INTO public._sqlx_migrations (version, description, success, checksum, \
+             execution_time) VALUES (1, 'create accounts', {success}, '\\x{}', 1000)",
+            bundle::sqlx_checksum(ran)
+        ),
+    )
+    .await;
 }
 
 /// sqlx's table, as sqlx creates it for PostgreSQL.
@@ -451,13 +481,7 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
 
     let (gm, dsn) = tenant(cluster, "adopt_gm_").await;
     by_hand(cluster, &gm, &b, &first_three).await;
-    exec(
-        cluster,
-        &gm,
-        "CREATE TABLE public.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
-         INSERT INTO public.schema_migrations VALUES (2, false);",
-    )
-    .await;
+    golang_migrate_history(cluster, &gm, 2, false).await;
     // golang-migrate's 2 covers 1, 1.1 (and nothing of 2.3, which is later): 2.3 runs,
     // and fails, because it was already run by hand beyond what the tool recorded.
     match run(&b, &dsn, adopt("golang-migrate")).await {
@@ -470,13 +494,7 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
 
     let (gm, dsn) = tenant(cluster, "adopt_gm_ok_").await;
     by_hand(cluster, &gm, &b, &first_three).await;
-    exec(
-        cluster,
-        &gm,
-        "CREATE TABLE public.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
-         INSERT INTO public.schema_migrations VALUES (3, false);",
-    )
-    .await;
+    golang_migrate_history(cluster, &gm, 3, false).await;
     // 3 covers 1, 1.1, 2.3 and 3: what golang-migrate ran, V3's index included.
     by_hand(cluster, &gm, &b, &["V3__index_accounts_plan.sql"]).await;
     let outcome = run(&b, &dsn, adopt("golang-migrate")).await;
@@ -493,13 +511,7 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
 
     let (dbmate, dsn) = tenant(cluster, "adopt_dbmate_").await;
     by_hand(cluster, &dbmate, &b, &first_three).await;
-    exec(
-        cluster,
-        &dbmate,
-        "CREATE TABLE public.schema_migrations (version character varying(128) NOT NULL PRIMARY KEY);
-         INSERT INTO public.schema_migrations VALUES ('1'), ('1.1'), ('2.3');",
-    )
-    .await;
+    dbmate_history(cluster, &dbmate, &["1", "1.1", "2.3"]).await;
     let outcome = run(&b, &dsn, adopt("dbmate")).await;
     assert_eq!(applied_names(&outcome).len(), 4, "{outcome:?}");
     assert_eq!(
@@ -515,17 +527,7 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
     let v1 = script(&b, "V1__create_accounts.sql");
     let (sqlx, dsn) = tenant(cluster, "adopt_sqlx_").await;
     by_hand(cluster, &sqlx, &b, &["V1__create_accounts.sql"]).await;
-    exec(cluster, &sqlx, SQLX_DDL).await;
-    exec(
-        cluster,
-        &sqlx,
-        &format!(
-            "INSERT INTO public._sqlx_migrations (version, description, success, checksum, execution_time) \
-             VALUES (1, 'create accounts', true, '\\x{}', 1000)",
-            bundle::sqlx_checksum(&v1.sql)
-        ),
-    )
-    .await;
+    sqlx_history(cluster, &sqlx, &v1.text, true).await;
     let outcome = run(&b, &dsn, adopt("sqlx")).await;
     assert_eq!(
         applied_names(&outcome).len(),
@@ -539,15 +541,11 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
 
     let (sqlx_changed, dsn) = tenant(cluster, "adopt_sqlx_drift_").await;
     by_hand(cluster, &sqlx_changed, &b, &["V1__create_accounts.sql"]).await;
-    exec(cluster, &sqlx_changed, SQLX_DDL).await;
-    exec(
+    sqlx_history(
         cluster,
         &sqlx_changed,
-        &format!(
-            "INSERT INTO public._sqlx_migrations (version, description, success, checksum, execution_time) \
-             VALUES (1, 'create accounts', true, '\\x{}', 1000)",
-            bundle::sqlx_checksum("CREATE TABLE accounts (id bigint);")
-        ),
+        "CREATE TABLE accounts (id bigint);",
+        true,
     )
     .await;
     let e = refusal(run(&b, &dsn, adopt("sqlx")).await);
@@ -739,13 +737,7 @@ async fn adoption_reads_only_what_it_should_and_records_nothing_it_cannot_follow
 
     let (gm_table, dsn) = tenant(cluster, "adopt_wrongtool_").await;
     exec(cluster, &gm_table, &v1.sql).await;
-    exec(
-        cluster,
-        &gm_table,
-        "CREATE TABLE public.schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
-         INSERT INTO public.schema_migrations VALUES (3, false);",
-    )
-    .await;
+    golang_migrate_history(cluster, &gm_table, 3, false).await;
     let e = refusal(run(&b, &dsn, adopt("dbmate")).await);
     assert!(e.to_string().contains("golang-migrate"), "{e}");
 
@@ -763,13 +755,7 @@ async fn adoption_reads_only_what_it_should_and_records_nothing_it_cannot_follow
     // dbmate says 1 and 3 ran, not 2: applying 2 after 3 needs out-of-order.
     let (gap, dsn) = tenant(cluster, "adopt_gap_").await;
     exec(cluster, &gap, &v1.sql).await;
-    exec(
-        cluster,
-        &gap,
-        "CREATE TABLE public.schema_migrations (version varchar(128) PRIMARY KEY);
-         INSERT INTO public.schema_migrations VALUES ('1'), ('3');",
-    )
-    .await;
+    dbmate_history(cluster, &gap, &["1", "3"]).await;
     match run(&b, &dsn, adopt("dbmate")).await {
         Outcome::Failed {
             error: ApplyError::Plan(e),
