@@ -523,6 +523,25 @@ async fn adopting_from_golang_migrate_dbmate_and_sqlx() {
         reference
     );
 
+    // Migrated by hand, no tool at all: --baseline-version 2.3.
+    let (by_hand_db, dsn) = tenant(cluster, "adopt_baseline_version_").await;
+    by_hand(cluster, &by_hand_db, &b, &first_three).await;
+    let outcome = run(
+        &b,
+        &dsn,
+        Some(Prior::BaselineVersion("2.3".parse().expect("version"))),
+    )
+    .await;
+    assert_eq!(applied_names(&outcome).len(), 4, "{outcome:?}");
+    assert_eq!(
+        count(cluster, &by_hand_db, "SELECT count(*) FROM plans").await,
+        2
+    );
+    assert_eq!(
+        cluster.dump_schema(&by_hand_db, EXCLUDE).expect("dump"),
+        reference
+    );
+
     // sqlx versions are integers: V1 ran under sqlx.
     let v1 = script(&b, "V1__create_accounts.sql");
     let (sqlx, dsn) = tenant(cluster, "adopt_sqlx_").await;

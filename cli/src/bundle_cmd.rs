@@ -66,7 +66,7 @@ fn inspect(bundle: &Bundle, output: Output) {
             "bundle_id": bundle.id(),
             "scripts": bundle.scripts().iter().map(|s| json!({
                 "kind": s.kind.as_str(),
-                "version": s.version().map(|v| v.to_string()),
+                "version": s.version().or(s.kind.baseline_version()).map(|v| v.to_string()),
                 "name": s.name,
                 "description": s.description,
                 "checksum": s.checksum,
@@ -87,6 +87,7 @@ fn inspect(bundle: &Bundle, output: Output) {
                         (i + 1).to_string(),
                         s.kind.as_str().to_string(),
                         s.version()
+                            .or(s.kind.baseline_version())
                             .map(|v| v.to_string())
                             .unwrap_or_else(|| "-".into()),
                         s.name.clone(),

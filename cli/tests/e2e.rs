@@ -1632,3 +1632,137 @@ async fn placeholders_travel_with_the_wave_and_survive_a_restart() {
         "{lint:?}"
     );
 }
+
+/// Issue 12, the whole switch-over on a Flyway project folder as it is
+/// (`tests/fixtures/bundles/flyway_conf`: flyway.conf with its history table and
+/// placeholders, a `.sql.conf`, a `B2` baseline migration, a `U2` undo script): `plan
+/// --adopt flyway` shows a new tenant getting B2 and a Flyway-migrated one adopting V1
+/// and V2 from the table the conf names; the wave does both, counts them, and the two
+/// tenants end with the same schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flyway_project_folder_switches_over_as_it_is() {
+    let cluster = shared();
+    let folder =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/bundles/flyway_conf");
+    let bundle = flotilla::bundle::Bundle::load_dir(&folder).expect("the fixture loads");
+    let rows = tenants(cluster, "e_fwconf_", 2).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    // The second tenant as Flyway left it: V1 and V2 ran, recorded in the conf's table.
+    let migrated = &rows[1].0;
+    let c = cluster.connect(migrated).await.expect("connect");
+    let script = |name: &str| {
+        bundle
+            .scripts()
+            .iter()
+            .find(|s| s.name == name)
+            .expect("script")
+            .clone()
+    };
+    let (v1, v2) = (script("V1__events.sql"), script("V2__events_at_index.sql"));
+    c.batch_execute(&v1.sql).await.expect("V1 as Flyway ran it");
+    for statement in v2.sql.split(";\n").filter(|s| !s.trim().is_empty()) {
+        c.batch_execute(statement)
+            .await
+            .expect("V2 as Flyway ran it");
+    }
+    c.batch_execute(&format!(
+        "CREATE TABLE public.migration_history (installed_rank int PRIMARY KEY, \
+         version varchar(50), description varchar(200) NOT NULL, type varchar(20) NOT NULL, \
+         script varchar(1000) NOT NULL, checksum int, installed_by varchar(100) NOT NULL, \
+         installed_on timestamp NOT NULL DEFAULT now(), execution_time int NOT NULL, \
+         success boolean NOT NULL);
+         INSERT INTO public.migration_history VALUES
+           (1, '1', 'events', 'SQL', 'V1__events.sql', {}, 'deployer', now(), 5, true),
+           (2, '2', 'events at index', 'SQL', 'V2__events_at_index.sql', {}, 'deployer', now(), 5, true);",
+        flotilla::bundle::flyway_checksum(&v1.text),
+        flotilla::bundle::flyway_checksum(&v2.text),
+    ))
+    .await
+    .expect("history as Flyway wrote it");
+
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let plan = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(&folder),
+            "--targets",
+            path(&csv),
+            "--adopt",
+            "flyway",
+        ],
+    )
+    .await;
+    assert_eq!(plan.code, 0, "{plan:?}");
+    let steps = |n: usize| -> Vec<String> {
+        plan.json()["tenants"][n]["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {}",
+                    s["action"].as_str().unwrap_or(""),
+                    s["script"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        steps(0),
+        [
+            "apply B2__events_baseline.sql",
+            "apply V3__event_kind.sql",
+            "apply R__grants.sql"
+        ]
+    );
+    assert_eq!(
+        steps(1),
+        [
+            "baseline V1__events.sql",
+            "baseline V2__events_at_index.sql",
+            "apply V3__event_kind.sql",
+            "apply R__grants.sql"
+        ]
+    );
+    assert!(
+        plan.stderr.contains("warning: U2__events_at_index.sql"),
+        "{}",
+        plan.stderr
+    );
+
+    let wave = flotilla(
+        &server,
+        &start_args(
+            &folder,
+            &csv,
+            &["--adopt", "flyway", "--wait", "--output", "json"],
+        ),
+    )
+    .await;
+    assert_eq!(wave.code, 0, "{wave:?}");
+    let done = wave.json();
+    assert_eq!(
+        done["policy"]["adopt"], "flyway=public.migration_history",
+        "{done}"
+    );
+    assert_eq!(done["tenants"]["baselined_tenants"], 2, "{done}");
+    assert_eq!(done["tenants"]["baselined_scripts"], 4, "{done}");
+    let exclude = ["flotilla", "public.migration_history"];
+    assert_eq!(
+        cluster.dump_schema(&rows[0].0, &exclude).expect("dump"),
+        cluster.dump_schema(migrated, &exclude).expect("dump"),
+        "a new tenant (B2) and an adopted one (V1, V2 under Flyway) end alike"
+    );
+    let comment: String = c
+        .query_one("SELECT obj_description('events'::regclass)", &[])
+        .await
+        .expect("comment")
+        .get(0);
+    assert_eq!(comment, "kept 30 days, history in migration_history");
+}
