@@ -103,6 +103,10 @@ pub struct Policy {
     /// Canonical form (`flyway=public.flyway_schema_history`).
     #[serde(default)]
     pub adopt: Option<String>,
+    /// Safety-lint rules waived for the whole wave (`--allow RULE`): a bundle with an
+    /// unwaived finding does not start.
+    #[serde(default)]
+    pub allow: Vec<String>,
     pub drift: DriftPolicy,
     pub order: OrderPolicy,
 }
@@ -137,6 +141,7 @@ impl Default for Policy {
             busy_timeout_ms: default_busy_timeout_ms(),
             baseline_version: None,
             adopt: None,
+            allow: Vec::new(),
             drift: DriftPolicy::Fail,
             order: OrderPolicy::Strict,
         }
@@ -277,6 +282,15 @@ impl Policy {
                         "baseline_version {v:?} is not a version (integers separated by . or _, e.g. 60 or 2.3)"
                     ))
                 })?;
+        }
+        if let Some(rule) = self
+            .allow
+            .iter()
+            .find(|r| !crate::bundle::safety::is_rule(r))
+        {
+            return bad(format!(
+                "allow {rule:?}: no such safety rule (`flotilla bundle rules` lists them)"
+            ));
         }
         if let Some(a) = &self.adopt {
             let source: crate::apply::adopt::Source = a

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use flotilla::bundle::{Bundle, BundleError, Problem, Script, TransactionUse};
+use flotilla::bundle::{Bundle, BundleError, Problem, Script, TransactionUse, safety};
 use serde_json::json;
 
 use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
-use crate::request::PlaceholderArgs;
+use crate::request::{AllowArgs, PlaceholderArgs};
 
 /// `flotilla bundle …`
 #[derive(Debug, Subcommand)]
@@ -20,13 +20,18 @@ pub enum BundleCommand {
         #[command(flatten)]
         placeholders: PlaceholderArgs,
     },
-    /// Check a bundle; exits 6 when it has errors.
+    /// Check a bundle, safety rules included; exits 6 when it has errors or a safety
+    /// finding that is not waived.
     Lint {
         /// The bundle directory.
         dir: PathBuf,
         #[command(flatten)]
         placeholders: PlaceholderArgs,
+        #[command(flatten)]
+        allow: AllowArgs,
     },
+    /// The safety rules, with what each is about.
+    Rules,
 }
 
 /// Runs a bundle command and says how the process should exit.
@@ -41,14 +46,28 @@ pub fn run(cmd: BundleCommand, output: Output) -> Exit {
                 Err(e) => report_error(&e, output),
             }
         }
-        BundleCommand::Lint { dir, placeholders } => {
-            match Bundle::load_dir_with(&dir, &placeholders.options()) {
-                Ok(bundle) => {
-                    lint_ok(&bundle, output);
-                    Exit::Ok
-                }
-                Err(e) => report_error(&e, output),
+        BundleCommand::Lint {
+            dir,
+            placeholders,
+            allow,
+        } => match Bundle::load_dir_with(&dir, &placeholders.options()) {
+            Ok(bundle) => lint_ok(&bundle, &allow.allow, output),
+            Err(e) => report_error(&e, output),
+        },
+        BundleCommand::Rules => {
+            match output {
+                Output::Json => print_json(&json!({
+                    "rules": safety::RULES.iter().map(|(id, why)| json!({"rule": id, "why": why})).collect::<Vec<_>>(),
+                })),
+                Output::Table => print_table(
+                    &["RULE", "WHY"],
+                    &safety::RULES
+                        .iter()
+                        .map(|(id, why)| vec![id.to_string(), why.to_string()])
+                        .collect::<Vec<_>>(),
+                ),
             }
+            Exit::Ok
         }
     }
 }
@@ -117,27 +136,45 @@ fn problem_json(p: &Problem) -> serde_json::Value {
     json!({ "file": p.file, "line": p.line, "message": p.message })
 }
 
-fn lint_ok(bundle: &Bundle, output: Output) {
+fn lint_ok(bundle: &Bundle, allow: &[String], output: Output) -> Exit {
     let warnings = bundle.warnings();
+    let findings: Vec<_> = safety::lint(bundle)
+        .iter()
+        .map(|f| flotilla::api::convert::safety_finding(f, allow))
+        .collect();
+    let unwaived = findings.iter().filter(|f| !f.waived).count();
     match output {
         Output::Json => print_json(&json!({
-            "ok": true,
+            "ok": unwaived == 0,
             "bundle_id": bundle.id(),
             "errors": [],
             "warnings": warnings.iter().map(problem_json).collect::<Vec<_>>(),
+            "safety": findings.iter().map(crate::render::safety_json).collect::<Vec<_>>(),
         })),
         Output::Table => {
             for w in &warnings {
                 eprintln!("warning: {w}");
             }
+            for f in &findings {
+                eprintln!("{}", crate::render::safety_line(f));
+            }
             println!(
-                "ok: {} scripts, bundle {}, {} warning{}",
+                "{}: {} scripts, bundle {}, {} warning{}, {} safety finding{} ({} waived)",
+                if unwaived == 0 { "ok" } else { "unsafe" },
                 bundle.scripts().len(),
                 bundle.id(),
                 warnings.len(),
-                if warnings.len() == 1 { "" } else { "s" }
+                if warnings.len() == 1 { "" } else { "s" },
+                findings.len(),
+                if findings.len() == 1 { "" } else { "s" },
+                findings.len() - unwaived,
             );
         }
+    }
+    if unwaived == 0 {
+        Exit::Ok
+    } else {
+        Exit::InvalidInput
     }
 }
 

@@ -11,7 +11,7 @@ use crate::client::{self, Failure};
 use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
 use crate::render;
-use crate::request::{PlaceholderArgs, TargetArgs, load_bundle};
+use crate::request::{AllowArgs, PlaceholderArgs, TargetArgs, load_bundle};
 
 /// `flotilla plan`.
 #[derive(Debug, Args)]
@@ -36,6 +36,8 @@ pub struct PlanArgs {
     /// adopted from the previous tool's history, applied, or refused and why.
     #[arg(long, value_name = "TOOL[=SCHEMA.TABLE]")]
     pub adopt: Option<String>,
+    #[command(flatten)]
+    pub allow: AllowArgs,
 }
 
 /// Runs a plan; exits 1 when some tenant could not be planned or would fail (drift,
@@ -56,10 +58,12 @@ pub async fn plan(
             allow_out_of_order: args.allow_out_of_order,
             baseline_version: args.baseline_version.clone().unwrap_or_default(),
             adopt: args.adopt.clone().unwrap_or_default(),
+            allow: args.allow.allow.clone(),
         })
         .await?
-        .into_inner()
-        .tenants;
+        .into_inner();
+    let (plans, findings) = (plans.tenants, plans.findings);
+    let unwaived = findings.iter().filter(|f| !f.waived).count();
     // Problems block (a wave would fail the tenant); notes do not.
     let blocked = plans.iter().filter(|p| !p.problems.is_empty()).count();
     let kind = |s: &v1::PlannedStep| {
@@ -124,6 +128,7 @@ pub async fn plan(
                 })).collect::<Vec<_>>(),
                 "notes": p.notes,
             })).collect::<Vec<_>>(),
+            "safety": findings.iter().map(crate::render::safety_json).collect::<Vec<_>>(),
         })),
         Output::Table => {
             print_table(
@@ -156,9 +161,17 @@ pub async fn plan(
                 baselining,
                 blocked
             );
+            for f in &findings {
+                eprintln!("{}", crate::render::safety_line(f));
+            }
+            if unwaived > 0 {
+                eprintln!(
+                    "{unwaived} safety finding(s) not waived: a wave would not start (--allow RULE, or -- flotilla:allow RULE reason)"
+                );
+            }
         }
     }
-    Ok(if blocked > 0 {
+    Ok(if blocked > 0 || unwaived > 0 {
         Exit::WaveFailed
     } else {
         Exit::Ok

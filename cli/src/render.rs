@@ -68,6 +68,7 @@ fn policy_json(p: &v1::Policy) -> Value {
         "allow_out_of_order": p.allow_out_of_order,
         "baseline_version": (!p.baseline_version.is_empty()).then_some(&p.baseline_version),
         "adopt": (!p.adopt.is_empty()).then_some(&p.adopt),
+        "allow": p.allow,
     })
 }
 
@@ -82,6 +83,7 @@ pub fn wave_json(w: &v1::Wave) -> Value {
         "tenants": counts_json(w.tenants.as_ref()),
         "policy": w.policy.as_ref().map(policy_json),
         "placeholders": w.placeholders.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "waivers": w.waivers,
         "history": w.history.iter().map(|h| json!({
             "from": (h.from != 0).then(|| wave_state(h.from)),
             "to": wave_state(h.to),
@@ -126,6 +128,37 @@ pub fn failure_line(e: &v1::TenantFailure) -> String {
     out
 }
 
+/// A safety finding as JSON (`plan`, `bundle lint`).
+pub fn safety_json(f: &v1::SafetyFinding) -> Value {
+    json!({
+        "rule": f.rule,
+        "script": f.script,
+        "line": (f.line > 0).then_some(f.line),
+        "table": (!f.table.is_empty()).then_some(&f.table),
+        "why": f.why,
+        "fix": f.fix,
+        "waived": f.waived,
+        "waiver": (!f.waiver.is_empty()).then_some(&f.waiver),
+    })
+}
+
+/// `error: V2__x.sql:3: rule (why); fix` or `waived: … (reason)`.
+pub fn safety_line(f: &v1::SafetyFinding) -> String {
+    let place = if f.line > 0 {
+        format!("{}:{}", f.script, f.line)
+    } else {
+        f.script.clone()
+    };
+    if f.waived {
+        format!("waived: {place}: {} ({})", f.rule, f.waiver)
+    } else {
+        format!(
+            "error: {place}: {} ({}); safe pattern: {}",
+            f.rule, f.why, f.fix
+        )
+    }
+}
+
 /// `40/100 done (38 succeeded, 2 failed, 0 cancelled) · 4 running · 56 pending`
 pub fn counts_line(c: Option<&v1::TenantCounts>) -> String {
     let c = c.cloned().unwrap_or_default();
@@ -168,6 +201,9 @@ pub fn print_wave(w: &v1::Wave) {
         if !p.baseline_version.is_empty() {
             println!("baseline up to version {}", p.baseline_version);
         }
+    }
+    for waiver in &w.waivers {
+        println!("waived   {waiver}");
     }
     let placeholders: std::collections::BTreeMap<_, _> = w.placeholders.iter().collect();
     for (name, value) in placeholders {

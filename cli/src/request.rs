@@ -91,6 +91,26 @@ fn invalid(e: flotilla::api::ApiError) -> Failure {
     Failure::new(Exit::InvalidInput, e.to_string())
 }
 
+/// `--allow RULE`: safety-lint rules waived for the whole wave.
+#[derive(Debug, Args, Clone, Default)]
+pub struct AllowArgs {
+    /// Waive a safety-lint rule for the whole wave (repeatable; `flotilla bundle rules`
+    /// lists them). Prefer `-- flotilla:allow RULE reason` in the one script that
+    /// needs it.
+    #[arg(long = "allow", value_name = "RULE", value_parser = parse_rule)]
+    pub allow: Vec<String>,
+}
+
+fn parse_rule(s: &str) -> Result<String, String> {
+    if flotilla::bundle::safety::is_rule(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "no such safety rule {s:?} (`flotilla bundle rules` lists them)"
+        ))
+    }
+}
+
 /// `--placeholder NAME=VALUE`, for commands that read a bundle.
 #[derive(Debug, Args, Clone, Default)]
 pub struct PlaceholderArgs {
@@ -246,6 +266,8 @@ pub struct PolicyArgs {
     /// `=schema.table`; a failed, dirty or changed history fails the tenant.
     #[arg(long, value_name = "TOOL[=SCHEMA.TABLE]")]
     pub adopt: Option<String>,
+    #[command(flatten)]
+    pub allow: AllowArgs,
     /// Apply even when an applied script's checksum changed.
     #[arg(long)]
     pub allow_drift: bool,
@@ -298,6 +320,7 @@ impl PolicyArgs {
             busy_timeout_ms: ms("--busy-timeout", self.busy_timeout, ZeroTimeout::Refused)?,
             baseline_version: self.baseline_version.clone().unwrap_or_default(),
             adopt: self.adopt.clone().unwrap_or_default(),
+            allow: self.allow.allow.clone(),
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

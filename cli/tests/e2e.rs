@@ -1766,3 +1766,109 @@ async fn a_flyway_project_folder_switches_over_as_it_is() {
         .get(0);
     assert_eq!(comment, "kept 30 days, history in migration_history");
 }
+
+/// Issue 14, the safety lint through the CLI: `bundle lint` names rule, file, line and
+/// the safe pattern and exits 6; `plan` reports the findings and exits 1; `wave start`
+/// is refused until each finding is waived, by `--allow RULE` or a script directive, and
+/// the waivers are shown by `wave status`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_statements_stop_a_wave_until_waived() {
+    let cluster = shared();
+    let sources: &[(&str, &str)] = &[
+        (
+            "V1__create_items.sql",
+            "CREATE TABLE items (id bigint PRIMARY KEY, name text);",
+        ),
+        (
+            "V2__index_name.sql",
+            "CREATE INDEX items_name ON items (name);",
+        ),
+        (
+            "V3__drop_legacy.sql",
+            "-- flotilla:allow ban-drop-column nothing reads it since 4.2\nALTER TABLE items ADD COLUMN legacy int;\nALTER TABLE items DROP COLUMN legacy;",
+        ),
+    ];
+    let (_rows, csv, dir, _work) = fleet(cluster, "e_lint_", 1, sources).await;
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let lint = flotilla(&server, &["bundle", "lint", path(dir.path())]).await;
+    assert_eq!(lint.code, 6, "{lint:?}");
+    assert!(
+        lint.stderr
+            .contains("error: V2__index_name.sql:1: require-concurrent-index-creation")
+            && lint.stderr.contains("CONCURRENTLY"),
+        "{}",
+        lint.stderr
+    );
+    assert!(
+        lint.stderr.contains(
+            "waived: V3__drop_legacy.sql:3: ban-drop-column (nothing reads it since 4.2)"
+        ),
+        "{}",
+        lint.stderr
+    );
+    let plan = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+        ],
+    )
+    .await;
+    assert_eq!(plan.code, 1, "{plan:?}");
+    assert_eq!(
+        plan.json()["safety"][0]["rule"],
+        "require-concurrent-index-creation"
+    );
+    assert_eq!(plan.json()["safety"][0]["waived"], false);
+
+    let refused = flotilla(&server, &start_args(dir.path(), &csv, &[])).await;
+    assert_eq!(refused.code, 6, "an unsafe bundle is invalid input: {refused:?}");
+    assert!(
+        refused.stderr.contains("safety finding")
+            && refused
+                .stderr
+                .contains("V2__index_name.sql:1: require-concurrent-index-creation"),
+        "{}",
+        refused.stderr
+    );
+    let nonsense = flotilla(
+        &server,
+        &start_args(dir.path(), &csv, &["--allow", "everything"]),
+    )
+    .await;
+    assert_eq!(nonsense.code, 2, "{nonsense:?}");
+    assert!(
+        nonsense.stderr.contains("no such safety rule"),
+        "{}",
+        nonsense.stderr
+    );
+
+    let wave = flotilla(
+        &server,
+        &start_args(
+            dir.path(),
+            &csv,
+            &[
+                "--allow",
+                "require-concurrent-index-creation",
+                "--wait",
+                "--output",
+                "json",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(wave.code, 0, "{wave:?}");
+    let waivers = wave.json()["waivers"].to_string();
+    assert!(
+        waivers.contains("require-concurrent-index-creation at V2__index_name.sql:1 (--allow require-concurrent-index-creation)")
+            && waivers.contains("ban-drop-column at V3__drop_legacy.sql:3 (nothing reads it since 4.2)"),
+        "{waivers}"
+    );
+}

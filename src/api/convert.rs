@@ -121,6 +121,26 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
         reason: w.reason.clone().unwrap_or_default(),
         history: w.history.iter().map(state_change).collect(),
         placeholders: w.placeholders.clone().into_iter().collect(),
+        waivers: w.waivers.clone(),
+    }
+}
+
+/// A safety finding on the wire, waived or not under the wave's `allow`.
+pub fn safety_finding(f: &crate::bundle::safety::Finding, allow: &[String]) -> v1::SafetyFinding {
+    let by_flag = allow.iter().any(|a| a == f.rule);
+    v1::SafetyFinding {
+        rule: f.rule.to_string(),
+        script: f.script.clone(),
+        line: f.line.unwrap_or(0),
+        table: f.table.clone().unwrap_or_default(),
+        why: f.why.to_string(),
+        fix: f.fix.to_string(),
+        waived: f.waived_by_script.is_some() || by_flag,
+        waiver: match (&f.waived_by_script, by_flag) {
+            (Some(reason), _) => reason.clone(),
+            (None, true) => format!("--allow {}", f.rule),
+            (None, false) => String::new(),
+        },
     }
 }
 
@@ -231,6 +251,7 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         busy_timeout_ms: Some(p.busy_timeout_ms),
         baseline_version: p.baseline_version.clone().unwrap_or_default(),
         adopt: p.adopt.clone().unwrap_or_default(),
+        allow: p.allow.clone(),
     }
 }
 
@@ -403,6 +424,7 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         busy_timeout_ms: p.busy_timeout_ms.unwrap_or(defaults.busy_timeout_ms),
         baseline_version: baseline_version(&p.baseline_version),
         adopt: adopt_source(&p.adopt),
+        allow: p.allow.clone(),
         drift: rules.drift,
         order: rules.order,
         ..defaults

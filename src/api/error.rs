@@ -50,7 +50,9 @@ impl ApiError {
                 | EngineError::NothingToRetry(_)
                 | EngineError::Unloadable { .. }
                 | EngineError::CanaryFailed { .. } => Code::FailedPrecondition,
-                EngineError::Policy(_) | EngineError::Targets(_) => Code::InvalidArgument,
+                EngineError::Policy(_) | EngineError::Targets(_) | EngineError::Unsafe(_) => {
+                    Code::InvalidArgument
+                }
                 EngineError::ShuttingDown => Code::Unavailable,
                 EngineError::Store(_) | EngineError::Secret(_) => Code::Internal,
             },

@@ -219,8 +219,13 @@ impl RolloutApi {
         let prior = Policy {
             baseline_version: convert::baseline_version(&r.baseline_version),
             adopt: convert::adopt_for_bundle(&r.adopt, &bundle),
+            allow: r.allow.clone(),
             ..Policy::default()
         };
+        let findings: Vec<v1::SafetyFinding> = crate::bundle::safety::lint(&bundle)
+            .iter()
+            .map(|f| convert::safety_finding(f, &prior.allow))
+            .collect();
         prior
             .validate()
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
@@ -259,6 +264,7 @@ impl RolloutApi {
         }
         Ok(v1::PlanResponse {
             tenants: plans.into_iter().flatten().collect(),
+            findings,
         })
     }
 
@@ -625,6 +631,7 @@ mod tests {
             created_at_ms: 0,
             history: Vec::new(),
             placeholders: Default::default(),
+            waivers: Vec::new(),
         }
     }
 

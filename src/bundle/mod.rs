@@ -11,6 +11,7 @@
 
 pub mod flyway;
 pub mod rules;
+pub mod safety;
 pub mod sql;
 pub mod version;
 
@@ -85,6 +86,12 @@ pub struct Directives {
     pub lock_timeout: Option<Duration>,
     /// `statement-timeout <duration>`: overrides the wave's for this script.
     pub statement_timeout: Option<Duration>,
+    /// `max-block <duration>`: how long an application query may wait on this script's
+    /// session before the watchdog cancels it; overrides the wave's.
+    pub max_block: Option<Duration>,
+    /// `allow <rule> <reason>` (repeatable): safety-lint rules waived for this script,
+    /// with why.
+    pub allow: Vec<(String, String)>,
 }
 
 impl Default for Directives {
@@ -93,6 +100,8 @@ impl Default for Directives {
             transaction: TransactionUse::Transactional,
             lock_timeout: None,
             statement_timeout: None,
+            max_block: None,
+            allow: Vec::new(),
         }
     }
 }
@@ -109,6 +118,14 @@ impl fmt::Display for Directives {
         }
         if let Some(d) = self.statement_timeout {
             parts.push(format!("statement-timeout={}ms", d.as_millis()));
+        }
+        if let Some(d) = self.max_block {
+            parts.push(format!("max-block={}ms", d.as_millis()));
+        }
+        let mut allowed: Vec<&str> = self.allow.iter().map(|(r, _)| r.as_str()).collect();
+        allowed.sort_unstable();
+        for rule in allowed {
+            parts.push(format!("allow={rule}"));
         }
         f.write_str(&parts.join(","))
     }
@@ -1154,7 +1171,7 @@ fn parse_directives(sql: &str) -> Result<Directives, (u32, String)> {
         let mut words = directive.split_whitespace();
         let key = words.next().unwrap_or("");
         let arg: Vec<&str> = words.collect();
-        if !seen.insert(key.to_string()) {
+        if key != "allow" && !seen.insert(key.to_string()) {
             return Err((line_no, format!("directive flotilla:{key} is given twice")));
         }
         let duration = || -> Result<Duration, (u32, String)> {
@@ -1198,12 +1215,51 @@ fn parse_directives(sql: &str) -> Result<Directives, (u32, String)> {
                     d.statement_timeout = Some(value);
                 }
             }
+            "max-block" => {
+                let value = duration()?;
+                crate::policy::timeout_ms(
+                    "flotilla:max-block",
+                    value,
+                    crate::policy::ZeroTimeout::Refused,
+                )
+                .map_err(|e| (line_no, e.0))?;
+                d.max_block = Some(value);
+            }
+            "allow" => {
+                let Some((rule, reason)) = arg.split_first() else {
+                    return Err((
+                        line_no,
+                        "flotilla:allow needs a rule and a reason, e.g. `-- flotilla:allow \
+                         ban-drop-column the app stopped reading it in 4.2`"
+                            .to_string(),
+                    ));
+                };
+                if !safety::is_rule(rule) {
+                    return Err((
+                        line_no,
+                        format!(
+                            "flotilla:allow {rule}: no such rule (`flotilla bundle rules` lists \
+                             them)"
+                        ),
+                    ));
+                }
+                if reason.is_empty() {
+                    return Err((
+                        line_no,
+                        format!("flotilla:allow {rule} needs a reason after the rule"),
+                    ));
+                }
+                if d.allow.iter().any(|(r, _)| r == rule) {
+                    return Err((line_no, format!("flotilla:allow {rule} is given twice")));
+                }
+                d.allow.push((rule.to_string(), reason.join(" ")));
+            }
             other => {
                 return Err((
                     line_no,
                     format!(
                         "unknown directive flotilla:{other} (known: no-transaction, \
-                         lock-timeout, statement-timeout)"
+                         lock-timeout, statement-timeout, max-block, allow)"
                     ),
                 ));
             }

@@ -117,6 +117,24 @@ impl BodyTracker {
 
 /// Splits `sql` into pieces that cover it exactly (see [`Statement`]).
 pub fn split(sql: &str) -> Result<Vec<Statement>, LexError> {
+    split_keeping(sql, MAX_LEADING_TOKENS)
+}
+
+/// Every significant token of one statement's text (not only the leading ones), for
+/// rules that read a whole statement (the safety lint). Text that does not lex gives
+/// what lexed before the problem.
+pub fn tokens(statement: &str) -> Vec<Token> {
+    split_keeping(statement, usize::MAX)
+        .ok()
+        .and_then(|mut pieces| {
+            let first = pieces.iter().position(|p| !p.is_blank())?;
+            Some(pieces.swap_remove(first).leading)
+        })
+        .unwrap_or_default()
+}
+
+/// [`split`], keeping up to `keep` leading tokens per piece.
+fn split_keeping(sql: &str, keep: usize) -> Result<Vec<Statement>, LexError> {
     let b = sql.as_bytes();
     let mut pieces = Vec::new();
     let mut start = 0;
@@ -130,7 +148,7 @@ pub fn split(sql: &str) -> Result<Vec<Statement>, LexError> {
         if first.is_none() {
             *first = Some(at);
         }
-        if leading.len() < MAX_LEADING_TOKENS {
+        if leading.len() < keep {
             leading.push(t);
         }
     };

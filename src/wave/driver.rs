@@ -74,6 +74,8 @@ impl RunObserver for NoObserver {
 pub(super) struct Wave {
     pub(super) id: String,
     pub(super) bundle: Arc<Bundle>,
+    /// The safety findings waived for this wave (worked out once: status is hot).
+    waivers: Vec<String>,
     slot: Mutex<Slot>,
     /// The ticket whose writes may go next; see the module doc.
     written: Mutex<u64>,
@@ -112,6 +114,7 @@ impl Wave {
     pub(super) fn status_of(&self, slot: &Slot) -> WaveStatus {
         let mut status = slot.status();
         status.placeholders = self.bundle.placeholders().clone();
+        status.waivers = self.waivers.clone();
         status
     }
 }
@@ -137,6 +140,7 @@ impl Slot {
                 created_at_ms: record.created_at_ms,
                 history: record.history.clone(),
                 placeholders: Default::default(),
+                waivers: Vec::new(),
             },
         }
     }
@@ -205,8 +209,13 @@ impl Wave {
             }
         };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let waivers = crate::bundle::safety::waivers(
+            &crate::bundle::safety::lint(&bundle),
+            &record.policy.allow,
+        );
         Ok(Arc::new(Self {
             id: record.id.clone(),
+            waivers,
             bundle,
             slot: Mutex::new(Slot {
                 body,

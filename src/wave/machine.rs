@@ -300,6 +300,7 @@ impl Machine {
             history: self.record.history.clone(),
             // The machine does not hold the bundle; the wave fills these in.
             placeholders: Default::default(),
+            waivers: Vec::new(),
         }
     }
 

@@ -79,6 +79,22 @@ pub enum EngineError {
         "wave {wave}: canary tenant {tenant:?} failed; retry it, or resume with --accept-canary-failure to go on without it"
     )]
     CanaryFailed { wave: String, tenant: String },
+    #[error("{}", unsafe_message(.0))]
+    Unsafe(Vec<crate::bundle::safety::Finding>),
+}
+
+fn unsafe_message(findings: &[crate::bundle::safety::Finding]) -> String {
+    let mut out = format!(
+        "the bundle has {} safety finding{} a wave does not start with; fix them, or waive \
+         each with `--allow RULE` on the wave or `-- flotilla:allow RULE reason` in the script:",
+        findings.len(),
+        if findings.len() == 1 { "" } else { "s" }
+    );
+    for f in findings {
+        out.push_str("\n  ");
+        out.push_str(&f.to_string());
+    }
+    out
 }
 
 /// Whether resuming may pass a canary stage that failed.
@@ -139,6 +155,8 @@ pub struct WaveStatus {
     pub history: Vec<StateChange>,
     /// The placeholder values of the wave's bundle.
     pub placeholders: BTreeMap<String, String>,
+    /// Safety findings waived for this wave, `rule at script:line (reason)`.
+    pub waivers: Vec<String>,
 }
 
 /// A tenant run as operators see it: no secrets.
@@ -394,6 +412,11 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         policy.validate()?;
+        let unsafe_findings =
+            crate::bundle::safety::unwaived(&crate::bundle::safety::lint(&bundle), &policy.allow);
+        if !unsafe_findings.is_empty() {
+            return Err(EngineError::Unsafe(unsafe_findings));
+        }
         if tenants.is_empty() {
             return Err(EngineError::Targets("no tenants".into()));
         }
@@ -766,5 +789,6 @@ fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
         created_at_ms: 0,
         history: Vec::new(),
         placeholders: BTreeMap::new(),
+        waivers: Vec::new(),
     }
 }
