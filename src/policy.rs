@@ -80,7 +80,18 @@ pub struct Policy {
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
     pub transaction: TransactionMode,
+    /// `lock_timeout` of a tenant's first attempt: short, so an application queued
+    /// behind a lock Flotilla waits for is not stalled for long. Each retry doubles it,
+    /// up to `lock_timeout_max_ms`.
     pub lock_timeout_ms: u64,
+    /// The ceiling retries escalate `lock_timeout` to; `None`: the larger of
+    /// `lock_timeout_ms` and 5 s.
+    #[serde(default)]
+    pub lock_timeout_max_ms: Option<u64>,
+    /// How long an application query may wait on a Flotilla session (blocked by a lock
+    /// it holds or waits for) before the watchdog cancels Flotilla's statement.
+    #[serde(default = "default_max_block_ms")]
+    pub max_block_ms: u64,
     /// 0: no limit.
     pub statement_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -117,6 +128,15 @@ fn default_idle_in_transaction_timeout_ms() -> u64 {
     10_000
 }
 
+/// An application query may wait this long on Flotilla: noticeable in a p99, not an
+/// incident.
+fn default_max_block_ms() -> u64 {
+    1_000
+}
+
+/// Where escalating lock timeouts stop by default.
+const DEFAULT_LOCK_TIMEOUT_CEILING_MS: u64 = 5_000;
+
 fn default_busy_timeout_ms() -> u64 {
     10 * 60 * 1000
 }
@@ -134,7 +154,9 @@ impl Default for Policy {
             backoff_base_ms: 1_000,
             backoff_max_ms: 60_000,
             transaction: TransactionMode::PerScript,
-            lock_timeout_ms: 5_000,
+            lock_timeout_ms: 500,
+            lock_timeout_max_ms: None,
+            max_block_ms: default_max_block_ms(),
             statement_timeout_ms: 0,
             connect_timeout_ms: 10_000,
             idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),
@@ -258,6 +280,17 @@ impl Policy {
             ));
         }
         check_timeout_ms("lock_timeout", self.lock_timeout_ms, ZeroTimeout::Refused)?;
+        if let Some(max) = self.lock_timeout_max_ms {
+            check_timeout_ms("lock_timeout_max", max, ZeroTimeout::Refused)?;
+            if max < self.lock_timeout_ms {
+                return bad(format!(
+                    "lock_timeout_max ({max} ms) is below lock_timeout ({} ms): retries \
+                     escalate from lock_timeout up to it",
+                    self.lock_timeout_ms
+                ));
+            }
+        }
+        check_timeout_ms("max_block", self.max_block_ms, ZeroTimeout::Refused)?;
         check_timeout_ms(
             "statement_timeout",
             self.statement_timeout_ms,
@@ -359,6 +392,29 @@ impl Policy {
     }
 
     /// The session settings a tenant run uses.
+    /// The `lock_timeout` of a tenant's attempt after `retries` retries: doubled per
+    /// retry from `lock_timeout_ms`, at most the ceiling. Short first, as GitLab's and
+    /// postgres.ai's practice has it: a short wait that fails and comes back costs the
+    /// application less than a long one it queues behind.
+    pub fn lock_timeout_for(&self, retries: u32) -> Duration {
+        let ceiling = self
+            .lock_timeout_max_ms
+            .unwrap_or(self.lock_timeout_ms.max(DEFAULT_LOCK_TIMEOUT_CEILING_MS));
+        let escalated = self
+            .lock_timeout_ms
+            .saturating_mul(1u64 << retries.min(20))
+            .min(ceiling.max(self.lock_timeout_ms));
+        Duration::from_millis(escalated)
+    }
+
+    /// A tenant session's settings on its attempt after `retries` retries.
+    pub fn session_settings_for(&self, retries: u32) -> SessionSettings {
+        SessionSettings {
+            lock_timeout: self.lock_timeout_for(retries),
+            ..self.session_settings()
+        }
+    }
+
     pub fn session_settings(&self) -> SessionSettings {
         SessionSettings {
             lock_timeout: Duration::from_millis(self.lock_timeout_ms),
@@ -549,5 +605,34 @@ mod tests {
         assert_eq!(back, Policy::default());
         let broken = json.replace("per-script", "per-galaxy");
         assert!(serde_json::from_str::<Policy>(&broken).is_err());
+    }
+
+    #[test]
+    fn lock_timeouts_escalate_per_retry_up_to_the_ceiling() {
+        let p = Policy::default();
+        let ms = |r| p.lock_timeout_for(r).as_millis();
+        assert_eq!(
+            [ms(0), ms(1), ms(2), ms(3), ms(4), ms(40)],
+            [500, 1000, 2000, 4000, 5000, 5000]
+        );
+        let fixed = Policy {
+            lock_timeout_ms: 10_000,
+            ..Policy::default()
+        };
+        assert_eq!(
+            fixed.lock_timeout_for(3).as_millis(),
+            10_000,
+            "a long start stays"
+        );
+        let capped = Policy {
+            lock_timeout_max_ms: Some(800),
+            ..Policy::default()
+        };
+        assert_eq!(capped.lock_timeout_for(5).as_millis(), 800);
+        let below = Policy {
+            lock_timeout_max_ms: Some(100),
+            ..Policy::default()
+        };
+        assert!(below.validate().unwrap_err().0.contains("lock_timeout_max"));
     }
 }

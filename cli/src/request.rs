@@ -243,9 +243,18 @@ pub struct PolicyArgs {
     /// for all transactional scripts of a tenant.
     #[arg(long, value_enum, default_value_t = TransactionArg::PerScript)]
     pub transaction: TransactionArg,
-    /// `lock_timeout` for every script, 1ms..2147483647ms [default: 5s].
+    /// `lock_timeout` of a tenant's first attempt, 1ms..2147483647ms; each retry
+    /// doubles it up to --lock-timeout-max [default: 500ms].
     #[arg(long, value_parser = parse_duration)]
     pub lock_timeout: Option<Duration>,
+    /// The ceiling retries escalate the lock timeout to [default: the larger of
+    /// --lock-timeout and 5s].
+    #[arg(long, value_parser = parse_duration)]
+    pub lock_timeout_max: Option<Duration>,
+    /// How long an application query may wait on a Flotilla session before the
+    /// watchdog cancels Flotilla's statement and retries the tenant later [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub max_block: Option<Duration>,
     /// `statement_timeout` for every script, 1ms..2147483647ms or 0 [default: 0, none].
     #[arg(long, value_parser = parse_duration)]
     pub statement_timeout: Option<Duration>,
@@ -321,6 +330,12 @@ impl PolicyArgs {
             baseline_version: self.baseline_version.clone().unwrap_or_default(),
             adopt: self.adopt.clone().unwrap_or_default(),
             allow: self.allow.allow.clone(),
+            lock_timeout_max_ms: ms(
+                "--lock-timeout-max",
+                self.lock_timeout_max,
+                ZeroTimeout::Refused,
+            )?,
+            max_block_ms: ms("--max-block", self.max_block, ZeroTimeout::Refused)?,
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

@@ -1828,7 +1828,10 @@ async fn unsafe_statements_stop_a_wave_until_waived() {
     assert_eq!(plan.json()["safety"][0]["waived"], false);
 
     let refused = flotilla(&server, &start_args(dir.path(), &csv, &[])).await;
-    assert_eq!(refused.code, 6, "an unsafe bundle is invalid input: {refused:?}");
+    assert_eq!(
+        refused.code, 6,
+        "an unsafe bundle is invalid input: {refused:?}"
+    );
     assert!(
         refused.stderr.contains("safety finding")
             && refused

@@ -252,6 +252,8 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         baseline_version: p.baseline_version.clone().unwrap_or_default(),
         adopt: p.adopt.clone().unwrap_or_default(),
         allow: p.allow.clone(),
+        lock_timeout_max_ms: p.lock_timeout_max_ms,
+        max_block_ms: Some(p.max_block_ms),
     }
 }
 
@@ -425,6 +427,8 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         baseline_version: baseline_version(&p.baseline_version),
         adopt: adopt_source(&p.adopt),
         allow: p.allow.clone(),
+        lock_timeout_max_ms: p.lock_timeout_max_ms,
+        max_block_ms: p.max_block_ms.unwrap_or(defaults.max_block_ms),
         drift: rules.drift,
         order: rules.order,
         ..defaults
@@ -727,7 +731,7 @@ mod tests {
         let d = Policy::default();
         assert_eq!(p.max_failures, d.max_failures);
         assert_eq!(p.retries, d.retries);
-        assert_eq!(p.lock_timeout_ms, 5_000);
+        assert_eq!(p.lock_timeout_ms, 500);
         assert_eq!(p.statement_timeout_ms, 0);
         assert_eq!(p.per_host, None);
         assert_eq!(p.rate, None);

@@ -1386,7 +1386,7 @@ mod tests {
         assert_eq!(
             problems(&[("V1__a.sql", "\n-- flotilla:no-transactoin\nselect 1;")]),
             [
-                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout)"
+                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout, max-block, allow)"
             ]
         );
         let p = problems(&[("V1__a.sql", "-- flotilla:lock-timeout soon\nselect 1;")]);

@@ -558,7 +558,7 @@ impl Engine {
         let engine = self.clone();
         let wave = wave.clone();
         // A child of the dispatcher's wave span, with what a trace needs to find a tenant.
-        let (span, policy) = {
+        let (span, policy, retries_used) = {
             let slot = wave.lock();
             let Body::Active(machine) = &slot.body else {
                 return;
@@ -577,7 +577,7 @@ impl Engine {
                 failed_script = tracing::field::Empty,
                 error = tracing::field::Empty,
             );
-            (span, machine.record().policy.clone())
+            (span, machine.record().policy.clone(), t.retries_used)
         };
         let task = async move {
             let outcome = match engine
@@ -592,7 +592,7 @@ impl Engine {
                         wave_id: &wave.id,
                         dsn: &dsn,
                         reach: &engine.inner.reach,
-                        settings: policy.session_settings(),
+                        settings: policy.session_settings_for(retries_used),
                         mode: policy.transaction,
                         plan_options: policy.plan_options(),
                         prior: policy.prior(),
