@@ -125,6 +125,10 @@ impl DbFailure {
                 format!("statement_timeout ({after:?}) reached"),
                 Retryability::Permanent,
             ),
+            CancelCause::Watchdog(why) => (
+                format!("cancelled by the lock watchdog ({why}); will retry"),
+                Retryability::Retryable,
+            ),
             CancelCause::External => (
                 "cancelled by another session (pg_cancel_backend); will retry".to_string(),
                 Retryability::Retryable,
@@ -146,10 +150,13 @@ impl DbFailure {
 pub const QUERY_CANCELED: &str = "57014";
 
 /// Who cancelled a statement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelCause {
     /// It ran at least as long as the `statement_timeout` in force.
     StatementTimeout { after: std::time::Duration },
+    /// Flotilla's lock-queue watchdog: the session kept an application query waiting
+    /// past `max_block` (what and how long).
+    Watchdog(String),
     /// It was cancelled sooner: by another session.
     External,
 }

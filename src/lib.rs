@@ -6,6 +6,7 @@
 //! - [`reach`]: where the daemon may connect (`allowed_hosts`) and who gets its password.
 //! - [`connect`]: sessions to tenants (TLS, timeouts, cancel).
 //! - [`failure`]: database errors and the one retryable/permanent classification.
+//! - [`guard`]: the lock-queue watchdog (one side session per server).
 //! - [`apply`]: the tenant applier and its pure planner; the execution log.
 //! - [`target`]: which tenants a wave covers (CSV, catalog query, discovery).
 //! - [`secret`]: sealing connection strings for the store.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod connect;
 pub mod dsn;
 pub mod failure;
+pub mod guard;
 pub mod policy;
 pub mod reach;
 pub mod secret;

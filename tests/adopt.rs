@@ -36,6 +36,8 @@ async fn run(bundle: &Bundle, dsn: &Dsn, prior: Option<Prior>) -> Outcome {
         mode: TransactionMode::PerScript,
         plan_options: PlanOptions::default(),
         prior,
+        guard: None,
+        max_block: Duration::from_secs(1),
     };
     apply_tenant(&run, &StopSignal::new()).await
 }

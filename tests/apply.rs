@@ -69,6 +69,8 @@ async fn run_with(
         mode,
         plan_options,
         prior: None,
+        guard: None,
+        max_block: std::time::Duration::from_secs(1),
     };
     apply_tenant(&run, stop).await
 }
@@ -1215,6 +1217,8 @@ async fn run_with_baseline(bundle: &Bundle, dsn: &Dsn, upto: &str) -> Outcome {
         prior: Some(flotilla::apply::Prior::BaselineVersion(
             upto.parse().expect("version"),
         )),
+        guard: None,
+        max_block: std::time::Duration::from_secs(1),
     };
     apply_tenant(&run, &StopSignal::new()).await
 }

@@ -203,6 +203,11 @@ pub struct TenantRun<'a> {
     pub plan_options: PlanOptions,
     /// `--baseline-version` or `--adopt`: what an empty log records first.
     pub prior: Option<Prior>,
+    /// The lock-queue watchdog that watches this run's session, if any.
+    pub guard: Option<std::sync::Arc<crate::guard::Guard>>,
+    /// How long an application query may wait on this run's session (scripts' own
+    /// `max-block` directives override it).
+    pub max_block: Duration,
 }
 
 /// What a tenant whose log is empty records as `baselined` before anything runs: the
@@ -502,11 +507,17 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
     if plan.steps.is_empty() {
         return (Outcome::UpToDate { notes, baselined }, Some(session));
     }
+    // Watched from here on: the scripts are about to take their locks.
+    let watch = run.guard.as_ref().and_then(|g| {
+        let pid = backend.pid.parse::<i32>().ok()?;
+        Some(g.watch(run.dsn, pid, run.max_block))
+    });
     let mut runner = Runner {
         run,
         session: &session,
         backend,
         stop,
+        watch: watch.as_ref(),
         applied: Vec::new(),
     };
     // The advisory lock ends with the session: no extra round trip to unlock.
@@ -886,6 +897,7 @@ struct Runner<'r, 'a> {
     session: &'r Session,
     backend: Backend,
     stop: &'r StopSignal,
+    watch: Option<&'r crate::guard::Watch>,
     applied: Vec<AppliedScript>,
 }
 
@@ -940,8 +952,27 @@ impl Runner<'_, '_> {
     async fn batch(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, BatchError> {
         let query = self.session.client().simple_query(sql);
         tokio::pin!(query);
+        let tripped = async {
+            match self.watch {
+                Some(w) => w.tripped().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = &mut query => result.map_err(BatchError::Db),
+            _ = tripped => {
+                // An application waits on us past max_block: our statement goes (its
+                // transaction rolls back) and the failure says why.
+                self.session.cancel_running_statement().await;
+                let result = query.await;
+                if result.is_ok()
+                    && let Some(w) = self.watch
+                {
+                    // It finished before the cancel arrived: the block is over.
+                    w.clear();
+                }
+                result.map_err(BatchError::Db)
+            }
             _ = self.stop.now.cancelled() => {
                 self.session.cancel_running_statement().await;
                 match query.await {
@@ -952,6 +983,13 @@ impl Runner<'_, '_> {
                     Err(e) => Err(BatchError::Db(e)),
                 }
             }
+        }
+    }
+
+    /// The watchdog's limit while `script` runs: its `max-block` directive, or the run's.
+    fn watch_for(&self, script: &Script) {
+        if let Some(w) = self.watch {
+            w.set_max_block(script.directives.max_block.unwrap_or(self.run.max_block));
         }
     }
 
@@ -1047,6 +1085,7 @@ impl Runner<'_, '_> {
                 return Ok(true);
             }
             let version = script.version().map(|v| v.to_string());
+            self.watch_for(script);
             let mut prefix = String::new();
             if n == 0 {
                 prefix.push_str("BEGIN;\n");
@@ -1121,6 +1160,7 @@ impl Runner<'_, '_> {
         action: &StepAction,
     ) -> Result<bool, ApplyError> {
         let version = script.version().map(|v| v.to_string());
+        self.watch_for(script);
         let started = Instant::now();
         let fail = |e: BatchError, line: Option<u32>, ran: Duration| -> Result<bool, ApplyError> {
             match e {
@@ -1255,6 +1295,9 @@ impl Runner<'_, '_> {
         let failure = DbFailure::from(e);
         if !failure.is_cancelled_statement() {
             return failure;
+        }
+        if let Some(why) = self.watch.and_then(|w| w.reason()) {
+            return failure.cancelled_by(CancelCause::Watchdog(why));
         }
         let timeout = script
             .directives

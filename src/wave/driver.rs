@@ -596,6 +596,8 @@ impl Engine {
                         mode: policy.transaction,
                         plan_options: policy.plan_options(),
                         prior: policy.prior(),
+                        guard: Some(engine.inner.guard.clone()),
+                        max_block: std::time::Duration::from_millis(policy.max_block_ms),
                     };
                     // A panic in the applier is a bug; it must not leave the tenant
                     // RUNNING for ever: it fails, and its log says what ran.

@@ -207,6 +207,8 @@ struct EngineInner {
     store: Arc<dyn ProgressStore>,
     sealer: Sealer,
     reach: Reach,
+    /// The lock-queue watchdog every tenant run of every wave is watched by.
+    guard: Arc<crate::guard::Guard>,
     retention: Option<Duration>,
     applier: Arc<dyn Applier>,
     observer: Arc<dyn RunObserver>,
@@ -288,6 +290,7 @@ impl Engine {
             inner: Arc::new(EngineInner {
                 store,
                 sealer,
+                guard: crate::guard::Guard::new(options.reach.clone()),
                 reach: options.reach,
                 retention: options.retention,
                 applier: options.applier,

@@ -1,0 +1,247 @@
+//! The lock-queue watchdog (issue 14) against real PostgreSQL, with a real application
+//! load: client sessions updating a table while a long transaction holds a lock that a
+//! migration's `ALTER TABLE` must wait for, so the application's queries queue behind
+//! Flotilla's waiting request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flotilla::apply::{
+    ApplyError, Outcome, PlanOptions, StopSignal, TenantRun, TransactionMode, apply_tenant,
+};
+use flotilla::bundle::Bundle;
+use flotilla::connect::SessionSettings;
+use flotilla::dsn::Dsn;
+use flotilla::failure::Retryability;
+use flotilla::guard::Guard;
+use flotilla::policy::Policy;
+use flotilla::target::Tenant;
+use flotilla::wave::{Engine, TenantState, WaveState};
+use flotilla_testkit::{Cluster, shared};
+
+/// A table the application uses all the time.
+const SEED: &str = "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+INSERT INTO hot SELECT g, 0 FROM generate_series(1, 8) g;";
+
+fn alter() -> Bundle {
+    Bundle::from_sources(
+        &[("V1__note.sql", "ALTER TABLE hot ADD COLUMN note text;")],
+        "test",
+    )
+    .expect("valid")
+}
+
+/// Application clients: `n` sessions updating their own row in a loop until `stop`;
+/// the longest single query, in ms.
+fn app_load(
+    cluster: &Cluster,
+    db: &str,
+    n: i32,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    (1..=n)
+        .map(|id| {
+            let url = cluster.url(db);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .expect("app connects");
+                tokio::spawn(conn);
+                let longest = AtomicU64::new(0);
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    client
+                        .execute("UPDATE hot SET v = v + 1 WHERE id = $1", &[&id])
+                        .await
+                        .expect("app query");
+                    longest.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                longest.load(Ordering::Relaxed)
+            })
+        })
+        .collect()
+}
+
+/// A transaction that reads `hot` and stays open for `hold`: its ACCESS SHARE lock
+/// keeps an `ALTER TABLE` waiting, and the application queues behind that request.
+async fn long_reader(cluster: &Cluster, db: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
+    let client = cluster.connect(db).await.expect("connect");
+    client
+        .batch_execute("BEGIN; SELECT count(*) FROM hot;")
+        .await
+        .expect("long transaction");
+    tokio::spawn(async move {
+        tokio::time::sleep(hold).await;
+        client.batch_execute("COMMIT").await.expect("commit");
+    })
+}
+
+async fn tenant(cluster: &Cluster, prefix: &str) -> (String, Dsn) {
+    let db = cluster
+        .create_tenants(prefix, 1, SEED)
+        .await
+        .expect("tenant")
+        .remove(0);
+    let dsn = Dsn::parse(&cluster.url(&db)).expect("dsn");
+    (db, dsn)
+}
+
+async fn run(bundle: &Bundle, dsn: &Dsn, guard: Option<Arc<Guard>>) -> Outcome {
+    let run = TenantRun {
+        bundle,
+        wave_id: "wave-guard",
+        dsn,
+        reach: &flotilla::reach::Reach::default(),
+        // Long enough that, unwatched, the ALTER waits for the reader to finish.
+        settings: SessionSettings {
+            lock_timeout: Duration::from_secs(30),
+            ..SessionSettings::default()
+        },
+        mode: TransactionMode::PerScript,
+        plan_options: PlanOptions::default(),
+        prior: None,
+        guard,
+        max_block: Duration::from_millis(300),
+    };
+    apply_tenant(&run, &StopSignal::new()).await
+}
+
+/// Watched, the migration's statement is cancelled once an application query has
+/// waited on it past `max_block`: a retryable failure naming the waiting backend, with
+/// nothing applied; once the reader is gone, the same run applies. Unwatched, the same
+/// migration waits for the reader (and the application with it) and then applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_cancels_a_migration_that_keeps_the_application_waiting() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "guard_watched_").await;
+    let guard = Guard::with_interval(
+        flotilla::reach::Reach::default(),
+        Duration::from_millis(100),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = long_reader(cluster, &db, Duration::from_secs(3)).await;
+    let clients = app_load(cluster, &db, 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let outcome = run(&alter(), &dsn, Some(guard.clone())).await;
+    match &outcome {
+        Outcome::Failed { scripts, error } => {
+            assert!(scripts.is_empty(), "{scripts:?}");
+            assert!(matches!(error, ApplyError::Script { .. }), "{error}");
+            let text = error.to_string();
+            assert!(
+                text.contains("lock watchdog") && text.contains("over max_block 300 ms"),
+                "{text}"
+            );
+            assert_eq!(error.retryability(), Retryability::Retryable);
+        }
+        other => panic!("expected the watchdog to cancel the migration, got {other:?}"),
+    }
+    let c = cluster.connect(&db).await.expect("connect");
+    let has_note: bool = c
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'hot'::regclass AND attname = 'note')",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(!has_note, "the ALTER rolled back");
+    reader.await.expect("reader");
+    assert!(matches!(
+        run(&alter(), &dsn, Some(guard.clone())).await,
+        Outcome::Applied { .. }
+    ));
+    stop.store(true, Ordering::Relaxed);
+    let mut watched_longest = 0;
+    for c in clients {
+        watched_longest = watched_longest.max(c.await.expect("client"));
+    }
+
+    // The same, unwatched: the ALTER waits the reader out, and the application with it.
+    let (db, dsn) = tenant(cluster, "guard_unwatched_").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = long_reader(cluster, &db, Duration::from_secs(3)).await;
+    let clients = app_load(cluster, &db, 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(matches!(
+        run(&alter(), &dsn, None).await,
+        Outcome::Applied { .. }
+    ));
+    reader.await.expect("reader");
+    stop.store(true, Ordering::Relaxed);
+    let mut unwatched_longest = 0;
+    for c in clients {
+        unwatched_longest = unwatched_longest.max(c.await.expect("client"));
+    }
+    // Figures, not assertions (the machine is shared): `benches/blast.rs` measures.
+    eprintln!(
+        "longest application query: {watched_longest} ms watched, {unwatched_longest} ms unwatched"
+    );
+    // The side session closes after the last run has gone.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guard.watched_hosts() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog's side session lingers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A wave: the watchdog's failure is retried with backoff, and the wave completes once
+/// the long transaction is over; the tenant took more than one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_retries_past_a_blocked_migration_and_completes() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "guard_wave_").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = long_reader(cluster, &db, Duration::from_secs(3)).await;
+    let clients = app_load(cluster, &db, 4, stop.clone());
+    let data = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(data.path()).expect("engine");
+    let policy = Policy {
+        concurrency: 1,
+        retries: 20,
+        backoff_base_ms: 200,
+        backoff_max_ms: 500,
+        lock_timeout_ms: 20_000,
+        max_block_ms: 300,
+        ..Policy::default()
+    };
+    let id = engine
+        .start_wave(
+            alter(),
+            vec![Tenant {
+                id: db.clone(),
+                dsn,
+                labels: Default::default(),
+            }],
+            policy,
+            "test",
+        )
+        .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = engine.status(&id).expect("status");
+        if s.state == WaveState::Completed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && s.state == WaveState::Running,
+            "{s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    reader.await.expect("reader");
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    let tenants = engine
+        .tenants(&id, Some(TenantState::Succeeded), 0, 10)
+        .expect("tenants");
+    assert!(tenants[0].attempts > 1, "{:?}", tenants[0]);
+}
