@@ -175,7 +175,7 @@ fn side_settings() -> SessionSettings {
 /// Application backends waiting on one of `pids`, longest first: (waiter, blocker,
 /// waited ms, application name). Waiting lock requests are few; only they are asked
 /// for their blockers (`pg_blocking_pids` takes the lock manager's locks).
-fn blocked_sql(pids: &[i32]) -> String {
+pub fn blocked_sql(pids: &[i32]) -> String {
     let list = pids
         .iter()
         .map(|p| p.to_string())
