@@ -267,3 +267,188 @@ fn trip_blockers(runs: &[Arc<Shared>], rows: &[SimpleQueryMessage]) {
         trip.token.cancel();
     }
 }
+
+/// How often a held host (or one with tenants waiting) has its health read again.
+pub const GATE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One reading of a server's health, for its gate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// The worst replay lag of its standbys (`pg_stat_replication`), when it has any.
+    pub replication_lag_ms: Option<u64>,
+    /// Client backends over `max_connections`.
+    pub connections_share: f64,
+    /// What the operator's gate SQL said, when there is one: `Err` when it failed.
+    pub gate: Option<Result<bool, String>>,
+}
+
+/// The server's own numbers, in one statement.
+const HEALTH_SQL: &str = "SELECT \
+     (SELECT max(greatest(extract(epoch FROM replay_lag) * 1000, 0))::bigint \
+      FROM pg_catalog.pg_stat_replication), \
+     (SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend')::float8 \
+      / pg_catalog.current_setting('max_connections')::float8";
+
+/// Reads the health of the server of `dsn` (one short session): its numbers, and the
+/// operator's `gate_sql` run as one statement in a read-only transaction with a
+/// statement timeout, rolled back. `Err` when the server cannot be asked at all.
+pub async fn read_health(
+    dsn: &Dsn,
+    reach: &Reach,
+    gate_sql: Option<&str>,
+) -> Result<Health, String> {
+    let mut session = Session::connect(dsn, &side_settings(), reach)
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = async {
+        let rows = session
+            .client()
+            .simple_query(HEALTH_SQL)
+            .await
+            .map_err(|e| crate::failure::DbFailure::from(&e).to_string())?;
+        let row = rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        });
+        let replication_lag_ms = row.and_then(|r| r.get(0)).and_then(|v| v.parse().ok());
+        let connections_share = row
+            .and_then(|r| r.get(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let gate = match gate_sql {
+            None => None,
+            Some(sql) => Some(run_gate(&mut session, sql).await),
+        };
+        Ok(Health {
+            replication_lag_ms,
+            connections_share,
+            gate,
+        })
+    }
+    .await;
+    session.close().await;
+    result
+}
+
+async fn run_gate(session: &mut Session, sql: &str) -> Result<bool, String> {
+    let failure = |e: tokio_postgres::Error| crate::failure::DbFailure::from(&e).to_string();
+    let tx = session
+        .client_mut()
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(failure)?;
+    tx.batch_execute("SET LOCAL statement_timeout = 5000")
+        .await
+        .map_err(failure)?;
+    // One statement (the extended protocol takes no more), one row, one boolean.
+    let rows = tx.query(sql, &[]).await.map_err(failure)?;
+    let answer = match rows.as_slice() {
+        [row] => row
+            .try_get::<_, bool>(0)
+            .map_err(|_| "gate SQL must return one boolean column".to_string()),
+        _ => Err(format!("gate SQL returned {} rows, not one", rows.len())),
+    };
+    let _ = tx.rollback().await;
+    answer
+}
+
+/// Whether `health` holds its host under `policy`, and why (`replication lag 14s > 10s`).
+pub fn verdict(health: &Health, policy: &crate::policy::Policy) -> Option<String> {
+    let secs = |ms: u64| humantime::format_duration(Duration::from_millis(ms / 100 * 100));
+    if policy.max_replication_lag_ms > 0
+        && let Some(lag) = health.replication_lag_ms
+        && lag > policy.max_replication_lag_ms
+    {
+        return Some(format!(
+            "replication lag {} > {}",
+            secs(lag),
+            secs(policy.max_replication_lag_ms)
+        ));
+    }
+    if policy.max_connections_share < 1.0 && health.connections_share > policy.max_connections_share
+    {
+        return Some(format!(
+            "connections {:.0}% of max_connections > {:.0}%",
+            health.connections_share * 100.0,
+            policy.max_connections_share * 100.0
+        ));
+    }
+    match &health.gate {
+        Some(Ok(false)) => Some("gate SQL returned false".to_string()),
+        Some(Err(e)) => Some(format!("gate SQL failed: {e}")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    #[test]
+    fn verdicts_name_the_gate_and_its_numbers() {
+        let p = Policy::default();
+        let healthy = Health {
+            replication_lag_ms: Some(200),
+            connections_share: 0.5,
+            gate: Some(Ok(true)),
+        };
+        assert_eq!(verdict(&healthy, &p), None);
+        let lagging = Health {
+            replication_lag_ms: Some(14_030),
+            ..healthy.clone()
+        };
+        assert_eq!(
+            verdict(&lagging, &p).as_deref(),
+            Some("replication lag 14s > 10s")
+        );
+        let crowded = Health {
+            connections_share: 0.95,
+            ..healthy.clone()
+        };
+        assert_eq!(
+            verdict(&crowded, &p).as_deref(),
+            Some("connections 95% of max_connections > 90%")
+        );
+        let closed = Health {
+            gate: Some(Ok(false)),
+            ..healthy.clone()
+        };
+        assert_eq!(
+            verdict(&closed, &p).as_deref(),
+            Some("gate SQL returned false")
+        );
+        let broken = Health {
+            gate: Some(Err("42P01: no such table".into())),
+            ..healthy.clone()
+        };
+        assert!(verdict(&broken, &p).is_some_and(|v| v.contains("gate SQL failed")));
+        let off = Policy {
+            max_replication_lag_ms: 0,
+            max_connections_share: 1.0,
+            ..Policy::default()
+        };
+        assert_eq!(
+            verdict(
+                &Health {
+                    gate: None,
+                    ..crowded.clone()
+                },
+                &off
+            ),
+            None
+        );
+        assert_eq!(
+            verdict(
+                &Health {
+                    gate: None,
+                    ..lagging
+                },
+                &off
+            ),
+            None
+        );
+    }
+}

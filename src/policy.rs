@@ -92,6 +92,20 @@ pub struct Policy {
     /// it holds or waits for) before the watchdog cancels Flotilla's statement.
     #[serde(default = "default_max_block_ms")]
     pub max_block_ms: u64,
+    /// Health gate: hold a host while a standby's replay lags more than this (0: off).
+    #[serde(default = "default_max_replication_lag_ms")]
+    pub max_replication_lag_ms: u64,
+    /// Health gate: hold a host while more than this share of `max_connections` is in
+    /// use (1.0: off).
+    #[serde(default = "default_max_connections_share")]
+    pub max_connections_share: f64,
+    /// Health gate: an operator's read-only SQL returning one boolean; `false` holds
+    /// the host.
+    #[serde(default)]
+    pub gate_sql: Option<String>,
+    /// A host held longer than this pauses the wave.
+    #[serde(default = "default_max_hold_ms")]
+    pub max_hold_ms: u64,
     /// 0: no limit.
     pub statement_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -134,6 +148,21 @@ fn default_max_block_ms() -> u64 {
     1_000
 }
 
+fn default_max_replication_lag_ms() -> u64 {
+    10_000
+}
+
+fn default_max_connections_share() -> f64 {
+    0.9
+}
+
+fn default_max_hold_ms() -> u64 {
+    10 * 60 * 1000
+}
+
+/// The longest `--gate-sql` accepted.
+pub const MAX_GATE_SQL_BYTES: usize = 16 * 1024;
+
 /// Where escalating lock timeouts stop by default.
 const DEFAULT_LOCK_TIMEOUT_CEILING_MS: u64 = 5_000;
 
@@ -157,6 +186,10 @@ impl Default for Policy {
             lock_timeout_ms: 500,
             lock_timeout_max_ms: None,
             max_block_ms: default_max_block_ms(),
+            max_replication_lag_ms: default_max_replication_lag_ms(),
+            max_connections_share: default_max_connections_share(),
+            gate_sql: None,
+            max_hold_ms: default_max_hold_ms(),
             statement_timeout_ms: 0,
             connect_timeout_ms: 10_000,
             idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),
@@ -292,6 +325,25 @@ impl Policy {
         }
         check_timeout_ms("max_block", self.max_block_ms, ZeroTimeout::Refused)?;
         check_timeout_ms(
+            "max_replication_lag",
+            self.max_replication_lag_ms,
+            ZeroTimeout::MeansNone,
+        )?;
+        check_timeout_ms("max_hold", self.max_hold_ms, ZeroTimeout::Refused)?;
+        if !(self.max_connections_share > 0.0 && self.max_connections_share <= 1.0) {
+            return bad(format!(
+                "max_connections_share must be within (0, 1] (got {})",
+                self.max_connections_share
+            ));
+        }
+        if let Some(sql) = &self.gate_sql
+            && (sql.trim().is_empty() || sql.len() > MAX_GATE_SQL_BYTES)
+        {
+            return bad(format!(
+                "gate_sql must be one statement of at most {MAX_GATE_SQL_BYTES} bytes"
+            ));
+        }
+        check_timeout_ms(
             "statement_timeout",
             self.statement_timeout_ms,
             ZeroTimeout::MeansNone,
@@ -405,6 +457,13 @@ impl Policy {
             .saturating_mul(1u64 << retries.min(20))
             .min(ceiling.max(self.lock_timeout_ms));
         Duration::from_millis(escalated)
+    }
+
+    /// Whether any health gate is on (each reading costs a short session per host).
+    pub fn gates_on(&self) -> bool {
+        self.max_replication_lag_ms > 0
+            || self.max_connections_share < 1.0
+            || self.gate_sql.is_some()
     }
 
     /// A tenant session's settings on its attempt after `retries` retries.

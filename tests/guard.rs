@@ -245,3 +245,116 @@ async fn a_wave_retries_past_a_blocked_migration_and_completes() {
         .expect("tenants");
     assert!(tenants[0].attempts > 1, "{:?}", tenants[0]);
 }
+
+/// Health gates (issue 14): a gate SQL that says `false` on one server holds that
+/// server's tenants only (visible in the wave's status), the other server's go on;
+/// once the gate opens the held tenants start; a server held past `max_hold` pauses
+/// the wave with the hold's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gate_holds_its_server_only_and_a_long_hold_pauses_the_wave() {
+    let (a, b) = (shared(), flotilla_testkit::shared_second());
+    let open_dbs = a
+        .create_tenants("gate_open_", 2, "")
+        .await
+        .expect("tenants");
+    let held_dbs = b
+        .create_tenants("gate_held_", 2, "CREATE TABLE hold_me ();")
+        .await
+        .expect("tenants");
+    let tenants: Vec<Tenant> = open_dbs
+        .iter()
+        .map(|db| (a, db))
+        .chain(held_dbs.iter().map(|db| (b, db)))
+        .map(|(c, db)| Tenant {
+            id: db.clone(),
+            dsn: Dsn::parse(&c.url(db)).expect("dsn"),
+            labels: Default::default(),
+        })
+        .collect();
+    let policy = Policy {
+        concurrency: 4,
+        gate_sql: Some("SELECT to_regclass('public.hold_me') IS NULL".into()),
+        ..Policy::default()
+    };
+    let bundle = || {
+        Bundle::from_sources(&[("V1__t.sql", "CREATE TABLE t (id int);")], "test").expect("valid")
+    };
+    let data = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(data.path()).expect("engine");
+    let id = engine
+        .start_wave(bundle(), tenants.clone(), policy.clone(), "test")
+        .expect("start");
+    let wait = |what: &'static str, done: Box<dyn Fn(&flotilla::wave::WaveStatus) -> bool>| {
+        let (engine, id) = (engine.clone(), id.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let s = engine.status(&id).expect("status");
+                if done(&s) {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "waited for {what}: {s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let s = wait(
+        "the open server's tenants",
+        Box::new(|s| s.counts.succeeded == 2),
+    )
+    .await;
+    assert_eq!(s.counts.pending, 2, "{s:?}");
+    assert_eq!(
+        s.held,
+        [format!("{}: gate SQL returned false", b.host())],
+        "{s:?}"
+    );
+    for db in &held_dbs {
+        let c = b.connect(db).await.expect("connect");
+        c.batch_execute("DROP TABLE hold_me")
+            .await
+            .expect("open the gate");
+    }
+    let s = wait(
+        "the gate to open",
+        Box::new(|s| s.state == WaveState::Completed),
+    )
+    .await;
+    assert!(s.held.is_empty(), "{s:?}");
+
+    // Held past max_hold: the wave pauses, saying which host and why.
+    let more = b
+        .create_tenants("gate_long_", 1, "CREATE TABLE hold_me ();")
+        .await
+        .expect("tenant");
+    let id = engine
+        .start_wave(
+            bundle(),
+            vec![Tenant {
+                id: more[0].clone(),
+                dsn: Dsn::parse(&b.url(&more[0])).expect("dsn"),
+                labels: Default::default(),
+            }],
+            Policy {
+                max_hold_ms: 1_000,
+                ..policy
+            },
+            "test",
+        )
+        .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = engine.status(&id).expect("status");
+        if s.state == WaveState::Paused {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = s.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains(&b.host()) && reason.contains("gate SQL returned false"),
+        "{reason}"
+    );
+    assert_eq!(s.counts.pending, 1, "nothing started on the held server");
+}

@@ -84,6 +84,7 @@ pub fn wave_json(w: &v1::Wave) -> Value {
         "policy": w.policy.as_ref().map(policy_json),
         "placeholders": w.placeholders.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "waivers": w.waivers,
+        "held": w.held,
         "history": w.history.iter().map(|h| json!({
             "from": (h.from != 0).then(|| wave_state(h.from)),
             "to": wave_state(h.to),
@@ -204,6 +205,9 @@ pub fn print_wave(w: &v1::Wave) {
     }
     for waiver in &w.waivers {
         println!("waived   {waiver}");
+    }
+    for hold in &w.held {
+        println!("held     {hold}");
     }
     let placeholders: std::collections::BTreeMap<_, _> = w.placeholders.iter().collect();
     for (name, value) in placeholders {

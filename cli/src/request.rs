@@ -255,6 +255,21 @@ pub struct PolicyArgs {
     /// watchdog cancels Flotilla's statement and retries the tenant later [default: 1s].
     #[arg(long, value_parser = parse_duration)]
     pub max_block: Option<Duration>,
+    /// Health gate: hold a server while a standby's replay lags more than this; 0 turns
+    /// it off [default: 10s].
+    #[arg(long, value_parser = parse_duration)]
+    pub max_replication_lag: Option<Duration>,
+    /// Health gate: hold a server while more than this share of max_connections is in
+    /// use, within (0, 1]; 1 turns it off [default: 0.9].
+    #[arg(long, value_name = "SHARE")]
+    pub max_connections_share: Option<f64>,
+    /// Health gate: read-only SQL returning one boolean, run on each server; false (or
+    /// an error) holds the server's tenants.
+    #[arg(long, value_name = "SQL")]
+    pub gate_sql: Option<String>,
+    /// A server held longer than this pauses the wave [default: 10m].
+    #[arg(long, value_parser = parse_duration)]
+    pub max_hold: Option<Duration>,
     /// `statement_timeout` for every script, 1ms..2147483647ms or 0 [default: 0, none].
     #[arg(long, value_parser = parse_duration)]
     pub statement_timeout: Option<Duration>,
@@ -336,6 +351,14 @@ impl PolicyArgs {
                 ZeroTimeout::Refused,
             )?,
             max_block_ms: ms("--max-block", self.max_block, ZeroTimeout::Refused)?,
+            max_replication_lag_ms: ms(
+                "--max-replication-lag",
+                self.max_replication_lag,
+                ZeroTimeout::MeansNone,
+            )?,
+            max_connections_share: self.max_connections_share,
+            gate_sql: self.gate_sql.clone().unwrap_or_default(),
+            max_hold_ms: ms("--max-hold", self.max_hold, ZeroTimeout::Refused)?,
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

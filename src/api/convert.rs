@@ -122,6 +122,7 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
         history: w.history.iter().map(state_change).collect(),
         placeholders: w.placeholders.clone().into_iter().collect(),
         waivers: w.waivers.clone(),
+        held: w.held.clone(),
     }
 }
 
@@ -254,6 +255,10 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         allow: p.allow.clone(),
         lock_timeout_max_ms: p.lock_timeout_max_ms,
         max_block_ms: Some(p.max_block_ms),
+        max_replication_lag_ms: Some(p.max_replication_lag_ms),
+        max_connections_share: Some(p.max_connections_share),
+        gate_sql: p.gate_sql.clone().unwrap_or_default(),
+        max_hold_ms: Some(p.max_hold_ms),
     }
 }
 
@@ -429,6 +434,14 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         allow: p.allow.clone(),
         lock_timeout_max_ms: p.lock_timeout_max_ms,
         max_block_ms: p.max_block_ms.unwrap_or(defaults.max_block_ms),
+        max_replication_lag_ms: p
+            .max_replication_lag_ms
+            .unwrap_or(defaults.max_replication_lag_ms),
+        max_connections_share: p
+            .max_connections_share
+            .unwrap_or(defaults.max_connections_share),
+        gate_sql: (!p.gate_sql.trim().is_empty()).then(|| p.gate_sql.clone()),
+        max_hold_ms: p.max_hold_ms.unwrap_or(defaults.max_hold_ms),
         drift: rules.drift,
         order: rules.order,
         ..defaults

@@ -632,6 +632,7 @@ mod tests {
             history: Vec::new(),
             placeholders: Default::default(),
             waivers: Vec::new(),
+            held: Vec::new(),
         }
     }
 

@@ -157,7 +157,27 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
             }
         })
         .build();
+    let for_holds = engine.clone();
+    let held = meter
+        .u64_observable_gauge("flotilla_host_held")
+        .with_description("1 for each server a wave's health gate holds, with the reason")
+        .with_callback(move |observer| {
+            for wave in for_holds.list() {
+                for hold in &wave.held {
+                    let (host, reason) = hold.split_once(": ").unwrap_or((hold.as_str(), ""));
+                    observer.observe(
+                        1,
+                        &[
+                            KeyValue::new("wave_id", wave.id.clone()),
+                            KeyValue::new("host", host.to_string()),
+                            KeyValue::new("reason", reason.to_string()),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
     EngineGauges {
-        _gauges: vec![tenants, waves, in_flight],
+        _gauges: vec![tenants, waves, in_flight, held],
     }
 }

@@ -141,6 +141,7 @@ impl Slot {
                 history: record.history.clone(),
                 placeholders: Default::default(),
                 waivers: Vec::new(),
+                held: Vec::new(),
             },
         }
     }
@@ -465,10 +466,18 @@ impl Engine {
     /// One wave's dispatcher: starts tenants while the machine allows, until the wave
     /// finishes or the daemon drains.
     async fn dispatch(self, wave: Arc<Wave>) {
+        // The first round of health readings comes before the first start.
+        let mut next_gate = tokio::time::Instant::now();
         loop {
             let notified = wave.wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if tokio::time::Instant::now() >= next_gate {
+                self.gate_round(&wave).await;
+                next_gate = tokio::time::Instant::now() + crate::guard::GATE_INTERVAL;
+            }
+            // A held host is read again on time even when nothing else happens.
+            let held = self.has_holds(&wave);
             if let Some(limiter) = &wave.limiter
                 && self.can_start(&wave)
             {
@@ -491,6 +500,7 @@ impl Engine {
                 Step::Wait => {
                     tokio::select! {
                         _ = notified => {}
+                        _ = tokio::time::sleep_until(next_gate), if held => {}
                         _ = self.inner.draining.cancelled() => {}
                     }
                 }
@@ -498,6 +508,7 @@ impl Engine {
                     tokio::select! {
                         _ = notified => {}
                         _ = tokio::time::sleep_until(at) => {}
+                        _ = tokio::time::sleep_until(next_gate), if held => {}
                         _ = self.inner.draining.cancelled() => {}
                     }
                 }
@@ -508,6 +519,81 @@ impl Engine {
                     return;
                 }
             }
+        }
+    }
+
+    fn has_holds(&self, wave: &Wave) -> bool {
+        match &wave.lock().body {
+            Body::Active(m) => !m.holds().is_empty(),
+            Body::Finished { .. } => false,
+        }
+    }
+
+    /// Reads the health of every server with tenants waiting (a short session each, a
+    /// few at a time, off the wave's lock) and hands the verdicts to the machine, which
+    /// holds or releases hosts, or pauses the wave for a host held too long. A server
+    /// that cannot be asked keeps its state: its tenants will say what is wrong.
+    async fn gate_round(&self, wave: &Arc<Wave>) {
+        use futures_util::StreamExt as _;
+        let (policy, hosts) = {
+            let slot = wave.lock();
+            let Body::Active(m) = &slot.body else {
+                return;
+            };
+            let policy = m.record().policy.clone();
+            if m.record().state != super::WaveState::Running || !policy.gates_on() {
+                return;
+            }
+            let hosts: Vec<(String, String)> = m
+                .waiting_hosts()
+                .into_iter()
+                .filter_map(|h| m.tenant_on(&h).map(|t| (h, t.dsn_sealed.clone())))
+                .collect();
+            (policy, hosts)
+        };
+        if hosts.is_empty() {
+            return;
+        }
+        let (sealer, reach) = (&self.inner.sealer, &self.inner.reach);
+        let policy = &policy;
+        let readings: Vec<(String, Option<Option<String>>)> = futures_util::stream::iter(hosts)
+            .map(|(host, sealed)| async move {
+                let dsn = sealer.open(&sealed).ok().and_then(|t| Dsn::parse(&t).ok());
+                let verdict = match dsn {
+                    Some(dsn) => {
+                        match crate::guard::read_health(&dsn, reach, policy.gate_sql.as_deref())
+                            .await
+                        {
+                            Ok(health) => Some(crate::guard::verdict(&health, policy)),
+                            Err(e) => {
+                                tracing::warn!(host = %host, error = %e, "cannot read the host's health");
+                                None
+                            }
+                        }
+                    }
+                    None => None,
+                };
+                (host, verdict)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let writes = {
+            let mut slot = wave.lock();
+            let Body::Active(m) = &mut slot.body else {
+                return;
+            };
+            let mut effects = Vec::new();
+            for (host, verdict) in readings {
+                if let Some(verdict) = verdict {
+                    effects.extend(m.on_gate(&host, verdict, now()));
+                }
+            }
+            wave.dispatch_effects(&mut slot, effects)
+        };
+        if let Some(writes) = writes {
+            let (engine, w) = (self.clone(), wave.clone());
+            let _ = tokio::task::spawn_blocking(move || engine.write(&w, writes)).await;
         }
     }
 

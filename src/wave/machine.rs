@@ -12,6 +12,7 @@
 //! tenants at every event would cost more than the events, so the counts are kept in step
 //! there, and the property test checks after every step that they equal a recount.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -207,6 +208,9 @@ pub struct Machine {
     counts: Counts,
     canaries: u32,
     rng: fastrand::Rng,
+    /// Hosts held by a failing health gate: why, and since when (wall ms). Not
+    /// persisted: a restarted daemon reads health again before it starts anyone.
+    holds: BTreeMap<String, (String, u64)>,
 }
 
 impl Machine {
@@ -241,7 +245,69 @@ impl Machine {
             counts,
             canaries,
             rng: fastrand::Rng::with_seed(seed),
+            holds: BTreeMap::new(),
         })
+    }
+
+    /// Hosts with tenants waiting to start: whose health the driver reads.
+    pub fn waiting_hosts(&self) -> Vec<String> {
+        self.queue.waiting_hosts()
+    }
+
+    /// A waiting tenant on `host` (to reach the server with), if any.
+    pub fn tenant_on(&self, host: &str) -> Option<&TenantRecord> {
+        self.tenants
+            .iter()
+            .find(|t| t.host == host && t.state == TenantState::Pending)
+    }
+
+    /// Held hosts, `host: reason`, for status.
+    pub fn holds(&self) -> Vec<String> {
+        self.holds
+            .iter()
+            .map(|(host, (reason, _))| format!("{host}: {reason}"))
+            .collect()
+    }
+
+    /// A health reading of `host`: `Some(reason)` holds new starts there (others go on),
+    /// `None` releases it. A host held longer than the policy's `max_hold_ms` pauses the
+    /// wave with the hold's reason, for an operator to look.
+    pub fn on_gate(&mut self, host: &str, verdict: Option<String>, now: Now) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match verdict {
+            Some(reason) => {
+                let since = match self.holds.get(host) {
+                    Some((_, since)) => *since,
+                    None => now.wall_ms,
+                };
+                let newly = self.queue.hold(host);
+                self.holds.insert(host.to_string(), (reason.clone(), since));
+                if newly {
+                    tracing::warn!(wave = %self.record.id, host, reason = %reason, "host held by its health gate");
+                    effects.push(self.event(None));
+                }
+                let held_for = now.wall_ms.saturating_sub(since);
+                if self.record.state == WaveState::Running
+                    && held_for >= self.record.policy.max_hold_ms
+                {
+                    let why = format!(
+                        "host {host} held for {}: {reason}",
+                        humantime::format_duration(Duration::from_millis(held_for))
+                    );
+                    self.transition(WaveState::Paused, DAEMON_ACTOR, &why, now);
+                    effects.push(Effect::PersistWave(self.record.clone()));
+                    effects.push(self.event(None));
+                }
+            }
+            None => {
+                if self.holds.remove(host).is_some() {
+                    self.queue.release(host);
+                    tracing::info!(wave = %self.record.id, host, "host released by its health gate");
+                    effects.push(self.event(None));
+                }
+            }
+        }
+        effects
     }
 
     /// The wave record.
@@ -301,6 +367,7 @@ impl Machine {
             // The machine does not hold the bundle; the wave fills these in.
             placeholders: Default::default(),
             waivers: Vec::new(),
+            held: self.holds(),
         }
     }
 

@@ -157,6 +157,8 @@ pub struct WaveStatus {
     pub placeholders: BTreeMap<String, String>,
     /// Safety findings waived for this wave, `rule at script:line (reason)`.
     pub waivers: Vec<String>,
+    /// Hosts held by their health gate, `host: reason`.
+    pub held: Vec<String>,
 }
 
 /// A tenant run as operators see it: no secrets.
@@ -793,5 +795,6 @@ fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
         history: Vec::new(),
         placeholders: BTreeMap::new(),
         waivers: Vec::new(),
+        held: Vec::new(),
     }
 }

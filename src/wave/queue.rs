@@ -17,6 +17,8 @@ pub struct Queue {
     delayed_host: HashMap<u32, String>,
     running_by_host: HashMap<String, u32>,
     running: u32,
+    /// Hosts whose health gate failed: nothing starts there until released.
+    held: std::collections::HashSet<String>,
 }
 
 /// Limits a pick must respect.
@@ -66,7 +68,7 @@ impl Queue {
         let mut best: Option<(u32, &String)> = None;
         for (host, seqs) in &self.ready {
             let Some(&first) = seqs.first() else { continue };
-            if first >= limits.gate {
+            if first >= limits.gate || self.held.contains(host) {
                 continue;
             }
             if let Some(limit) = limits.per_host
@@ -104,6 +106,30 @@ impl Queue {
             *n = n.saturating_sub(1);
         }
         self.running = self.running.saturating_sub(1);
+    }
+
+    /// Holds `host`: its tenants wait. True when it was not held.
+    pub fn hold(&mut self, host: &str) -> bool {
+        self.held.insert(host.to_string())
+    }
+
+    /// Lets `host`'s tenants start again. True when it was held.
+    pub fn release(&mut self, host: &str) -> bool {
+        self.held.remove(host)
+    }
+
+    /// Hosts with tenants ready or delayed: the ones whose health matters now.
+    pub fn waiting_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .ready
+            .iter()
+            .filter(|(_, seqs)| !seqs.is_empty())
+            .map(|(h, _)| h.clone())
+            .chain(self.delayed_host.values().cloned())
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        hosts
     }
 
     /// Tenants in flight.
