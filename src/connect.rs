@@ -41,6 +41,9 @@ pub struct SessionSettings {
     /// How long the server lets the session sit idle inside a transaction before it
     /// ends it (and so releases its locks).
     pub idle_in_transaction_timeout: Duration,
+    /// What the session calls itself in `pg_stat_activity`: [`APPLICATION_NAME`] for
+    /// the sessions that migrate; the watchdog's and the health gates' say so.
+    pub application_name: &'static str,
 }
 
 impl Default for SessionSettings {
@@ -50,6 +53,7 @@ impl Default for SessionSettings {
             statement_timeout: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
             idle_in_transaction_timeout: Duration::from_secs(10),
+            application_name: APPLICATION_NAME,
         }
     }
 }
@@ -72,7 +76,7 @@ impl Session {
         let mut config = reach
             .connect_config(dsn)
             .map_err(|e| DbFailure::of_kind(FailureKind::Refused, e.to_string()))?;
-        config.application_name(APPLICATION_NAME);
+        config.application_name(settings.application_name);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(settings.connect_timeout);
         }

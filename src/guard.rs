@@ -169,6 +169,7 @@ fn side_settings() -> SessionSettings {
         statement_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(5),
         idle_in_transaction_timeout: Duration::from_secs(5),
+        application_name: "flotilla-guard",
     }
 }
 

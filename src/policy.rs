@@ -480,6 +480,7 @@ impl Policy {
             statement_timeout: Duration::from_millis(self.statement_timeout_ms),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             idle_in_transaction_timeout: Duration::from_millis(self.idle_in_transaction_timeout_ms),
+            ..SessionSettings::default()
         }
     }
 

@@ -358,3 +358,93 @@ async fn a_failing_gate_holds_its_server_only_and_a_long_hold_pauses_the_wave() 
     );
     assert_eq!(s.counts.pending, 1, "nothing started on the held server");
 }
+
+/// The replication gate with a real standby: replay paused on it while the primary
+/// keeps writing holds the primary's tenants ("replication lag … > 1s"); replay resumed,
+/// the lag goes and the wave completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_standby_holds_its_primary_until_it_catches_up() {
+    let primary = Cluster::start().expect("primary");
+    let standby = primary.start_standby().expect("standby");
+    let dbs = primary
+        .create_tenants("lag_", 1, "CREATE TABLE churn (id bigserial, pad text);")
+        .await
+        .expect("tenant");
+    let paused = standby.connect("postgres").await.expect("standby");
+    paused
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    // The primary keeps writing, so the paused standby falls behind.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (primary.url(&dbs[0]), stop.clone());
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("writer");
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                c.batch_execute(
+                    "INSERT INTO churn (pad) SELECT repeat('x', 200) FROM generate_series(1, 50)",
+                )
+                .await
+                .expect("write");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let engine = Engine::open(data.path()).expect("engine");
+    let id = engine
+        .start_wave(
+            Bundle::from_sources(&[("V1__t.sql", "CREATE TABLE t (id int);")], "test")
+                .expect("valid"),
+            vec![Tenant {
+                id: dbs[0].clone(),
+                dsn: Dsn::parse(&primary.url(&dbs[0])).expect("dsn"),
+                labels: Default::default(),
+            }],
+            Policy {
+                max_replication_lag_ms: 1_000,
+                ..Policy::default()
+            },
+            "test",
+        )
+        .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = engine.status(&id).expect("status");
+        if !s.held.is_empty() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline && s.state == WaveState::Running,
+            "the lag never held the primary: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        s.held[0].starts_with(&format!("{}: replication lag", primary.host()))
+            && s.held[0].ends_with("> 1s"),
+        "{:?}",
+        s.held
+    );
+    assert_eq!(s.counts.pending, 1, "nothing started while held");
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    paused
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = engine.status(&id).expect("status");
+        if s.state == WaveState::Completed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

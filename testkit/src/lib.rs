@@ -167,6 +167,7 @@ impl Cluster {
             format!(
                 "local all all trust\n\
                  host all {SUPERUSER} 127.0.0.1/32 trust\n\
+                 host replication {SUPERUSER} 127.0.0.1/32 trust\n\
                  host all all 127.0.0.1/32 scram-sha-256\n"
             ),
         )?;
@@ -214,6 +215,69 @@ impl Cluster {
             .lock()
             .map_err(|_| anyhow!("reaper lock poisoned"))? = Some((child, stdin));
         Ok(())
+    }
+
+    /// A streaming standby of this cluster (`pg_basebackup -R`), on a port of its own:
+    /// for tests of what a replica's lag does (pause its replay with
+    /// `SELECT pg_wal_replay_pause()` on it).
+    pub fn start_standby(&self) -> Result<Self> {
+        let root = tempfile::Builder::new()
+            .prefix("flotilla-pg-standby-")
+            .tempdir()
+            .context("create a temp dir for a standby")?
+            .keep();
+        let mut standby = Self {
+            root,
+            port: 0,
+            bindir: self.bindir.clone(),
+            run_as_postgres: self.run_as_postgres,
+            reaper: Mutex::new(None),
+        };
+        standby.spawn_reaper()?;
+        if standby.run_as_postgres {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&standby.root))?;
+        }
+        std::fs::create_dir_all(standby.socket_dir())?;
+        if standby.run_as_postgres {
+            run(Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(standby.socket_dir()))?;
+        }
+        let mut backup = standby.command("pg_basebackup");
+        backup
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+            ])
+            .arg("-D")
+            .arg(standby.data_dir())
+            .args(["-X", "stream", "--no-sync"]);
+        run(&mut backup).context("pg_basebackup")?;
+        std::fs::write(standby.data_dir().join("standby.signal"), "")?;
+        let mut last_err = None;
+        for _ in 0..5 {
+            standby.port = free_port()?;
+            standby.write_config()?;
+            let conf = standby.data_dir().join("postgresql.auto.conf");
+            let mut text = std::fs::read_to_string(&conf)?;
+            text.push_str(&format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user={SUPERUSER} application_name=standby'\n\
+                 wal_receiver_status_interval = '1s'\n",
+                self.port
+            ));
+            std::fs::write(&conf, text)?;
+            match standby.pg_ctl_start() {
+                Ok(()) => return Ok(standby),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow!("standby did not start")))
     }
 
     fn write_config(&self) -> Result<()> {
