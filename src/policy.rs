@@ -62,6 +62,19 @@ impl FailureBudget {
     }
 }
 
+/// In which order a wave's tenants start, after its canaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartOrder {
+    /// By tenant id: deterministic, and what earlier waves did.
+    #[default]
+    Id,
+    /// Smallest database first (`pg_database_size` read at start), so the canary and
+    /// the early part of the wave meet the cheapest cases; ties and unknown sizes by id,
+    /// unknown last.
+    Size,
+}
+
 /// A wave's policy. Durations are milliseconds so the persisted form is plain numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -106,6 +119,9 @@ pub struct Policy {
     /// A host held longer than this pauses the wave.
     #[serde(default = "default_max_hold_ms")]
     pub max_hold_ms: u64,
+    /// In which order tenants start (canaries first either way).
+    #[serde(default)]
+    pub start_order: StartOrder,
     /// 0: no limit.
     pub statement_timeout_ms: u64,
     pub connect_timeout_ms: u64,
@@ -190,6 +206,7 @@ impl Default for Policy {
             max_connections_share: default_max_connections_share(),
             gate_sql: None,
             max_hold_ms: default_max_hold_ms(),
+            start_order: StartOrder::Id,
             statement_timeout_ms: 0,
             connect_timeout_ms: 10_000,
             idle_in_transaction_timeout_ms: default_idle_in_transaction_timeout_ms(),

@@ -460,3 +460,74 @@ mod tests {
         assert!(e.to_string().contains("t.csv"), "{e}");
     }
 }
+
+/// Each tenant's database size in bytes, by tenant id, for `--order size`: one query per
+/// server (`pg_database_size` of its tenants' databases, through the first tenant's
+/// connection string), a few servers at a time. A server that cannot be asked leaves its
+/// tenants without a size (they start last); it is logged, not an error.
+pub async fn database_sizes(
+    tenants: &[Tenant],
+    reach: &Reach,
+) -> std::collections::HashMap<String, u64> {
+    use futures_util::StreamExt as _;
+    // Owned: the futures below must not borrow from the stream's items.
+    let mut by_host: BTreeMap<String, Vec<(String, Dsn)>> = BTreeMap::new();
+    for t in tenants {
+        by_host
+            .entry(t.dsn.host().to_string())
+            .or_default()
+            .push((t.id.clone(), t.dsn.clone()));
+    }
+    let settings = SessionSettings {
+        statement_timeout: Duration::from_secs(30),
+        application_name: "flotilla-guard",
+        ..SessionSettings::default()
+    };
+    let settings = &settings;
+    let per_host: Vec<Vec<(String, u64)>> = futures_util::stream::iter(by_host)
+        .map(|(host, group)| async move {
+            let names: Vec<String> = group
+                .iter()
+                .map(|(_, dsn)| crate::apply::log::quote_literal(dsn.dbname()))
+                .collect();
+            let sql = format!(
+                "SELECT datname, pg_catalog.pg_database_size(oid) FROM pg_catalog.pg_database \
+                 WHERE datname IN ({})",
+                names.join(", ")
+            );
+            let Some((_, first)) = group.first() else {
+                return Vec::new();
+            };
+            let session = match Session::connect(first, settings, reach).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(host = %host, error = %e, "cannot read database sizes; those tenants start last");
+                    return Vec::new();
+                }
+            };
+            let rows = session.client().simple_query(&sql).await;
+            session.close().await;
+            let Ok(rows) = rows else {
+                tracing::warn!(host = %host, "cannot read database sizes; those tenants start last");
+                return Vec::new();
+            };
+            let sizes: std::collections::HashMap<String, u64> = rows
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                        r.get(0)?.to_string(),
+                        r.get(1)?.parse().ok()?,
+                    )),
+                    _ => None,
+                })
+                .collect();
+            group
+                .iter()
+                .filter_map(|(id, dsn)| Some((id.clone(), *sizes.get(dsn.dbname())?)))
+                .collect::<Vec<_>>()
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    per_host.into_iter().flatten().collect()
+}

@@ -127,6 +127,11 @@ pub async fn plan(
                     "message": d.message,
                 })).collect::<Vec<_>>(),
                 "notes": p.notes,
+                "touched": p.touched.iter().map(|t| json!({
+                    "table": t.table,
+                    "rules": t.rules,
+                    "bytes": t.bytes,
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "safety": findings.iter().map(crate::render::safety_json).collect::<Vec<_>>(),
         })),
@@ -140,7 +145,21 @@ pub async fn plan(
                             p.tenant_id.clone(),
                             steps_text(p),
                             p.problems.join("; "),
-                            p.notes.join("; "),
+                            p.notes
+                                .iter()
+                                .cloned()
+                                .chain(p.touched.iter().map(|t| {
+                                    format!(
+                                        "touches {} ({}): {}",
+                                        t.table,
+                                        t.bytes
+                                            .map(|b| format!("{:.1} MB", b as f64 / 1e6))
+                                            .unwrap_or_else(|| "not there".into()),
+                                        t.rules.join(", ")
+                                    )
+                                }))
+                                .collect::<Vec<_>>()
+                                .join("; "),
                         ]
                     })
                     .collect::<Vec<_>>(),

@@ -91,6 +91,13 @@ fn invalid(e: flotilla::api::ApiError) -> Failure {
     Failure::new(Exit::InvalidInput, e.to_string())
 }
 
+/// `--order`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrderArg {
+    Id,
+    Size,
+}
+
 /// `--allow RULE`: safety-lint rules waived for the whole wave.
 #[derive(Debug, Args, Clone, Default)]
 pub struct AllowArgs {
@@ -270,6 +277,10 @@ pub struct PolicyArgs {
     /// A server held longer than this pauses the wave [default: 10m].
     #[arg(long, value_parser = parse_duration)]
     pub max_hold: Option<Duration>,
+    /// In which order tenants start after the canaries: `id`, or `size` (smallest
+    /// database first, the canaries too) [default: id].
+    #[arg(long, value_enum)]
+    pub order: Option<OrderArg>,
     /// `statement_timeout` for every script, 1ms..2147483647ms or 0 [default: 0, none].
     #[arg(long, value_parser = parse_duration)]
     pub statement_timeout: Option<Duration>,
@@ -359,6 +370,10 @@ impl PolicyArgs {
             max_connections_share: self.max_connections_share,
             gate_sql: self.gate_sql.clone().unwrap_or_default(),
             max_hold_ms: ms("--max-hold", self.max_hold, ZeroTimeout::Refused)?,
+            start_order: match self.order {
+                None | Some(OrderArg::Id) => v1::StartOrder::Id,
+                Some(OrderArg::Size) => v1::StartOrder::Size,
+            } as i32,
         };
         flotilla::api::convert::policy_from_proto(Some(policy.clone()))
             .map_err(|e| usage(format!("{e} (see `flotilla wave start --help`)")))?;

@@ -1874,4 +1874,89 @@ async fn unsafe_statements_stop_a_wave_until_waived() {
             && waivers.contains("ban-drop-column at V3__drop_legacy.sql:3 (nothing reads it since 4.2)"),
         "{waivers}"
     );
+
+    // A next release rewrites the table: the plan says how big it is on each tenant.
+    std::fs::write(
+        dir.path().join("V4__widen.sql"),
+        "ALTER TABLE items ALTER COLUMN name TYPE varchar(500);",
+    )
+    .expect("write V4");
+    let plan = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(dir.path()),
+            "--targets",
+            path(&csv),
+            "--allow",
+            "require-concurrent-index-creation",
+            "--allow",
+            "changing-column-type",
+        ],
+    )
+    .await;
+    assert_eq!(plan.code, 0, "{plan:?}");
+    let touched = &plan.json()["tenants"][0]["touched"];
+    assert_eq!(touched[0]["table"], "items", "{touched}");
+    assert_eq!(touched[0]["rules"][0], "changing-column-type", "{touched}");
+    assert!(
+        touched[0]["bytes"].as_u64().is_some_and(|b| b > 0),
+        "{touched}"
+    );
+}
+
+/// Issue 14: `--order size` starts the smallest databases first (the canary is the
+/// smallest), sizes read from the server at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_size_starts_the_smallest_tenants_first() {
+    let cluster = shared();
+    let (rows, csv, dir, _work) = fleet(cluster, "e_size_", 3, FAST).await;
+    // Make the first tenant the biggest and the last the middle one.
+    for (db, mb) in [(&rows[0].0, 6), (&rows[2].0, 2)] {
+        let c = cluster.connect(db).await.expect("connect");
+        c.batch_execute(&format!(
+            "CREATE TABLE ballast AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, {})",
+            mb * 1000
+        ))
+        .await
+        .expect("ballast");
+    }
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let wave = flotilla(
+        &server,
+        &start_args(
+            dir.path(),
+            &csv,
+            &[
+                "--order",
+                "size",
+                "--canary",
+                "1",
+                "--concurrency",
+                "1",
+                "--wait",
+                "--output",
+                "json",
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(wave.code, 0, "{wave:?}");
+    let id = wave.json()["wave_id"].as_str().expect("id").to_string();
+    let listed = flotilla(&server, &["--output", "json", "wave", "tenants", &id]).await;
+    let order: Vec<String> = listed.json()["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .map(|t| t["tenant_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        order,
+        [rows[1].0.clone(), rows[2].0.clone(), rows[0].0.clone()],
+        "smallest first"
+    );
 }

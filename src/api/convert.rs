@@ -259,6 +259,10 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         max_connections_share: Some(p.max_connections_share),
         gate_sql: p.gate_sql.clone().unwrap_or_default(),
         max_hold_ms: Some(p.max_hold_ms),
+        start_order: match p.start_order {
+            crate::policy::StartOrder::Id => v1::StartOrder::Id,
+            crate::policy::StartOrder::Size => v1::StartOrder::Size,
+        } as i32,
     }
 }
 
@@ -442,6 +446,16 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
             .unwrap_or(defaults.max_connections_share),
         gate_sql: (!p.gate_sql.trim().is_empty()).then(|| p.gate_sql.clone()),
         max_hold_ms: p.max_hold_ms.unwrap_or(defaults.max_hold_ms),
+        start_order: match v1::StartOrder::try_from(p.start_order) {
+            Ok(v1::StartOrder::Size) => crate::policy::StartOrder::Size,
+            Ok(v1::StartOrder::Id | v1::StartOrder::Unspecified) => crate::policy::StartOrder::Id,
+            Err(_) => {
+                return Err(ApiError::Invalid(format!(
+                    "policy.start_order: unknown value {}",
+                    p.start_order
+                )));
+            }
+        },
         drift: rules.drift,
         order: rules.order,
         ..defaults

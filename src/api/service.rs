@@ -92,9 +92,16 @@ impl RolloutApi {
             .resolve(&self.limits, self.engine.reach())
             .await?;
         let (bundle_id, count) = (bundle.id().to_string(), tenants.len());
+        let sizes = if policy.start_order == crate::policy::StartOrder::Size {
+            crate::target::database_sizes(&tenants, self.engine.reach()).await
+        } else {
+            Default::default()
+        };
         let engine = self.engine.clone();
         let actor = caller.name.clone();
-        let id = off_runtime(move || engine.start_wave(bundle, tenants, policy, &actor)).await?;
+        let id =
+            off_runtime(move || engine.start_wave_sized(bundle, tenants, policy, &actor, &sizes))
+                .await?;
         tracing::info!(wave = %id, bundle = %bundle_id, tenants = count, actor = %caller.name, "wave created");
         Ok(id)
     }
@@ -479,6 +486,37 @@ async fn plan_tenant(
     }
     match crate::apply::plan::plan(bundle, &rows, options) {
         Ok(plan) => {
+            // What the steps would touch, and how big it is here.
+            let running: std::collections::HashSet<&str> = plan
+                .steps
+                .iter()
+                .map(|s| bundle.scripts()[s.script].name.as_str())
+                .collect();
+            let mut touched: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for f in crate::bundle::safety::lint(bundle) {
+                if let Some(table) = f.table.filter(|_| running.contains(f.script.as_str())) {
+                    let rules = touched.entry(table).or_default();
+                    if !rules.iter().any(|r| r == f.rule) {
+                        rules.push(f.rule.to_string());
+                    }
+                }
+            }
+            if !touched.is_empty() {
+                let tables: Vec<String> = touched.keys().cloned().collect();
+                match crate::apply::table_sizes(&tenant.dsn, &settings, reach, &tables).await {
+                    Ok(sizes) => {
+                        out.touched = sizes
+                            .into_iter()
+                            .map(|(table, bytes)| v1::TouchedTable {
+                                rules: touched.remove(&table).unwrap_or_default(),
+                                table,
+                                bytes,
+                            })
+                            .collect();
+                    }
+                    Err(e) => out.notes.push(format!("cannot read table sizes: {e}")),
+                }
+            }
             out.steps.extend(plan.steps.iter().map(|step| {
                 let script = &bundle.scripts()[step.script];
                 let kind = convert::plan_action(&step.action);

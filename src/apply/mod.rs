@@ -688,6 +688,47 @@ pub async fn rehearse_prior(
     result
 }
 
+/// The total size in bytes (indexes and TOAST included) of each of `tables` (as a
+/// safety finding names them) in the tenant's database, for a plan to show what a
+/// rewrite or a long lock would touch; `None` for a table that is not there (yet).
+/// Takes no lock; reads only the catalog's numbers.
+pub async fn table_sizes(
+    dsn: &Dsn,
+    settings: &SessionSettings,
+    reach: &Reach,
+    tables: &[String],
+) -> Result<Vec<(String, Option<u64>)>, ApplyError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| {
+            let qualified = t
+                .split('.')
+                .map(log::quote_ident)
+                .collect::<Vec<_>>()
+                .join(".");
+            log::quote_literal(&qualified)
+        })
+        .collect();
+    let sql = format!(
+        "SELECT pg_catalog.pg_total_relation_size(pg_catalog.to_regclass(t))          FROM unnest(ARRAY[{}]::text[]) WITH ORDINALITY AS u(t, n) ORDER BY n",
+        names.join(", ")
+    );
+    let session = Session::connect(dsn, settings, reach)
+        .await
+        .map_err(ApplyError::Connect)?;
+    let result = session.client().simple_query(&sql).await;
+    session.close().await;
+    let rows = result.map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+    let sizes = rows.iter().filter_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r.get(0).and_then(|v| v.parse().ok())),
+        _ => None,
+    });
+    Ok(tables.iter().cloned().zip(sizes).collect())
+}
+
 /// Reads the tenant's log for planning without applying anything (a dry run); takes no
 /// lock and creates nothing. A tenant without a log has an empty one.
 pub async fn read_log(

@@ -17,7 +17,7 @@ mod driver;
 pub mod machine;
 mod queue;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bundle::Bundle;
 use crate::dsn::Dsn;
-use crate::policy::{Policy, PolicyError};
+use crate::policy::{Policy, PolicyError, StartOrder};
 use crate::reach::Reach;
 use crate::secret::{Sealer, SecretError};
 use crate::store::{
@@ -413,6 +413,19 @@ impl Engine {
         policy: Policy,
         actor: &str,
     ) -> Result<String, EngineError> {
+        self.start_wave_sized(bundle, tenants, policy, actor, &HashMap::new())
+    }
+
+    /// [`Engine::start_wave`] with each tenant's database size (bytes, by tenant id), for
+    /// a policy that starts the smallest first ([`StartOrder::Size`]).
+    pub fn start_wave_sized(
+        &self,
+        bundle: Bundle,
+        tenants: Vec<Tenant>,
+        policy: Policy,
+        actor: &str,
+        sizes: &HashMap<String, u64>,
+    ) -> Result<String, EngineError> {
         if self.inner.draining.is_cancelled() {
             return Err(EngineError::ShuttingDown);
         }
@@ -432,9 +445,13 @@ impl Engine {
                 dup.id
             )));
         }
-        // Canaries first, then by id: a deterministic order that `seq` records.
+        // Canaries first, then by id (or by size): a deterministic order that `seq`
+        // records. With sizes, the canaries are the smallest too.
         let mut ordered = tenants;
         ordered.sort_by(|a, b| a.id.cmp(&b.id));
+        if policy.start_order == StartOrder::Size {
+            ordered.sort_by_key(|t| sizes.get(&t.id).copied().unwrap_or(u64::MAX));
+        }
         let labels: Vec<_> = ordered.iter().map(|t| &t.labels).collect();
         let is_canary = machine::canary_flags(&policy.canary, &labels);
         if let crate::policy::Canary::Label { key, value } = &policy.canary
