@@ -404,63 +404,6 @@ pub fn check_reach(tenants: &[Tenant], reach: &Reach, origin: &str) -> Result<()
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn csv_with_labels() {
-        let t = parse_csv(
-            "tenant_id,dsn,region,tier\nacme,postgresql://u@h1/acme,eu,gold\nglobex,host=h2 dbname=globex user=u,us,\n",
-            "t.csv",
-        )
-        .expect("parses");
-        assert_eq!(t.len(), 2);
-        assert_eq!(t[0].labels.get("region").map(String::as_str), Some("eu"));
-        assert_eq!(
-            t[1].labels.get("tier"),
-            None,
-            "empty label cells are absent"
-        );
-        assert_eq!(t[1].dsn.host(), "h2:5432");
-    }
-
-    #[test]
-    fn csv_errors_name_lines() {
-        let err = parse_csv(
-            "tenant_id,dsn\na,postgresql://u@h/a\na,postgresql://u@h/a2\nb,host=h sslmode=bogus password=pw\n,postgresql://u@h/c\n",
-            "t.csv",
-        )
-        .expect_err("bad rows");
-        let text = err.to_string();
-        assert!(text.contains("line 3: duplicate tenant_id \"a\""), "{text}");
-        assert!(
-            text.contains("line 4: tenant \"b\": invalid connection string: sslmode"),
-            "{text}"
-        );
-        assert!(text.contains("line 5: empty tenant_id"), "{text}");
-        assert!(!text.contains("pw"), "{text}");
-    }
-
-    #[test]
-    fn csv_structure_errors() {
-        let e = parse_csv("id,url\nx,y\n", "t.csv").expect_err("header");
-        assert!(e.to_string().contains("tenant_id,dsn"), "{e}");
-        let e = parse_csv("tenant_id,dsn\n", "t.csv").expect_err("empty");
-        assert_eq!(
-            e,
-            TargetError::Empty {
-                origin: "t.csv".into()
-            }
-        );
-        let e =
-            parse_csv("tenant_id,dsn,region\na,postgresql://u@h/a\n", "t.csv").expect_err("ragged");
-        assert!(e.to_string().contains("line 2"), "{e}");
-        let e = parse_csv("tenant_id,dsn\na\n", "t.csv").expect_err("missing dsn");
-        assert!(e.to_string().contains("t.csv"), "{e}");
-    }
-}
-
 /// Each tenant's database size in bytes, by tenant id, for `--order size`: one query per
 /// server (`pg_database_size` of its tenants' databases, through the first tenant's
 /// connection string), a few servers at a time. A server that cannot be asked leaves its
@@ -530,4 +473,61 @@ pub async fn database_sizes(
         .collect()
         .await;
     per_host.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_with_labels() {
+        let t = parse_csv(
+            "tenant_id,dsn,region,tier\nacme,postgresql://u@h1/acme,eu,gold\nglobex,host=h2 dbname=globex user=u,us,\n",
+            "t.csv",
+        )
+        .expect("parses");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].labels.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(
+            t[1].labels.get("tier"),
+            None,
+            "empty label cells are absent"
+        );
+        assert_eq!(t[1].dsn.host(), "h2:5432");
+    }
+
+    #[test]
+    fn csv_errors_name_lines() {
+        let err = parse_csv(
+            "tenant_id,dsn\na,postgresql://u@h/a\na,postgresql://u@h/a2\nb,host=h sslmode=bogus password=pw\n,postgresql://u@h/c\n",
+            "t.csv",
+        )
+        .expect_err("bad rows");
+        let text = err.to_string();
+        assert!(text.contains("line 3: duplicate tenant_id \"a\""), "{text}");
+        assert!(
+            text.contains("line 4: tenant \"b\": invalid connection string: sslmode"),
+            "{text}"
+        );
+        assert!(text.contains("line 5: empty tenant_id"), "{text}");
+        assert!(!text.contains("pw"), "{text}");
+    }
+
+    #[test]
+    fn csv_structure_errors() {
+        let e = parse_csv("id,url\nx,y\n", "t.csv").expect_err("header");
+        assert!(e.to_string().contains("tenant_id,dsn"), "{e}");
+        let e = parse_csv("tenant_id,dsn\n", "t.csv").expect_err("empty");
+        assert_eq!(
+            e,
+            TargetError::Empty {
+                origin: "t.csv".into()
+            }
+        );
+        let e =
+            parse_csv("tenant_id,dsn,region\na,postgresql://u@h/a\n", "t.csv").expect_err("ragged");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = parse_csv("tenant_id,dsn\na\n", "t.csv").expect_err("missing dsn");
+        assert!(e.to_string().contains("t.csv"), "{e}");
+    }
 }
