@@ -44,6 +44,10 @@ pub struct SessionSettings {
     /// What the session calls itself in `pg_stat_activity`: [`APPLICATION_NAME`] for
     /// the sessions that migrate; the watchdog's and the health gates' say so.
     pub application_name: &'static str,
+    /// Pin `search_path` to `pg_catalog, pg_temp` in the startup packet (over any
+    /// role or database default): for sessions that only read the catalog, so nothing
+    /// a tenant defines resolves in place of it. Never for sessions that run scripts.
+    pub catalog_only: bool,
 }
 
 impl Default for SessionSettings {
@@ -54,6 +58,7 @@ impl Default for SessionSettings {
             connect_timeout: Duration::from_secs(10),
             idle_in_transaction_timeout: Duration::from_secs(10),
             application_name: APPLICATION_NAME,
+            catalog_only: false,
         }
     }
 }
@@ -82,12 +87,15 @@ impl Session {
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
-        let timeouts = format!(
+        let mut timeouts = format!(
             "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             settings.lock_timeout.as_millis(),
             settings.statement_timeout.as_millis(),
             settings.idle_in_transaction_timeout.as_millis()
         );
+        if settings.catalog_only {
+            timeouts.push_str(" -c search_path=pg_catalog,pg_temp");
+        }
         let options = match config.get_options() {
             Some(existing) if !existing.is_empty() => format!("{existing} {timeouts}"),
             _ => timeouts,

@@ -170,6 +170,7 @@ fn side_settings() -> SessionSettings {
         connect_timeout: Duration::from_secs(5),
         idle_in_transaction_timeout: Duration::from_secs(5),
         application_name: "flotilla-guard",
+        catalog_only: true,
     }
 }
 
@@ -195,8 +196,13 @@ pub fn blocked_sql(pids: &[i32]) -> String {
 
 async fn watch_host(guard: Arc<Guard>, key: String, host: Arc<Host>) {
     let mut session: Option<Session> = None;
+    // After a failure (a server too old for `pg_locks.waitstart`, a password that
+    // changed) the watchdog waits longer each time, up to 30 s, rather than log every
+    // interval; each failure is logged.
+    let mut pause = guard.interval;
     loop {
-        tokio::time::sleep(guard.interval).await;
+        tokio::time::sleep(pause).await;
+        pause = guard.interval;
         let runs: Vec<Arc<Shared>> = {
             let mut hosts = lock(&guard.hosts);
             let runs: Vec<Arc<Shared>> = lock(&host.runs).values().cloned().collect();
@@ -213,7 +219,8 @@ async fn watch_host(guard: Arc<Guard>, key: String, host: Arc<Host>) {
             match Session::connect(&dsn, &side_settings(), &guard.reach).await {
                 Ok(s) => session = Some(s),
                 Err(e) => {
-                    tracing::warn!(host = %key, error = %e, "the lock watchdog cannot connect; trying again");
+                    tracing::warn!(host = %key, error = %e, "the lock watchdog cannot connect; trying again later");
+                    pause = backoff(pause);
                     continue;
                 }
             }
@@ -223,7 +230,8 @@ async fn watch_host(guard: Arc<Guard>, key: String, host: Arc<Host>) {
         match s.client().simple_query(&blocked_sql(&pids)).await {
             Ok(rows) => trip_blockers(&runs, &rows),
             Err(e) => {
-                tracing::warn!(host = %key, error = %crate::failure::DbFailure::from(&e), "the lock watchdog's query failed; reconnecting");
+                tracing::warn!(host = %key, error = %crate::failure::DbFailure::from(&e), "the lock watchdog's query failed; reconnecting later (PostgreSQL 14 or later is needed)");
+                pause = backoff(pause);
                 if let Some(s) = session.take() {
                     s.close().await;
                 }
@@ -233,6 +241,10 @@ async fn watch_host(guard: Arc<Guard>, key: String, host: Arc<Host>) {
     if let Some(s) = session {
         s.close().await;
     }
+}
+
+fn backoff(pause: Duration) -> Duration {
+    (pause * 4).min(Duration::from_secs(30))
 }
 
 /// Trips every run that kept an application backend waiting past its `max_block`.
@@ -272,6 +284,9 @@ fn trip_blockers(runs: &[Arc<Shared>], rows: &[SimpleQueryMessage]) {
 /// How often a held host (or one with tenants waiting) has its health read again.
 pub const GATE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long one health reading may take, connect included.
+pub const HEALTH_DEADLINE: Duration = Duration::from_secs(8);
+
 /// One reading of a server's health, for its gate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
@@ -298,9 +313,18 @@ pub async fn read_health(
     reach: &Reach,
     gate_sql: Option<&str>,
 ) -> Result<Health, String> {
-    let mut session = Session::connect(dsn, &side_settings(), reach)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut session = match Session::connect(dsn, &side_settings(), reach).await {
+        Ok(s) => s,
+        // A server at max_connections is as unhealthy as a gate can say.
+        Err(e) if e.sqlstate.as_deref() == Some("53300") => {
+            return Ok(Health {
+                replication_lag_ms: None,
+                connections_share: f64::INFINITY,
+                gate: None,
+            });
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let result = async {
         let rows = session
             .client()
@@ -367,6 +391,9 @@ pub fn verdict(health: &Health, policy: &crate::policy::Policy) -> Option<String
             secs(lag),
             secs(policy.max_replication_lag_ms)
         ));
+    }
+    if health.connections_share.is_infinite() {
+        return Some("connections: the server refuses new sessions (53300)".to_string());
     }
     if policy.max_connections_share < 1.0 && health.connections_share > policy.max_connections_share
     {

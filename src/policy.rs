@@ -103,14 +103,16 @@ pub struct Policy {
     pub lock_timeout_max_ms: Option<u64>,
     /// How long an application query may wait on a Flotilla session (blocked by a lock
     /// it holds or waits for) before the watchdog cancels Flotilla's statement.
-    #[serde(default = "default_max_block_ms")]
+    /// A wave stored by an older daemon has none: off (`MAX_TIMEOUT_MS`), as it was.
+    #[serde(default = "off_max_block_ms")]
     pub max_block_ms: u64,
-    /// Health gate: hold a host while a standby's replay lags more than this (0: off).
-    #[serde(default = "default_max_replication_lag_ms")]
+    /// Health gate: hold a host while a standby's replay lags more than this (0: off;
+    /// off for a wave stored by an older daemon).
+    #[serde(default)]
     pub max_replication_lag_ms: u64,
     /// Health gate: hold a host while more than this share of `max_connections` is in
-    /// use (1.0: off).
-    #[serde(default = "default_max_connections_share")]
+    /// use (1.0: off; off for a wave stored by an older daemon).
+    #[serde(default = "off_max_connections_share")]
     pub max_connections_share: f64,
     /// Health gate: an operator's read-only SQL returning one boolean; `false` holds
     /// the host.
@@ -162,6 +164,16 @@ fn default_idle_in_transaction_timeout_ms() -> u64 {
 /// incident.
 fn default_max_block_ms() -> u64 {
     1_000
+}
+
+/// A wave stored before the watchdog existed keeps running without it.
+fn off_max_block_ms() -> u64 {
+    MAX_TIMEOUT_MS
+}
+
+/// A wave stored before the gates existed keeps running without them.
+fn off_max_connections_share() -> f64 {
+    1.0
 }
 
 fn default_max_replication_lag_ms() -> u64 {
@@ -388,10 +400,11 @@ impl Policy {
         if let Some(rule) = self
             .allow
             .iter()
-            .find(|r| !crate::bundle::safety::is_rule(r))
+            .find(|r| !crate::bundle::safety::is_allow_entry(r))
         {
             return bad(format!(
-                "allow {rule:?}: no such safety rule (`flotilla bundle rules` lists them)"
+                "allow {rule:?}: not RULE or RULE@SCRIPT with a safety rule (`flotilla bundle \
+                 rules` lists them)"
             ));
         }
         if let Some(a) = &self.adopt {

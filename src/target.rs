@@ -424,6 +424,7 @@ pub async fn database_sizes(
     let settings = SessionSettings {
         statement_timeout: Duration::from_secs(30),
         application_name: "flotilla-guard",
+        catalog_only: true,
         ..SessionSettings::default()
     };
     let settings = &settings;
@@ -434,7 +435,8 @@ pub async fn database_sizes(
                 .map(|(_, dsn)| crate::apply::log::quote_literal(dsn.dbname()))
                 .collect();
             let sql = format!(
-                "SELECT datname, pg_catalog.pg_database_size(oid) FROM pg_catalog.pg_database \
+                "SELECT datname, CASE WHEN pg_catalog.has_database_privilege(oid, 'CONNECT') \
+                 THEN pg_catalog.pg_database_size(oid) END FROM pg_catalog.pg_database \
                  WHERE datname IN ({})",
                 names.join(", ")
             );

@@ -102,18 +102,18 @@ pub enum OrderArg {
 #[derive(Debug, Args, Clone, Default)]
 pub struct AllowArgs {
     /// Waive a safety-lint rule for the whole wave (repeatable; `flotilla bundle rules`
-    /// lists them). Prefer `-- flotilla:allow RULE reason` in the one script that
-    /// needs it.
+    /// lists them), or `RULE@SCRIPT` for one script (one that already ran, whose text
+    /// must not change). Prefer `-- flotilla:allow RULE reason` in a new script.
     #[arg(long = "allow", value_name = "RULE", value_parser = parse_rule)]
     pub allow: Vec<String>,
 }
 
 fn parse_rule(s: &str) -> Result<String, String> {
-    if flotilla::bundle::safety::is_rule(s) {
+    if flotilla::bundle::safety::is_allow_entry(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "no such safety rule {s:?} (`flotilla bundle rules` lists them)"
+            "no such safety rule {s:?} (RULE or RULE@SCRIPT; `flotilla bundle rules` lists them)"
         ))
     }
 }

@@ -128,7 +128,7 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
 
 /// A safety finding on the wire, waived or not under the wave's `allow`.
 pub fn safety_finding(f: &crate::bundle::safety::Finding, allow: &[String]) -> v1::SafetyFinding {
-    let by_flag = allow.iter().any(|a| a == f.rule);
+    let by_flag = crate::bundle::safety::waived_by_wave(allow, f);
     v1::SafetyFinding {
         rule: f.rule.to_string(),
         script: f.script.clone(),
@@ -136,11 +136,11 @@ pub fn safety_finding(f: &crate::bundle::safety::Finding, allow: &[String]) -> v
         table: f.table.clone().unwrap_or_default(),
         why: f.why.to_string(),
         fix: f.fix.to_string(),
-        waived: f.waived_by_script.is_some() || by_flag,
+        waived: f.waived_by_script.is_some() || by_flag.is_some(),
         waiver: match (&f.waived_by_script, by_flag) {
             (Some(reason), _) => reason.clone(),
-            (None, true) => format!("--allow {}", f.rule),
-            (None, false) => String::new(),
+            (None, Some(entry)) => format!("--allow {entry}"),
+            (None, None) => String::new(),
         },
     }
 }
@@ -151,6 +151,11 @@ pub fn safety_finding(f: &crate::bundle::safety::Finding, allow: &[String]) -> v
 pub fn wave_for(w: &WaveStatus, role: crate::config::Role) -> v1::Wave {
     let mut out = wave(w);
     if role != crate::config::Role::Operator {
+        if let Some(p) = out.policy.as_mut()
+            && !p.gate_sql.is_empty()
+        {
+            p.gate_sql = "(set; operators see it)".to_string();
+        }
         for value in out.placeholders.values_mut() {
             let digest = crate::bundle::checksum(value.as_bytes());
             *value = format!("sha256:{}", &digest[..12]);

@@ -991,6 +991,11 @@ impl Runner<'_, '_> {
 
     /// Runs `sql`; a hard stop sends a cancel request and waits for the server's answer.
     async fn batch(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, BatchError> {
+        // A trip that came after the last statement finished is about nothing that
+        // still runs: this batch starts clean.
+        if let Some(w) = self.watch {
+            w.clear();
+        }
         let query = self.session.client().simple_query(sql);
         tokio::pin!(query);
         let tripped = async {
@@ -1000,6 +1005,8 @@ impl Runner<'_, '_> {
             }
         };
         tokio::select! {
+            // The answer first: a statement that finished is not cancelled after it.
+            biased;
             result = &mut query => result.map_err(BatchError::Db),
             _ = tripped => {
                 // An application waits on us past max_block: our statement goes (its
@@ -1118,6 +1125,16 @@ impl Runner<'_, '_> {
     /// Runs transactional scripts in one transaction, one round trip per script; the
     /// last one carries the COMMIT. Returns true when a stop interrupted the group.
     async fn run_transaction(&mut self, group: &[&Script]) -> Result<bool, ApplyError> {
+        // One transaction keeps every script's locks to its end: the most patient
+        // script's max_block holds for all of it.
+        if let Some(w) = self.watch {
+            let most = group
+                .iter()
+                .map(|s| s.directives.max_block.unwrap_or(self.run.max_block))
+                .max()
+                .unwrap_or(self.run.max_block);
+            w.set_max_block(most);
+        }
         let mut pending = Vec::new();
         let started = Instant::now();
         for (n, script) in group.iter().enumerate() {
@@ -1126,7 +1143,6 @@ impl Runner<'_, '_> {
                 return Ok(true);
             }
             let version = script.version().map(|v| v.to_string());
-            self.watch_for(script);
             let mut prefix = String::new();
             if n == 0 {
                 prefix.push_str("BEGIN;\n");

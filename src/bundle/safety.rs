@@ -76,6 +76,24 @@ pub fn is_rule(rule: &str) -> bool {
     RULES.iter().any(|(id, _)| *id == rule)
 }
 
+/// Whether a wave's `allow` entry is well formed: `RULE` (the whole bundle) or
+/// `RULE@SCRIPT` (one script: one that already ran everywhere, whose text cannot take
+/// a directive without changing its checksum).
+pub fn is_allow_entry(entry: &str) -> bool {
+    match entry.split_once('@') {
+        Some((rule, script)) => is_rule(rule) && !script.trim().is_empty(),
+        None => is_rule(entry),
+    }
+}
+
+/// Whether the wave's `allow` list waives `f`.
+fn allowed_by(allow: &[String], f: &Finding) -> bool {
+    allow.iter().any(|a| match a.split_once('@') {
+        Some((rule, script)) => rule == f.rule && script == f.script,
+        None => a == f.rule,
+    })
+}
+
 /// One statement a rule fires on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
@@ -108,7 +126,7 @@ impl std::fmt::Display for Finding {
 pub fn unwaived(findings: &[Finding], allow: &[String]) -> Vec<Finding> {
     findings
         .iter()
-        .filter(|f| f.waived_by_script.is_none() && !allow.iter().any(|a| a == f.rule))
+        .filter(|f| f.waived_by_script.is_none() && !allowed_by(allow, f))
         .cloned()
         .collect()
 }
@@ -122,13 +140,21 @@ pub fn waivers(findings: &[Finding], allow: &[String]) -> Vec<String> {
                 Some(line) => format!("{}:{line}", f.script),
                 None => f.script.clone(),
             };
-            match (&f.waived_by_script, allow.iter().any(|a| a == f.rule)) {
+            match (&f.waived_by_script, waived_by_wave(allow, f)) {
                 (Some(reason), _) => Some(format!("{} at {place} ({reason})", f.rule)),
-                (None, true) => Some(format!("{} at {place} (--allow {})", f.rule, f.rule)),
-                (None, false) => None,
+                (None, Some(entry)) => Some(format!("{} at {place} (--allow {entry})", f.rule)),
+                (None, None) => None,
             }
         })
         .collect()
+}
+
+/// How a wave's `allow` waives `f`, if it does: the matching entry.
+pub fn waived_by_wave<'a>(allow: &'a [String], f: &Finding) -> Option<&'a str> {
+    allow
+        .iter()
+        .find(|a| allowed_by(std::slice::from_ref(a), f))
+        .map(String::as_str)
 }
 
 /// Every finding of `bundle`, scripts in apply order.
@@ -145,6 +171,8 @@ pub fn lint_script(script: &Script) -> Vec<Finding> {
     let lines = LineIndex::new(&script.sql);
     let mut created: HashSet<String> = HashSet::new();
     let mut validated: HashSet<String> = HashSet::new();
+    let mut altered: HashSet<String> = HashSet::new();
+    let transactional = script.directives.transaction == super::TransactionUse::Transactional;
     let mut out = Vec::new();
     for stmt in script.executable_statements() {
         let tokens = sql::tokens(stmt.sql(&script.sql));
@@ -213,9 +241,21 @@ pub fn lint_script(script: &Script) -> Vec<Finding> {
                         fire(rule, Some(table.clone()), fix);
                     }
                     if contains_seq(action, &["validate", "constraint"]) {
+                        // After an ALTER of the same table in the same transaction, the
+                        // scan runs under the ACCESS EXCLUSIVE lock that ALTER took.
+                        if transactional && altered.contains(&key(&table)) {
+                            fire(
+                                "constraint-missing-not-valid",
+                                Some(table.clone()),
+                                "VALIDATE CONSTRAINT in a later script: in the script that \
+                                 added the constraint, the transaction still holds the ALTER's \
+                                 ACCESS EXCLUSIVE lock while it scans",
+                            );
+                        }
                         validated.insert(key(&table));
                     }
                 }
+                altered.insert(key(&table));
             }
             _ => {}
         }
@@ -223,9 +263,10 @@ pub fn lint_script(script: &Script) -> Vec<Finding> {
     out
 }
 
-/// How a table name is compared: its last part, as PostgreSQL folds it.
+/// How a table name is compared: as written (folded by the splitter), `public.`
+/// dropped, so `items` and `public.items` are one table and `audit.items` another.
 fn key(table: &str) -> String {
-    table.rsplit('.').next().unwrap_or(table).to_string()
+    table.strip_prefix("public.").unwrap_or(table).to_string()
 }
 
 fn word(tokens: &[Token], i: usize) -> Option<&str> {
@@ -290,8 +331,12 @@ fn index_creation(tokens: &[Token]) -> Option<(bool, Option<String>)> {
     }
     let concurrently = word(tokens, i + 1) == Some("concurrently");
     let on = (i..tokens.len()).find(|&j| word(tokens, j) == Some("on"))?;
-    let start = skip_words(tokens, on + 1, &["only"]);
-    Some((concurrently, qualified_name(tokens, start).map(|(n, _)| n)))
+    // `ON ONLY parent` creates an invalid index on a partitioned table without touching
+    // its partitions: the safe first step there.
+    if word(tokens, on + 1) == Some("only") {
+        return Some((true, None));
+    }
+    Some((concurrently, qualified_name(tokens, on + 1).map(|(n, _)| n)))
 }
 
 fn vacuum_full(tokens: &[Token]) -> bool {
@@ -381,9 +426,9 @@ fn alter_action(
                 (Some("set"), Some("not"), Some("null")) if !validated.contains(&key(table)) => out
                     .push((
                         "adding-not-nullable-field",
-                        "ADD CONSTRAINT … CHECK (col IS NOT NULL) NOT VALID, then VALIDATE \
-                         CONSTRAINT (no long lock), then SET NOT NULL (PostgreSQL 12+ uses the \
-                         check) and drop the check",
+                        "ADD CONSTRAINT … CHECK (col IS NOT NULL) NOT VALID in one script; \
+                         VALIDATE CONSTRAINT (no long lock), then SET NOT NULL (PostgreSQL 12+ \
+                         uses the check) in the next, and drop the check",
                     )),
                 _ => {}
             }
@@ -401,8 +446,9 @@ fn alter_action(
                 let serial = action.iter().any(|t| {
                     matches!(t, Token::Word(x) if matches!(x.as_str(), "serial" | "bigserial" | "smallserial" | "serial4" | "serial8" | "serial2"))
                 });
-                let stored = contains_seq(action, &["generated", "always", "as"])
-                    && contains_word(action, "stored");
+                let stored = (contains_seq(action, &["generated", "always", "as"])
+                    && contains_word(action, "stored"))
+                    || contains_seq(action, &["as", "identity"]);
                 if default_volatile || serial || stored {
                     out.push((
                         "adding-field-with-default",

@@ -165,12 +165,19 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
             for wave in for_holds.list() {
                 for hold in &wave.held {
                     let (host, reason) = hold.split_once(": ").unwrap_or((hold.as_str(), ""));
+                    // The kind of gate, not its numbers: one series per host and gate.
+                    let reason: String = reason
+                        .split(|c: char| c.is_ascii_digit() || c == ':')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_string();
                     observer.observe(
                         1,
                         &[
                             KeyValue::new("wave_id", wave.id.clone()),
                             KeyValue::new("host", host.to_string()),
-                            KeyValue::new("reason", reason.to_string()),
+                            KeyValue::new("reason", reason),
                         ],
                     );
                 }

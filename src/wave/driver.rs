@@ -561,12 +561,20 @@ impl Engine {
                 let dsn = sealer.open(&sealed).ok().and_then(|t| Dsn::parse(&t).ok());
                 let verdict = match dsn {
                     Some(dsn) => {
-                        match crate::guard::read_health(&dsn, reach, policy.gate_sql.as_deref())
-                            .await
+                        // Bounded: a server that hangs must not hold up the others' starts.
+                        match tokio::time::timeout(
+                            crate::guard::HEALTH_DEADLINE,
+                            crate::guard::read_health(&dsn, reach, policy.gate_sql.as_deref()),
+                        )
+                        .await
                         {
-                            Ok(health) => Some(crate::guard::verdict(&health, policy)),
-                            Err(e) => {
+                            Ok(Ok(health)) => Some(crate::guard::verdict(&health, policy)),
+                            Ok(Err(e)) => {
                                 tracing::warn!(host = %host, error = %e, "cannot read the host's health");
+                                None
+                            }
+                            Err(_) => {
+                                tracing::warn!(host = %host, "the host's health did not answer in time");
                                 None
                             }
                         }

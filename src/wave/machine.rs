@@ -782,6 +782,11 @@ impl Machine {
                         changed.push(t.seq);
                     }
                 }
+                // Nor time held: a resumed wave gives its held servers a new max_hold
+                // (else the first reading would pause it again at once).
+                for (_, since) in self.holds.values_mut() {
+                    *since = now.wall_ms;
+                }
                 self.transition(WaveState::Running, actor, reason, now);
             }
             Command::Cancel => {

@@ -86,7 +86,9 @@ pub enum EngineError {
 fn unsafe_message(findings: &[crate::bundle::safety::Finding]) -> String {
     let mut out = format!(
         "the bundle has {} safety finding{} a wave does not start with; fix them, or waive \
-         each with `--allow RULE` on the wave or `-- flotilla:allow RULE reason` in the script:",
+         each with `-- flotilla:allow RULE reason` in the script, or `--allow RULE@SCRIPT` \
+         for a script that already ran (its text must not change), or `--allow RULE` for \
+         the whole wave:",
         findings.len(),
         if findings.len() == 1 { "" } else { "s" }
     );

@@ -44,8 +44,7 @@ fn every_rule_fires_and_its_safe_pattern_does_not() {
         (
             "adding-not-nullable-field",
             "ALTER TABLE items ALTER COLUMN name SET NOT NULL;",
-            "ALTER TABLE items ADD CONSTRAINT name_nn CHECK (name IS NOT NULL) NOT VALID;\n\
-             ALTER TABLE items VALIDATE CONSTRAINT name_nn;\n\
+            "ALTER TABLE items VALIDATE CONSTRAINT name_nn;\n\
              ALTER TABLE items ALTER COLUMN name SET NOT NULL;",
         ),
         (
@@ -129,8 +128,8 @@ fn a_table_created_in_the_same_script_is_exempt() {
     assert!(
         rules(
             "CREATE TABLE IF NOT EXISTS app.items (id int);\n\
-             CREATE INDEX items_id ON items (id);\n\
-             ALTER TABLE items ADD CONSTRAINT items_pk PRIMARY KEY (id);\n\
+             CREATE INDEX items_id ON app.items (id);\n\
+             ALTER TABLE app.items ADD CONSTRAINT items_pk PRIMARY KEY (id);\n\
              ALTER TABLE app.items ALTER COLUMN id SET NOT NULL;"
         )
         .is_empty()
@@ -195,4 +194,54 @@ fn the_example_bundles_are_clean() {
         let found = lint(&b);
         assert!(found.is_empty(), "{dir}: {found:?}");
     }
+}
+
+/// The reviewers' cases.
+#[test]
+fn validate_in_the_altering_transaction_identity_columns_and_partitioned_parents() {
+    assert_eq!(
+        rules(
+            "ALTER TABLE items ADD CONSTRAINT positive CHECK (price > 0) NOT VALID;\n\
+             ALTER TABLE items VALIDATE CONSTRAINT positive;"
+        ),
+        ["constraint-missing-not-valid"]
+    );
+    // In a script of its own (its own transaction), VALIDATE is the safe step.
+    assert!(rules("ALTER TABLE items VALIDATE CONSTRAINT positive;").is_empty());
+    assert_eq!(
+        rules("ALTER TABLE items ADD COLUMN id2 bigint GENERATED ALWAYS AS IDENTITY;"),
+        ["adding-field-with-default"]
+    );
+    assert!(rules("CREATE INDEX measurements_at ON ONLY measurements (at);").is_empty());
+    // Another schema's table of the same name is not the one created here.
+    assert_eq!(
+        rules("CREATE TABLE items (id int);\nCREATE INDEX audit_items_id ON audit.items (id);"),
+        ["require-concurrent-index-creation"]
+    );
+    assert!(
+        rules("CREATE TABLE items (id int);\nCREATE INDEX items_id ON public.items (id);")
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_wave_can_waive_one_script_that_already_ran() {
+    let b = Bundle::from_sources(
+        &[
+            ("V3__old.sql", "CREATE INDEX items_a ON items (a);"),
+            ("V4__new.sql", "CREATE INDEX items_b ON items (b);"),
+        ],
+        "test",
+    )
+    .expect("valid");
+    let found = lint(&b);
+    let left = unwaived(
+        &found,
+        &["require-concurrent-index-creation@V3__old.sql".to_string()],
+    );
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].script, "V4__new.sql");
+    assert!(is_allow_entry("ban-drop-column@V1__x.sql"));
+    assert!(!is_allow_entry("ban-everything@V1__x.sql"));
+    assert!(!is_allow_entry("ban-drop-column@"));
 }

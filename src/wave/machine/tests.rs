@@ -664,3 +664,83 @@ proptest! {
         prop_assert_eq!(fresh.counts(), expected);
     }
 }
+
+/// Health gates: a held host starts nothing while the other goes on; a release lets it
+/// start; a hold past `max_hold` pauses the wave once, and a resume gives the host a new
+/// `max_hold` instead of pausing again at the next reading.
+#[test]
+fn a_held_host_waits_others_go_on_and_a_long_hold_pauses_once() {
+    let base = Instant::now();
+    let mut m = machine(
+        4,
+        2,
+        0,
+        Policy {
+            max_hold_ms: 1_000,
+            ..policy()
+        },
+    );
+    let held_host = m.tenant(0).expect("t0").host.clone();
+    let effects = m.on_gate(
+        &held_host,
+        Some("gate SQL returned false".into()),
+        at(base, 0),
+    );
+    assert!(!effects.is_empty(), "a new hold is told");
+    assert_eq!(m.holds(), [format!("{held_host}: gate SQL returned false")]);
+    let started: Vec<u32> = start_all(&mut m, at(base, 1))
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(!started.is_empty());
+    assert!(
+        started
+            .iter()
+            .all(|s| m.tenant(*s).expect("tenant").host != held_host),
+        "nothing starts on the held host: {started:?}"
+    );
+    // Still held after max_hold: the wave pauses, naming the host.
+    m.on_gate(
+        &held_host,
+        Some("gate SQL returned false".into()),
+        at(base, 1_500),
+    );
+    assert_eq!(m.record().state, WaveState::Paused);
+    assert!(
+        m.record()
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains(&held_host)
+    );
+    m.command(
+        Command::Resume(CanaryFailure::Refuse),
+        "op",
+        "",
+        at(base, 1_600),
+    )
+    .expect("resume");
+    m.on_gate(
+        &held_host,
+        Some("gate SQL returned false".into()),
+        at(base, 1_700),
+    );
+    assert_eq!(
+        m.record().state,
+        WaveState::Running,
+        "a resume restarts the hold's clock"
+    );
+    // Released: its tenants start.
+    m.on_gate(&held_host, None, at(base, 1_800));
+    assert!(m.holds().is_empty());
+    let started: Vec<u32> = start_all(&mut m, at(base, 1_900))
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(
+        started
+            .iter()
+            .any(|s| m.tenant(*s).expect("tenant").host == held_host),
+        "{started:?}"
+    );
+}
