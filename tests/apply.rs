@@ -1336,3 +1336,80 @@ async fn a_baseline_records_what_was_done_by_hand_and_runs_the_rest() {
     }
     assert!(log(cluster, &fresh).await.iter().all(|r| r.2 == "applied"));
 }
+
+/// Issue 17: a tenant's transactional scripts go in one message, a block each. An error
+/// while the third of five runs leaves exactly the first two committed, with their log
+/// rows and the durations measured in their blocks; the fourth and fifth never ran.
+#[tokio::test]
+async fn an_error_in_the_third_of_five_scripts_commits_exactly_the_first_two() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "one_message_").await;
+    let b = bundle(&[
+        ("V1__a.sql", "CREATE TABLE a (id int);"),
+        ("V2__b.sql", "INSERT INTO a VALUES (1), (2);"),
+        (
+            "V3__bad.sql",
+            "INSERT INTO a VALUES (3);\nSELECT 1 / (SELECT count(*) - 3 FROM a);",
+        ),
+        ("V4__d.sql", "CREATE TABLE d (id int);"),
+        ("V5__e.sql", "CREATE TABLE e (id int);"),
+    ]);
+    match run(&b, &dsn).await {
+        Outcome::Failed { scripts, error } => {
+            let names: Vec<_> = scripts.iter().map(|s| s.script.as_str()).collect();
+            assert_eq!(names, ["V1__a.sql", "V2__b.sql"]);
+            assert_eq!(error.script(), Some("V3__bad.sql"), "{error}");
+            assert_eq!(error.sqlstate(), Some("22012"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let c = cluster.connect(&db).await.expect("connect");
+    let rows: Vec<(String, Option<i64>)> = c
+        .query(
+            "SELECT script, duration_ms FROM flotilla.execution_log ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("log")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["V1__a.sql", "V2__b.sql"]
+    );
+    assert!(rows.iter().all(|r| r.1.is_some()), "{rows:?}");
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM a", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 2, "V3's own insert rolled back with it");
+    assert!(!exists(cluster, &db, "d").await && !exists(cluster, &db, "e").await);
+}
+
+/// A syntax error anywhere makes PostgreSQL refuse the whole message before running any
+/// of it: the scripts before the bad one still run (as they would one message each),
+/// and the error names the bad script and its line.
+#[tokio::test]
+async fn a_syntax_error_in_a_later_script_still_lets_the_earlier_ones_commit() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "one_message_syntax_").await;
+    let b = bundle(&[
+        ("V1__a.sql", "CREATE TABLE a (id int);"),
+        ("V2__b.sql", "CREATE TABLE b (id int);"),
+        ("V3__bad.sql", "SELECT 1;\nSELEC 2;"),
+        ("V4__d.sql", "CREATE TABLE d (id int);"),
+    ]);
+    match run(&b, &dsn).await {
+        Outcome::Failed { scripts, error } => {
+            let names: Vec<_> = scripts.iter().map(|s| s.script.as_str()).collect();
+            assert_eq!(names, ["V1__a.sql", "V2__b.sql"]);
+            assert!(error.to_string().starts_with("V3__bad.sql:2: "), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(exists(cluster, &db, "a").await && exists(cluster, &db, "b").await);
+    assert!(!exists(cluster, &db, "d").await);
+    assert_eq!(log(cluster, &db).await.len(), 2);
+}

@@ -260,14 +260,30 @@ impl RowIdentity<'_> {
 const IDENTITY_COLUMNS: &str = "version, script, kind, checksum, bundle_id, wave_id";
 
 /// The `applied` row of a transactional script, inserted in the script's transaction.
+/// It returns the duration the server measured, as a row tagged [`DURATION_TAG`].
 pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
     format!(
         "INSERT INTO flotilla.execution_log \
          ({IDENTITY_COLUMNS}, status, applied_at, applied_by, xact_id, duration_ms) \
-         VALUES ({}, 'applied', clock_timestamp(), current_user, txid_current()::text, {});",
+         VALUES ({}, 'applied', clock_timestamp(), current_user, txid_current()::text, {}) \
+         RETURNING duration_ms AS {DURATION_TAG};",
         row.values(),
         duration_since_mark(),
     )
+}
+
+/// The column name of the row a script's start returns in a message of several
+/// scripts: `(pg_backend_pid(), index of the script in the message)`.
+pub const SCRIPT_TAG: &str = "flotilla_script";
+
+/// The column name of the row a script's `applied` insert returns: its `duration_ms`.
+pub const DURATION_TAG: &str = "flotilla_duration";
+
+/// The first statement of script `n` of a message: which server process runs it, and
+/// which script it is, so the answer (even one cut short by an error) says how far the
+/// message got.
+pub fn script_start_sql(n: usize) -> String {
+    format!("SELECT pg_backend_pid() AS {SCRIPT_TAG}, {n};")
 }
 
 /// True when the database holds relations of its own (outside the catalogs and

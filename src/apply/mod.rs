@@ -964,23 +964,31 @@ impl Runner<'_, '_> {
                 i += 1;
                 continue;
             }
-            // A group of consecutive transactional scripts: one each in per-script mode,
-            // all of them in per-tenant mode.
+            // Consecutive transactional scripts go in one message: a block each in
+            // per-script mode (at most a few, so a soft stop is not long in coming), all
+            // of them in one block in per-tenant mode.
             let mut end = i + 1;
-            if self.run.mode == TransactionMode::PerTenant {
-                while end < plan.steps.len()
-                    && scripts[plan.steps[end].script].directives.transaction
-                        == TransactionUse::Transactional
-                {
-                    end += 1;
-                }
+            let limit = match self.run.mode {
+                TransactionMode::PerTenant => usize::MAX,
+                TransactionMode::PerScript => SCRIPTS_PER_MESSAGE,
+            };
+            while end < plan.steps.len()
+                && end - i < limit
+                && scripts[plan.steps[end].script].directives.transaction
+                    == TransactionUse::Transactional
+            {
+                end += 1;
             }
             let group: Vec<&Script> = plan.steps[i..end]
                 .iter()
                 .map(|s| &*scripts[s.script])
                 .collect();
+            let blocks: Vec<Vec<&Script>> = match self.run.mode {
+                TransactionMode::PerTenant => vec![group.clone()],
+                TransactionMode::PerScript => group.iter().map(|s| vec![*s]).collect(),
+            };
             let span = script_span(&group);
-            let stopped = self.run_transaction(&group).instrument(span.clone()).await;
+            let stopped = self.run_message(&blocks).instrument(span.clone()).await;
             if traced(&span, stopped)? {
                 return Ok(Completion::Stopped);
             }
@@ -991,47 +999,66 @@ impl Runner<'_, '_> {
 
     /// Runs `sql`; a hard stop sends a cancel request and waits for the server's answer.
     async fn batch(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, BatchError> {
+        let (messages, result) = self.batch_partial(sql).await;
+        result.map(|()| messages)
+    }
+
+    /// [`Runner::batch`], keeping what the server answered before an error: a message
+    /// of several scripts is known committed up to the block it stopped in.
+    async fn batch_partial(&self, sql: &str) -> (Vec<SimpleQueryMessage>, Result<(), BatchError>) {
+        use futures_util::StreamExt as _;
         // A trip that came after the last statement finished is about nothing that
         // still runs: this batch starts clean.
         if let Some(w) = self.watch {
             w.clear();
         }
-        let query = self.session.client().simple_query(sql);
-        tokio::pin!(query);
-        let tripped = async {
-            match self.watch {
-                Some(w) => w.tripped().await,
-                None => std::future::pending().await,
+        let mut got = Vec::new();
+        let result = {
+            let query = async {
+                let stream = self.session.client().simple_query_raw(sql).await?;
+                futures_util::pin_mut!(stream);
+                while let Some(message) = stream.next().await {
+                    got.push(message?);
+                }
+                Ok::<(), tokio_postgres::Error>(())
+            };
+            tokio::pin!(query);
+            let tripped = async {
+                match self.watch {
+                    Some(w) => w.tripped().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // The answer first: a statement that finished is not cancelled after it.
+                biased;
+                result = &mut query => result.map_err(BatchError::Db),
+                _ = tripped => {
+                    // An application waits on us past max_block: our statement goes
+                    // (its transaction rolls back) and the failure says why.
+                    self.session.cancel_running_statement().await;
+                    let result = query.await;
+                    if result.is_ok()
+                        && let Some(w) = self.watch
+                    {
+                        // It finished before the cancel arrived: the block is over.
+                        w.clear();
+                    }
+                    result.map_err(BatchError::Db)
+                }
+                _ = self.stop.now.cancelled() => {
+                    self.session.cancel_running_statement().await;
+                    match query.await {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                            Err(BatchError::Cancelled)
+                        }
+                        Err(e) => Err(BatchError::Db(e)),
+                    }
+                }
             }
         };
-        tokio::select! {
-            // The answer first: a statement that finished is not cancelled after it.
-            biased;
-            result = &mut query => result.map_err(BatchError::Db),
-            _ = tripped => {
-                // An application waits on us past max_block: our statement goes (its
-                // transaction rolls back) and the failure says why.
-                self.session.cancel_running_statement().await;
-                let result = query.await;
-                if result.is_ok()
-                    && let Some(w) = self.watch
-                {
-                    // It finished before the cancel arrived: the block is over.
-                    w.clear();
-                }
-                result.map_err(BatchError::Db)
-            }
-            _ = self.stop.now.cancelled() => {
-                self.session.cancel_running_statement().await;
-                match query.await {
-                    Ok(rows) => Ok(rows),
-                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
-                        Err(BatchError::Cancelled)
-                    }
-                    Err(e) => Err(BatchError::Db(e)),
-                }
-            }
-        }
+        (got, result)
     }
 
     /// The watchdog's limit while `script` runs: its `max-block` directive, or the run's.
@@ -1122,91 +1149,170 @@ impl Runner<'_, '_> {
         sql
     }
 
-    /// Runs transactional scripts in one transaction, one round trip per script; the
-    /// last one carries the COMMIT. Returns true when a stop interrupted the group.
-    async fn run_transaction(&mut self, group: &[&Script]) -> Result<bool, ApplyError> {
-        // One transaction keeps every script's locks to its end: the most patient
-        // script's max_block holds for all of it.
+    /// Runs consecutive transactional scripts in one message, one round trip: `blocks`
+    /// of scripts, each block its own `BEGIN … COMMIT` (a script per block in
+    /// per-script mode, the whole run in one block in per-tenant mode), each script with
+    /// its `SET LOCAL`s, its start row and its log row. PostgreSQL commits each block on
+    /// its own and skips the rest of the message at the first error, so per-script
+    /// atomicity and stop-at-the-first-failure hold as with one message per script; the
+    /// answer, read as it streams, says how far the message got (each script's start row
+    /// names it), so blocks before the failing one are known committed. Returns true
+    /// when a hard stop interrupted it.
+    async fn run_message(&mut self, blocks: &[Vec<&Script>]) -> Result<bool, ApplyError> {
+        // Every script of the message, in order, with its block.
+        let flat: Vec<(usize, &Script)> = blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(b, block)| block.iter().map(move |s| (b, *s)))
+            .collect();
+        // A message holds the locks of its running block: the most patient script's
+        // max_block holds for all of it.
         if let Some(w) = self.watch {
-            let most = group
+            let most = flat
                 .iter()
-                .map(|s| s.directives.max_block.unwrap_or(self.run.max_block))
+                .map(|(_, s)| s.directives.max_block.unwrap_or(self.run.max_block))
                 .max()
                 .unwrap_or(self.run.max_block);
             w.set_max_block(most);
         }
-        let mut pending = Vec::new();
+        let mut message = MessageText::default();
+        // Where each script's own text starts in the message, in characters (the unit
+        // of an error's position).
+        let mut script_at: Vec<usize> = Vec::with_capacity(flat.len());
+        let mut n = 0usize;
+        for block in blocks {
+            message.push("BEGIN;\n");
+            for script in block {
+                message.push(&log::script_start_sql(n));
+                message.push("\n");
+                message.push(&log::mark_start_sql());
+                message.push("\n");
+                if script.kind.baseline_version().is_some() {
+                    // Proves the lock is ours and the log still empty, and lets the log
+                    // hold `baseline` and `baselined` rows.
+                    message.push(log::BASELINE_SHAPE_SQL);
+                    message.push("\n");
+                }
+                message.push(&self.timeout_overrides(script, "LOCAL "));
+                script_at.push(message.chars);
+                message.push(&script.sql);
+                // A newline first: the script may end in a `--` comment.
+                message.push("\n;\n");
+                message.push(&self.restore_timeouts(script));
+                message.push(&self.log_rows_sql(script));
+                message.push("\n");
+                n += 1;
+            }
+            message.push("COMMIT;\n");
+        }
         let started = Instant::now();
-        for (n, script) in group.iter().enumerate() {
-            if n > 0 && self.stop.is_stopping() {
-                self.rollback().await;
-                return Ok(true);
-            }
-            let version = script.version().map(|v| v.to_string());
-            let mut prefix = String::new();
-            if n == 0 {
-                prefix.push_str("BEGIN;\n");
-            }
-            // First row of the batch: which server process runs this transaction.
-            prefix.push_str(log::BACKEND_SQL);
-            prefix.push_str(";\n");
-            prefix.push_str(&log::mark_start_sql());
-            prefix.push('\n');
-            if script.kind.baseline_version().is_some() {
-                // Proves the lock is ours and the log still empty, and lets the log
-                // hold `baseline` and `baselined` rows.
-                prefix.push_str(log::BASELINE_SHAPE_SQL);
-                prefix.push('\n');
-            }
-            prefix.push_str(&self.timeout_overrides(script, "LOCAL "));
-            let mut sql = prefix.clone();
-            sql.push_str(&script.sql);
-            // A newline first: the script may end in a `--` comment.
-            sql.push_str("\n;\n");
-            sql.push_str(&self.restore_timeouts(script));
-            sql.push_str(&self.log_rows_sql(script));
-            let last = n + 1 == group.len();
-            if last {
-                sql.push_str("\nCOMMIT;");
-            }
-            let script_started = Instant::now();
-            match self.batch(&sql).await {
-                Ok(rows) => {
-                    if let Err(e) = self.backend.same_as(first_value(&rows).as_deref()) {
-                        self.rollback().await;
-                        return Err(e);
+        let (messages, result) = self.batch_partial(&message.sql).await;
+        // How far the message got: the last script whose start row came back, and the
+        // durations the log-row inserts returned.
+        let mut reached: Option<usize> = None;
+        let mut durations: Vec<Option<u64>> = vec![None; flat.len()];
+        let mut wrong_backend = None;
+        for m in &messages {
+            let SimpleQueryMessage::Row(row) = m else {
+                continue;
+            };
+            match row.columns().first().map(|c| c.name()) {
+                Some(log::SCRIPT_TAG) => {
+                    if let Err(e) = self.backend.same_as(row.get(0)) {
+                        wrong_backend.get_or_insert(e);
                     }
-                    pending.push(AppliedScript {
-                        script: script.name.clone(),
-                        version,
-                        duration: script_started.elapsed(),
-                    })
+                    reached = row.get(1).and_then(|v| v.parse().ok());
                 }
-                Err(BatchError::Cancelled) => {
-                    self.rollback().await;
-                    return Ok(true);
+                Some(log::DURATION_TAG) => {
+                    if let (Some(i), Some(ms)) =
+                        (reached, row.get(0).and_then(|v| v.parse::<u64>().ok()))
+                        && let Some(slot) = durations.get_mut(i)
+                    {
+                        *slot = Some(ms);
+                    }
                 }
-                Err(BatchError::Db(e)) => {
-                    self.rollback().await;
-                    let line = e
-                        .as_db_error()
-                        .and_then(|db| db.position())
-                        .and_then(|p| match p {
-                            tokio_postgres::error::ErrorPosition::Original(pos) => Some(*pos),
-                            _ => None,
-                        })
-                        .and_then(|pos| line_in_script(&prefix, script, pos));
-                    return Err(ApplyError::Script {
+                _ => {}
+            }
+        }
+        let applied = |upto_block: usize, this: &mut Self| {
+            for (i, (b, script)) in flat.iter().enumerate() {
+                if *b < upto_block {
+                    this.applied.push(AppliedScript {
                         script: script.name.clone(),
-                        line,
-                        failure: self.failure(script, &e, script_started.elapsed()),
+                        version: script
+                            .version()
+                            .or(script.kind.baseline_version())
+                            .map(|v| v.to_string()),
+                        duration: Duration::from_millis(durations[i].unwrap_or(0)),
                     });
                 }
             }
+        };
+        match result {
+            Ok(()) => {
+                applied(blocks.len(), self);
+                if let Some(e) = wrong_backend {
+                    return Err(e);
+                }
+                tracing::debug!(scripts = flat.len(), elapsed = ?started.elapsed(), "message committed");
+                Ok(false)
+            }
+            Err(error) => {
+                let position = match &error {
+                    BatchError::Db(e) => e.as_db_error().and_then(|db| match db.position() {
+                        Some(tokio_postgres::error::ErrorPosition::Original(pos)) => Some(*pos),
+                        _ => None,
+                    }),
+                    BatchError::Cancelled => None,
+                };
+                // PostgreSQL parses a whole message before it runs any of it: an error
+                // before the first start row (a syntax error) ran nothing, and its
+                // position says whose it is.
+                let parse_error_in = match (reached, position) {
+                    (None, Some(pos)) => script_at
+                        .iter()
+                        .rposition(|at| (pos as usize).saturating_sub(1) >= *at),
+                    _ => None,
+                };
+                // Otherwise the block the message stopped in did not commit; every block
+                // before it did (its COMMIT came before the next block's start row).
+                let failed = parse_error_in
+                    .or(reached)
+                    .unwrap_or(0)
+                    .min(flat.len().saturating_sub(1));
+                let failed_block = flat.get(failed).map(|(b, _)| *b).unwrap_or(0);
+                if parse_error_in.is_none() {
+                    applied(failed_block, self);
+                }
+                self.rollback().await;
+                if let Some(e) = wrong_backend {
+                    return Err(e);
+                }
+                let Some((_, script)) = flat.get(failed) else {
+                    return Ok(true);
+                };
+                // The scripts before a syntax error run as they would have one message
+                // each: stop at the first failure, not before it.
+                if parse_error_in.is_some() && failed_block > 0 {
+                    let before = blocks[..failed_block].to_vec();
+                    if Box::pin(self.run_message(&before)).await? {
+                        return Ok(true);
+                    }
+                }
+                match error {
+                    BatchError::Cancelled => Ok(true),
+                    BatchError::Db(e) => {
+                        let line = position
+                            .and_then(|pos| line_in_message(&script_at, failed, script, pos));
+                        Err(ApplyError::Script {
+                            script: script.name.clone(),
+                            line,
+                            failure: self.failure(script, &e, started.elapsed()),
+                        })
+                    }
+                }
+            }
         }
-        tracing::debug!(scripts = pending.len(), elapsed = ?started.elapsed(), "transaction committed");
-        self.applied.append(&mut pending);
-        Ok(false)
     }
 
     /// Runs a `no-transaction` script statement by statement. Returns true when a stop
@@ -1537,10 +1643,29 @@ fn traced<T>(span: &tracing::Span, result: Result<T, ApplyError>) -> Result<T, A
     result
 }
 
-/// Maps a 1-based character position in a batch (`prefix` + script) to a script line.
-fn line_in_script(prefix: &str, script: &Script, position: u32) -> Option<u32> {
+/// A message being built, counting its characters (the unit of an error's position).
+#[derive(Default)]
+struct MessageText {
+    sql: String,
+    chars: usize,
+}
+
+impl MessageText {
+    fn push(&mut self, text: &str) {
+        self.chars += text.chars().count();
+        self.sql.push_str(text);
+    }
+}
+
+/// How many transactional scripts a message holds at most in per-script mode: one round
+/// trip for a tenant's usual release, and a soft stop waits for no more than these.
+const SCRIPTS_PER_MESSAGE: usize = 16;
+
+/// Maps a 1-based character position in a message to a line of script `n`, which
+/// starts at character `script_at[n]`; `None` when the position is outside it.
+fn line_in_message(script_at: &[usize], n: usize, script: &Script, position: u32) -> Option<u32> {
     let pos = usize::try_from(position).ok()?.checked_sub(1)?;
-    let in_script = pos.checked_sub(prefix.chars().count())?;
+    let in_script = pos.checked_sub(*script_at.get(n)?)?;
     let byte = script.sql.char_indices().nth(in_script).map(|(b, _)| b)?;
     Some(crate::bundle::LineIndex::new(&script.sql).line(byte))
 }

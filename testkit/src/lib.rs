@@ -289,6 +289,7 @@ impl Cluster {
                  port = {}\n\
                  unix_socket_directories = '{}'\n\
                  max_connections = 250\n\
+                 track_activity_query_size = 65536\n\
                  shared_buffers = '64MB'\n\
                  fsync = on\n\
                  log_min_messages = warning\n\
