@@ -232,9 +232,10 @@ async fn one_span_per_tenant_with_its_attributes_reaches_an_otlp_receiver() {
             .all(|s| tenant_ids.contains(&&s.parent_span_id)),
         "every script span is a child of a tenant span"
     );
+    // One span per message of scripts; a failure names its script.
     assert!(scripts.iter().any(|s| {
         let a = attributes(s);
-        a.get("script").map(String::as_str) == Some("V1__items.sql")
+        a.get("failed_script").map(String::as_str) == Some("V1__items.sql")
             && a.get("sqlstate").map(String::as_str) == Some("42P07")
     }));
 }

@@ -4,9 +4,9 @@
 //! A run connects, takes the Flotilla advisory lock without waiting (held elsewhere →
 //! [`Outcome::Busy`]), reads or creates `flotilla.execution_log`, plans with the pure
 //! [`plan`] function, and runs the steps. A transactional script and its log row go in
-//! one batch, `BEGIN; script; INSERT log row; COMMIT` — one round trip, one transaction.
-//! In `per-tenant` mode a run of consecutive transactional scripts shares one
-//! transaction. A `no-transaction` script commits a `started` row, runs statement by
+//! one block, `BEGIN; script; INSERT log row; COMMIT`; consecutive transactional scripts
+//! travel in one message (one round trip), a block each, or all in one block in
+//! `per-tenant` mode. A `no-transaction` script commits a `started` row, runs statement by
 //! statement recording progress, then marks the row `applied`; a run that finds a
 //! `started` row resumes at the recorded statement, first dropping an index left
 //! `INVALID` by an interrupted `CREATE INDEX CONCURRENTLY` (one that finished after its
@@ -1630,15 +1630,20 @@ fn script_span(scripts: &[&Script]) -> tracing::Span {
         "script",
         script = %names.join(","),
         sqlstate = tracing::field::Empty,
+        failed_script = tracing::field::Empty,
     )
 }
 
-/// Records a script's failure on its span and passes the result on.
+/// Records a failure on the span of the scripts (one message may hold several: which
+/// one failed) and passes the result on.
 fn traced<T>(span: &tracing::Span, result: Result<T, ApplyError>) -> Result<T, ApplyError> {
-    if let Err(e) = &result
-        && let Some(sqlstate) = e.sqlstate()
-    {
-        span.record("sqlstate", sqlstate);
+    if let Err(e) = &result {
+        if let Some(sqlstate) = e.sqlstate() {
+            span.record("sqlstate", sqlstate);
+        }
+        if let Some(script) = e.script() {
+            span.record("failed_script", script);
+        }
     }
     result
 }
