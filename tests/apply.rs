@@ -156,12 +156,15 @@ where
     }
 }
 
-/// Whether a Flotilla session on `db` is running a query containing `needle`.
+/// Whether a Flotilla session on `db` is running a query containing `needle` and, for
+/// `pg_sleep`, is sleeping now (a message of several scripts shows its whole text from
+/// its first statement on).
 async fn flotilla_running(cluster: &Cluster, db: &str, needle: &str) -> bool {
     let c = cluster.connect("postgres").await.expect("connect");
     c.query_one(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flotilla' AND datname = $1 \
-         AND state = 'active' AND query LIKE '%' || $2 || '%'",
+         AND state = 'active' AND query LIKE '%' || $2 || '%' \
+         AND ($2 <> 'pg_sleep' OR wait_event = 'PgSleep')",
         &[&db, &needle],
     )
     .await
@@ -428,9 +431,10 @@ async fn lock_timeout_gives_up_and_does_not_hold_readers_hostage() {
         .await
         .expect("hold lock");
     // Long enough that the wait below sees Flotilla queued even when the machine is
-    // busy (a 1.5 s window was missed once under the full suite), short enough to test.
+    // busy (a 1.5 s window was missed once under the full suite, a 5 s one once more),
+    // short enough to test.
     let short = SessionSettings {
-        lock_timeout: Duration::from_secs(5),
+        lock_timeout: Duration::from_secs(12),
         ..settings()
     };
     let b = five();
@@ -1412,4 +1416,39 @@ async fn a_syntax_error_in_a_later_script_still_lets_the_earlier_ones_commit() {
     assert!(exists(cluster, &db, "a").await && exists(cluster, &db, "b").await);
     assert!(!exists(cluster, &db, "d").await);
     assert_eq!(log(cluster, &db).await.len(), 2);
+}
+
+/// A block that fails at its COMMIT (a deferred constraint) had sent its log row back:
+/// its transaction is asked whether it committed, and it did not — the script is the
+/// failure, the one before it is applied, the one after never ran.
+#[tokio::test]
+async fn a_script_failing_at_its_commit_is_not_counted_as_applied() {
+    let cluster = shared();
+    let (db, dsn) = tenant(cluster, "commit_fails_").await;
+    let b = bundle(&[
+        (
+            "V1__t.sql",
+            "CREATE TABLE t (id int, CONSTRAINT t_once UNIQUE (id) DEFERRABLE INITIALLY DEFERRED);",
+        ),
+        ("V2__dup.sql", "INSERT INTO t VALUES (1), (1);"),
+        ("V3__after.sql", "CREATE TABLE after_t (id int);"),
+    ]);
+    match run(&b, &dsn).await {
+        Outcome::Failed { scripts, error } => {
+            let names: Vec<_> = scripts.iter().map(|s| s.script.as_str()).collect();
+            assert_eq!(names, ["V1__t.sql"]);
+            assert_eq!(error.script(), Some("V2__dup.sql"), "{error}");
+            assert_eq!(error.sqlstate(), Some("23505"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        log(cluster, &db)
+            .await
+            .iter()
+            .map(|r| r.1.as_str())
+            .collect::<Vec<_>>(),
+        ["V1__t.sql"]
+    );
+    assert!(!exists(cluster, &db, "after_t").await);
 }

@@ -266,7 +266,7 @@ pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
         "INSERT INTO flotilla.execution_log \
          ({IDENTITY_COLUMNS}, status, applied_at, applied_by, xact_id, duration_ms) \
          VALUES ({}, 'applied', clock_timestamp(), current_user, txid_current()::text, {}) \
-         RETURNING duration_ms AS {DURATION_TAG};",
+         RETURNING duration_ms AS {DURATION_TAG}, xact_id;",
         row.values(),
         duration_since_mark(),
     )
@@ -276,15 +276,20 @@ pub fn insert_applied_sql(row: &RowIdentity<'_>) -> String {
 /// scripts: `(pg_backend_pid(), index of the script in the message)`.
 pub const SCRIPT_TAG: &str = "flotilla_script";
 
-/// The column name of the row a script's `applied` insert returns: its `duration_ms`.
+/// The column name of the row a script's `applied` insert returns: its `duration_ms`
+/// (and, second, its transaction id, to ask whether it committed).
 pub const DURATION_TAG: &str = "flotilla_duration";
 
-/// The first statement of script `n` of a message: which server process runs it, and
-/// which script it is, so the answer (even one cut short by an error) says how far the
-/// message got.
+/// The first statement of script `n` of a message: which server process runs it, which
+/// script it is (so the answer, even one cut short by an error, says how far the
+/// message got), and when it started by the server's clock.
 pub fn script_start_sql(n: usize) -> String {
-    format!("SELECT pg_backend_pid() AS {SCRIPT_TAG}, {n};")
+    format!("SELECT pg_backend_pid() AS {SCRIPT_TAG}, {n}, extract(epoch FROM clock_timestamp());")
 }
+
+/// The server's clock, to measure how long a script had run when it was cancelled
+/// (a message's rows reach the client when the server flushes, not as they happen).
+pub const SERVER_NOW_SQL: &str = "SELECT extract(epoch FROM clock_timestamp())";
 
 /// True when the database holds relations of its own (outside the catalogs and
 /// Flotilla's schema): a baseline is only for a tenant that was migrated before, never

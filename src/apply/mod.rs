@@ -972,11 +972,15 @@ impl Runner<'_, '_> {
                 TransactionMode::PerTenant => usize::MAX,
                 TransactionMode::PerScript => SCRIPTS_PER_MESSAGE,
             };
+            let mut bytes = scripts[step.script].sql.len();
             while end < plan.steps.len()
                 && end - i < limit
                 && scripts[plan.steps[end].script].directives.transaction
                     == TransactionUse::Transactional
+                && (self.run.mode == TransactionMode::PerTenant
+                    || bytes + scripts[plan.steps[end].script].sql.len() <= BYTES_PER_MESSAGE)
             {
+                bytes += scripts[plan.steps[end].script].sql.len();
                 end += 1;
             }
             let group: Vec<&Script> = plan.steps[i..end]
@@ -999,66 +1003,79 @@ impl Runner<'_, '_> {
 
     /// Runs `sql`; a hard stop sends a cancel request and waits for the server's answer.
     async fn batch(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, BatchError> {
-        let (messages, result) = self.batch_partial(sql).await;
-        result.map(|()| messages)
+        let mut got = Vec::new();
+        self.batch_partial(sql, false, &mut |m| got.push(m))
+            .await
+            .map(|()| got)
     }
 
-    /// [`Runner::batch`], keeping what the server answered before an error: a message
-    /// of several scripts is known committed up to the block it stopped in.
-    async fn batch_partial(&self, sql: &str) -> (Vec<SimpleQueryMessage>, Result<(), BatchError>) {
+    /// Runs `sql`, handing each message of the answer to `each` as it streams (so what
+    /// came before an error is known), under the hard stop, the watchdog, and, when
+    /// `soft_stop_cancels`, the soft stop too.
+    async fn batch_partial(
+        &self,
+        sql: &str,
+        soft_stop_cancels: bool,
+        each: &mut (dyn FnMut(SimpleQueryMessage) + Send),
+    ) -> Result<(), BatchError> {
         use futures_util::StreamExt as _;
         // A trip that came after the last statement finished is about nothing that
         // still runs: this batch starts clean.
         if let Some(w) = self.watch {
             w.clear();
         }
-        let mut got = Vec::new();
-        let result = {
-            let query = async {
-                let stream = self.session.client().simple_query_raw(sql).await?;
-                futures_util::pin_mut!(stream);
-                while let Some(message) = stream.next().await {
-                    got.push(message?);
-                }
-                Ok::<(), tokio_postgres::Error>(())
-            };
-            tokio::pin!(query);
-            let tripped = async {
-                match self.watch {
-                    Some(w) => w.tripped().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                // The answer first: a statement that finished is not cancelled after it.
-                biased;
-                result = &mut query => result.map_err(BatchError::Db),
-                _ = tripped => {
-                    // An application waits on us past max_block: our statement goes
-                    // (its transaction rolls back) and the failure says why.
-                    self.session.cancel_running_statement().await;
-                    let result = query.await;
-                    if result.is_ok()
-                        && let Some(w) = self.watch
-                    {
-                        // It finished before the cancel arrived: the block is over.
-                        w.clear();
-                    }
-                    result.map_err(BatchError::Db)
-                }
-                _ = self.stop.now.cancelled() => {
-                    self.session.cancel_running_statement().await;
-                    match query.await {
-                        Ok(()) => Ok(()),
-                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
-                            Err(BatchError::Cancelled)
-                        }
-                        Err(e) => Err(BatchError::Db(e)),
-                    }
-                }
+        let query = async {
+            let stream = self.session.client().simple_query_raw(sql).await?;
+            futures_util::pin_mut!(stream);
+            while let Some(message) = stream.next().await {
+                each(message?);
+            }
+            Ok::<(), tokio_postgres::Error>(())
+        };
+        tokio::pin!(query);
+        let tripped = async {
+            match self.watch {
+                Some(w) => w.tripped().await,
+                None => std::future::pending().await,
             }
         };
-        (got, result)
+        tokio::select! {
+            // The answer first: a statement that finished is not cancelled after it.
+            biased;
+            result = &mut query => result.map_err(BatchError::Db),
+            _ = tripped => {
+                // An application waits on us past max_block: our statement goes (its
+                // transaction rolls back) and the failure says why.
+                self.session.cancel_running_statement().await;
+                let result = query.await;
+                if result.is_ok()
+                    && let Some(w) = self.watch
+                {
+                    // It finished before the cancel arrived: the block is over.
+                    w.clear();
+                }
+                result.map_err(BatchError::Db)
+            }
+            _ = self.stop.now.cancelled() => self.cancel_and_wait(query.as_mut()).await,
+            _ = self.stop.boundary.cancelled(), if soft_stop_cancels => {
+                self.cancel_and_wait(query.as_mut()).await
+            }
+        }
+    }
+
+    /// Cancels the running statement for a stop and waits for the server's answer.
+    async fn cancel_and_wait<F>(&self, query: std::pin::Pin<&mut F>) -> Result<(), BatchError>
+    where
+        F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+    {
+        self.session.cancel_running_statement().await;
+        match query.await {
+            Ok(()) => Ok(()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+                Err(BatchError::Cancelled)
+            }
+            Err(e) => Err(BatchError::Db(e)),
+        }
     }
 
     /// The watchdog's limit while `script` runs: its `max-block` directive, or the run's.
@@ -1152,12 +1169,14 @@ impl Runner<'_, '_> {
     /// Runs consecutive transactional scripts in one message, one round trip: `blocks`
     /// of scripts, each block its own `BEGIN … COMMIT` (a script per block in
     /// per-script mode, the whole run in one block in per-tenant mode), each script with
-    /// its `SET LOCAL`s, its start row and its log row. PostgreSQL commits each block on
+    /// its start row, its `SET LOCAL`s and its log row. PostgreSQL commits each block on
     /// its own and skips the rest of the message at the first error, so per-script
-    /// atomicity and stop-at-the-first-failure hold as with one message per script; the
-    /// answer, read as it streams, says how far the message got (each script's start row
-    /// names it), so blocks before the failing one are known committed. Returns true
-    /// when a hard stop interrupted it.
+    /// atomicity and stop-at-the-first-failure hold as with one message per script. The
+    /// answer, read as it streams, says how far the message got: each script's start row
+    /// names it, and its log row returns its duration and transaction id; after an
+    /// error, the last block whose log rows came back is asked (`txid_status`) whether
+    /// its COMMIT happened (a cancel arriving during a COMMIT strikes after it). Returns
+    /// true when a stop interrupted it.
     async fn run_message(&mut self, blocks: &[Vec<&Script>]) -> Result<bool, ApplyError> {
         // Every script of the message, in order, with its block.
         let flat: Vec<(usize, &Script)> = blocks
@@ -1165,16 +1184,10 @@ impl Runner<'_, '_> {
             .enumerate()
             .flat_map(|(b, block)| block.iter().map(move |s| (b, *s)))
             .collect();
-        // A message holds the locks of its running block: the most patient script's
-        // max_block holds for all of it.
-        if let Some(w) = self.watch {
-            let most = flat
-                .iter()
-                .map(|(_, s)| s.directives.max_block.unwrap_or(self.run.max_block))
-                .max()
-                .unwrap_or(self.run.max_block);
-            w.set_max_block(most);
-        }
+        let max_blocks: Vec<Duration> = flat
+            .iter()
+            .map(|(_, s)| s.directives.max_block.unwrap_or(self.run.max_block))
+            .collect();
         let mut message = MessageText::default();
         // Where each script's own text starts in the message, in characters (the unit
         // of an error's position).
@@ -1206,112 +1219,164 @@ impl Runner<'_, '_> {
             message.push("COMMIT;\n");
         }
         let started = Instant::now();
-        let (messages, result) = self.batch_partial(&message.sql).await;
-        // How far the message got: the last script whose start row came back, and the
-        // durations the log-row inserts returned.
-        let mut reached: Option<usize> = None;
-        let mut durations: Vec<Option<u64>> = vec![None; flat.len()];
-        let mut wrong_backend = None;
-        for m in &messages {
-            let SimpleQueryMessage::Row(row) = m else {
-                continue;
-            };
-            match row.columns().first().map(|c| c.name()) {
-                Some(log::SCRIPT_TAG) => {
-                    if let Err(e) = self.backend.same_as(row.get(0)) {
-                        wrong_backend.get_or_insert(e);
-                    }
-                    reached = row.get(1).and_then(|v| v.parse().ok());
+        let mut progress = Progress::new(flat.len());
+        // Per-tenant mode is one atomic block: a soft stop rolls it back, as it did at
+        // the next script boundary when its scripts went one round trip each.
+        let soft_stop_cancels = self.run.mode == TransactionMode::PerTenant;
+        let watch = self.watch;
+        let result = self
+            .batch_partial(&message.sql, soft_stop_cancels, &mut |m| {
+                // Each script's own max_block from the moment it starts.
+                if let Some(i) = progress.read(&m)
+                    && let (Some(w), Some(limit)) = (watch, max_blocks.get(i))
+                {
+                    w.set_max_block(*limit);
                 }
-                Some(log::DURATION_TAG) => {
-                    if let (Some(i), Some(ms)) =
-                        (reached, row.get(0).and_then(|v| v.parse::<u64>().ok()))
-                        && let Some(slot) = durations.get_mut(i)
-                    {
-                        *slot = Some(ms);
-                    }
+            })
+            .await;
+        // The statements of one run must reach the server process holding its lock.
+        for pid in &progress.backends {
+            if let Err(e) = self.backend.same_as(Some(pid)) {
+                if result.is_err() {
+                    self.rollback().await;
                 }
-                _ => {}
+                return Err(e);
             }
         }
-        let applied = |upto_block: usize, this: &mut Self| {
-            for (i, (b, script)) in flat.iter().enumerate() {
-                if *b < upto_block {
-                    this.applied.push(AppliedScript {
-                        script: script.name.clone(),
-                        version: script
-                            .version()
-                            .or(script.kind.baseline_version())
-                            .map(|v| v.to_string()),
-                        duration: Duration::from_millis(durations[i].unwrap_or(0)),
-                    });
-                }
-            }
-        };
-        match result {
+        let error = match result {
             Ok(()) => {
-                applied(blocks.len(), self);
-                if let Some(e) = wrong_backend {
-                    return Err(e);
-                }
+                self.push_applied(&flat, &progress, blocks.len());
                 tracing::debug!(scripts = flat.len(), elapsed = ?started.elapsed(), "message committed");
-                Ok(false)
+                return Ok(false);
             }
-            Err(error) => {
-                let position = match &error {
-                    BatchError::Db(e) => e.as_db_error().and_then(|db| match db.position() {
-                        Some(tokio_postgres::error::ErrorPosition::Original(pos)) => Some(*pos),
-                        _ => None,
-                    }),
-                    BatchError::Cancelled => None,
-                };
-                // PostgreSQL parses a whole message before it runs any of it: an error
-                // before the first start row (a syntax error) ran nothing, and its
-                // position says whose it is.
-                let parse_error_in = match (reached, position) {
-                    (None, Some(pos)) => script_at
-                        .iter()
-                        .rposition(|at| (pos as usize).saturating_sub(1) >= *at),
-                    _ => None,
-                };
-                // Otherwise the block the message stopped in did not commit; every block
-                // before it did (its COMMIT came before the next block's start row).
-                let failed = parse_error_in
-                    .or(reached)
-                    .unwrap_or(0)
-                    .min(flat.len().saturating_sub(1));
-                let failed_block = flat.get(failed).map(|(b, _)| *b).unwrap_or(0);
-                if parse_error_in.is_none() {
-                    applied(failed_block, self);
-                }
-                self.rollback().await;
-                if let Some(e) = wrong_backend {
-                    return Err(e);
-                }
-                let Some((_, script)) = flat.get(failed) else {
+            Err(error) => error,
+        };
+        let position = match &error {
+            BatchError::Db(e) => e.as_db_error().and_then(|db| match db.position() {
+                Some(tokio_postgres::error::ErrorPosition::Original(pos)) => Some(*pos),
+                _ => None,
+            }),
+            BatchError::Cancelled => None,
+        };
+        self.rollback().await;
+        let lost = matches!(&error, BatchError::Db(e) if e.is_closed());
+        if progress.reached.is_none() && !lost && flat.len() > 1 {
+            // Refused before any of it ran: PostgreSQL parses a whole message first. A
+            // position says whose the syntax error is; the scripts before it run as they
+            // would one message each. Without one, each block goes on its own.
+            let culprit = position.and_then(|pos| {
+                script_at
+                    .iter()
+                    .rposition(|at| (pos as usize).saturating_sub(1) >= *at)
+            });
+            if let (Some(i), BatchError::Db(e)) = (culprit, &error) {
+                let failed_block = flat[i].0;
+                if failed_block > 0 && Box::pin(self.run_message(&blocks[..failed_block])).await? {
                     return Ok(true);
-                };
-                // The scripts before a syntax error run as they would have one message
-                // each: stop at the first failure, not before it.
-                if parse_error_in.is_some() && failed_block > 0 {
-                    let before = blocks[..failed_block].to_vec();
-                    if Box::pin(self.run_message(&before)).await? {
+                }
+                let script = flat[i].1;
+                return Err(ApplyError::Script {
+                    script: script.name.clone(),
+                    line: position.and_then(|pos| line_in_message(&script_at, i, script, pos)),
+                    failure: self.failure(script, e, started.elapsed()),
+                });
+            }
+            if culprit.is_none() && matches!(error, BatchError::Db(_)) {
+                for block in blocks {
+                    if Box::pin(self.run_message(std::slice::from_ref(block))).await? {
                         return Ok(true);
                     }
                 }
-                match error {
-                    BatchError::Cancelled => Ok(true),
-                    BatchError::Db(e) => {
-                        let line = position
-                            .and_then(|pos| line_in_message(&script_at, failed, script, pos));
-                        Err(ApplyError::Script {
-                            script: script.name.clone(),
-                            line,
-                            failure: self.failure(script, &e, started.elapsed()),
-                        })
-                    }
-                }
+                return Ok(false);
             }
+        }
+        // Blocks before the one the message stopped in committed (their COMMIT came
+        // before the next block's start row). That one too, if its log rows came back
+        // and its transaction says so: a cancel meant for it can strike just after.
+        let reached = progress
+            .reached
+            .unwrap_or(0)
+            .min(flat.len().saturating_sub(1));
+        let mut stopped_block = flat.get(reached).map(|(b, _)| *b).unwrap_or(0);
+        let last_of_block = flat
+            .iter()
+            .rposition(|(b, _)| *b == stopped_block)
+            .unwrap_or(reached);
+        if let Some(xid) = progress.xids.get(last_of_block).cloned().flatten()
+            && self.committed(&xid).await
+        {
+            stopped_block += 1;
+        }
+        self.push_applied(&flat, &progress, stopped_block);
+        // The script that failed: the one that was running, in the block that did not
+        // commit; the first of the next block when a cancel struck after a COMMIT.
+        let failed = if flat.get(reached).is_some_and(|(b, _)| *b == stopped_block) {
+            Some(reached)
+        } else {
+            flat.iter().position(|(b, _)| *b == stopped_block)
+        };
+        let Some(failed) = failed else {
+            // Every block committed: what struck came after the last COMMIT.
+            return Ok(matches!(error, BatchError::Cancelled));
+        };
+        let script = flat[failed].1;
+        match error {
+            BatchError::Cancelled => Ok(true),
+            BatchError::Db(e) => {
+                // How long the script had run, by the server's clock: told apart from a
+                // statement_timeout only for a cancel, one more round trip.
+                let mut ran = started.elapsed();
+                if DbFailure::from(&e).is_cancelled_statement()
+                    && let Some(start) = progress.started_at[failed]
+                    && let Ok(rows) = self
+                        .session
+                        .client()
+                        .simple_query(log::SERVER_NOW_SQL)
+                        .await
+                    && let Some(now) = first_value(&rows).and_then(|v| v.parse::<f64>().ok())
+                {
+                    ran = Duration::from_secs_f64((now - start).max(0.0));
+                }
+                Err(ApplyError::Script {
+                    script: script.name.clone(),
+                    line: position.and_then(|pos| line_in_message(&script_at, failed, script, pos)),
+                    failure: self.failure(script, &e, ran),
+                })
+            }
+        }
+    }
+
+    /// The scripts of the blocks before `upto_block` as applied, with their durations.
+    fn push_applied(&mut self, flat: &[(usize, &Script)], progress: &Progress, upto_block: usize) {
+        for (i, (b, script)) in flat.iter().enumerate() {
+            if *b < upto_block {
+                self.applied.push(AppliedScript {
+                    script: script.name.clone(),
+                    version: script
+                        .version()
+                        .or(script.kind.baseline_version())
+                        .map(|v| v.to_string()),
+                    duration: Duration::from_millis(
+                        progress.durations.get(i).copied().flatten().unwrap_or(0),
+                    ),
+                });
+            }
+        }
+    }
+
+    /// Whether transaction `xid` committed (one round trip, after an interrupted message).
+    async fn committed(&self, xid: &str) -> bool {
+        let Ok(xid) = xid.parse::<u64>() else {
+            return false;
+        };
+        match self
+            .session
+            .client()
+            .simple_query(&format!("SELECT txid_status({xid})"))
+            .await
+        {
+            Ok(rows) => first_value(&rows).as_deref() == Some("committed"),
+            Err(_) => false,
         }
     }
 
@@ -1648,6 +1713,67 @@ fn traced<T>(span: &tracing::Span, result: Result<T, ApplyError>) -> Result<T, A
     result
 }
 
+/// What the answer to a message of scripts has said so far.
+struct Progress {
+    /// The last script whose start row came back (in order: a row out of order, which
+    /// only a script's own query could produce, is not believed).
+    reached: Option<usize>,
+    /// When each script started, by the server's clock (seconds since the epoch).
+    started_at: Vec<Option<f64>>,
+    /// Each script's `duration_ms`, from its log row.
+    durations: Vec<Option<u64>>,
+    /// Each script's transaction id, from its log row.
+    xids: Vec<Option<String>>,
+    /// Every server process a start row came from (one, unless a pooler interfered).
+    backends: Vec<String>,
+}
+
+impl Progress {
+    fn new(scripts: usize) -> Self {
+        Self {
+            reached: None,
+            started_at: vec![None; scripts],
+            durations: vec![None; scripts],
+            xids: vec![None; scripts],
+            backends: Vec::new(),
+        }
+    }
+
+    /// Reads one message of the answer; the index of the script that just started, if
+    /// this was its start row.
+    fn read(&mut self, message: &SimpleQueryMessage) -> Option<usize> {
+        let SimpleQueryMessage::Row(row) = message else {
+            return None;
+        };
+        match row.columns().first().map(|c| c.name()) {
+            Some(log::SCRIPT_TAG) => {
+                let expected = self.reached.map_or(0, |r| r + 1);
+                if row.get(1).and_then(|v| v.parse::<usize>().ok()) != Some(expected)
+                    || expected >= self.started_at.len()
+                {
+                    return None;
+                }
+                if let Some(pid) = row.get(0)
+                    && !self.backends.iter().any(|b| b == pid)
+                {
+                    self.backends.push(pid.to_string());
+                }
+                self.reached = Some(expected);
+                self.started_at[expected] = row.get(2).and_then(|v| v.parse().ok());
+                return Some(expected);
+            }
+            Some(log::DURATION_TAG) => {
+                if let Some(i) = self.reached {
+                    self.durations[i] = row.get(0).and_then(|v| v.parse().ok());
+                    self.xids[i] = row.get(1).map(str::to_string);
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
 /// A message being built, counting its characters (the unit of an error's position).
 #[derive(Default)]
 struct MessageText {
@@ -1665,6 +1791,10 @@ impl MessageText {
 /// How many transactional scripts a message holds at most in per-script mode: one round
 /// trip for a tenant's usual release, and a soft stop waits for no more than these.
 const SCRIPTS_PER_MESSAGE: usize = 16;
+
+/// How much script text a message holds at most in per-script mode (a bigger script
+/// goes alone): what the server logs of a failed message stays bounded.
+const BYTES_PER_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// Maps a 1-based character position in a message to a line of script `n`, which
 /// starts at character `script_at[n]`; `None` when the position is outside it.
