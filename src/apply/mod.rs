@@ -927,6 +927,15 @@ enum Completion {
 }
 
 /// Why one batch did not complete.
+/// What a soft stop does to a batch that is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SoftStop {
+    /// Nothing: it takes effect after the batch (between scripts, between messages).
+    AfterIt,
+    /// Cancels it: the batch is one atomic block, which then rolls back whole.
+    CancelsIt,
+}
+
 enum BatchError {
     Db(tokio_postgres::Error),
     /// A hard stop cancelled the running statement.
@@ -1004,18 +1013,18 @@ impl Runner<'_, '_> {
     /// Runs `sql`; a hard stop sends a cancel request and waits for the server's answer.
     async fn batch(&self, sql: &str) -> Result<Vec<SimpleQueryMessage>, BatchError> {
         let mut got = Vec::new();
-        self.batch_partial(sql, false, &mut |m| got.push(m))
+        self.batch_partial(sql, SoftStop::AfterIt, &mut |m| got.push(m))
             .await
             .map(|()| got)
     }
 
     /// Runs `sql`, handing each message of the answer to `each` as it streams (so what
-    /// came before an error is known), under the hard stop, the watchdog, and, when
-    /// `soft_stop_cancels`, the soft stop too.
+    /// came before an error is known), under the hard stop, the watchdog, and the soft
+    /// stop as `soft_stop` says.
     async fn batch_partial(
         &self,
         sql: &str,
-        soft_stop_cancels: bool,
+        soft_stop: SoftStop,
         each: &mut (dyn FnMut(SimpleQueryMessage) + Send),
     ) -> Result<(), BatchError> {
         use futures_util::StreamExt as _;
@@ -1057,7 +1066,7 @@ impl Runner<'_, '_> {
                 result.map_err(BatchError::Db)
             }
             _ = self.stop.now.cancelled() => self.cancel_and_wait(query.as_mut()).await,
-            _ = self.stop.boundary.cancelled(), if soft_stop_cancels => {
+            _ = self.stop.boundary.cancelled(), if soft_stop == SoftStop::CancelsIt => {
                 self.cancel_and_wait(query.as_mut()).await
             }
         }
@@ -1222,10 +1231,13 @@ impl Runner<'_, '_> {
         let mut progress = Progress::new(flat.len());
         // Per-tenant mode is one atomic block: a soft stop rolls it back, as it did at
         // the next script boundary when its scripts went one round trip each.
-        let soft_stop_cancels = self.run.mode == TransactionMode::PerTenant;
+        let soft_stop = match self.run.mode {
+            TransactionMode::PerTenant => SoftStop::CancelsIt,
+            TransactionMode::PerScript => SoftStop::AfterIt,
+        };
         let watch = self.watch;
         let result = self
-            .batch_partial(&message.sql, soft_stop_cancels, &mut |m| {
+            .batch_partial(&message.sql, soft_stop, &mut |m| {
                 // Each script's own max_block from the moment it starts.
                 if let Some(i) = progress.read(&m)
                     && let (Some(w), Some(limit)) = (watch, max_blocks.get(i))
