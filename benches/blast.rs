@@ -6,8 +6,6 @@
 //! the longest application query and the wave's duration of each, and the cost of the
 //! watchdog's one query per server. Asserts nothing.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla::bundle::Bundle;
@@ -16,54 +14,35 @@ use flotilla::policy::Policy;
 use flotilla::target::Tenant;
 use flotilla::wave::{Engine, WaveState};
 use flotilla_testkit::Cluster;
+use flotilla_testkit::load::{AppLoad, HOT_TABLE_SQL, LongReader};
 
 const TENANTS: usize = 4;
 const CLIENTS_PER_TENANT: i32 = 8;
 const HOLD: Duration = Duration::from_secs(5);
 
-const SEED: &str = "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
-INSERT INTO hot SELECT g, 0 FROM generate_series(1, 8) g;";
-
 /// One run: the longest application query (ms) and the wave's duration.
 async fn run(cluster: &Cluster, prefix: &str, max_block_ms: u64) -> (u64, Duration) {
     let dbs = cluster
-        .create_tenants(prefix, TENANTS, SEED)
+        .create_tenants(prefix, TENANTS, HOT_TABLE_SQL)
         .await
         .expect("tenants");
-    let stop = Arc::new(AtomicBool::new(false));
-    let longest = Arc::new(AtomicU64::new(0));
-    let mut clients = Vec::new();
     let mut readers = Vec::new();
+    let mut loads = Vec::new();
     for db in &dbs {
-        let reader = cluster.connect(db).await.expect("connect");
-        reader
-            .batch_execute("BEGIN; SELECT count(*) FROM hot;")
-            .await
-            .expect("long transaction");
-        readers.push(tokio::spawn(async move {
-            tokio::time::sleep(HOLD).await;
-            reader.batch_execute("COMMIT").await.expect("commit");
-        }));
-        for id in 1..=CLIENTS_PER_TENANT {
-            let (url, stop, longest) = (cluster.url(db), stop.clone(), longest.clone());
-            clients.push(tokio::spawn(async move {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .expect("app connects");
-                tokio::spawn(conn);
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    client
-                        .execute("UPDATE hot SET v = v + 1 WHERE id = $1", &[&id])
-                        .await
-                        .expect("app query");
-                    longest.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }));
-        }
+        readers.push(LongReader::start(cluster, db).await.expect("reader"));
+        loads.push(
+            AppLoad::start(cluster, db, CLIENTS_PER_TENANT)
+                .await
+                .expect("load"),
+        );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The readers commit after HOLD, whatever the wave is doing.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(HOLD).await;
+        for r in readers {
+            r.release().await.expect("release");
+        }
+    });
     let data = tempfile::tempdir().expect("data");
     let engine = Engine::open(data.path()).expect("engine");
     let bundle = Bundle::from_sources(
@@ -103,14 +82,12 @@ async fn run(cluster: &Cluster, prefix: &str, max_block_ms: u64) -> (u64, Durati
         }
     }
     let took = started.elapsed();
-    for r in readers {
-        r.await.expect("reader");
+    release.await.expect("readers");
+    let mut longest = 0;
+    for load in loads {
+        longest = longest.max(load.stop().await.expect("load"));
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.expect("client");
-    }
-    (longest.load(Ordering::Relaxed), took)
+    (longest, took)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

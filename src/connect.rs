@@ -50,6 +50,22 @@ pub struct SessionSettings {
     pub catalog_only: bool,
 }
 
+impl SessionSettings {
+    /// A session that only reads the catalog (the watchdog, health gates, database
+    /// sizes): called `flotilla-guard`, `search_path` pinned, waiting on no lock for
+    /// long, and none of its statements longer than `statement_timeout`.
+    pub fn catalog_reader(statement_timeout: Duration) -> Self {
+        Self {
+            lock_timeout: Duration::from_millis(100),
+            statement_timeout,
+            connect_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(5),
+            application_name: "flotilla-guard",
+            catalog_only: true,
+        }
+    }
+}
+
 impl Default for SessionSettings {
     fn default() -> Self {
         Self {

@@ -164,14 +164,7 @@ impl Guard {
 
 /// The side session's settings: it must never wait on anything itself.
 fn side_settings() -> SessionSettings {
-    SessionSettings {
-        lock_timeout: Duration::from_millis(100),
-        statement_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(5),
-        idle_in_transaction_timeout: Duration::from_secs(5),
-        application_name: "flotilla-guard",
-        catalog_only: true,
-    }
+    SessionSettings::catalog_reader(Duration::from_secs(2))
 }
 
 /// Application backends waiting on one of `pids`, longest first: (waiter, blocker,

@@ -421,12 +421,7 @@ pub async fn database_sizes(
             .or_default()
             .push((t.id.clone(), t.dsn.clone()));
     }
-    let settings = SessionSettings {
-        statement_timeout: Duration::from_secs(30),
-        application_name: "flotilla-guard",
-        catalog_only: true,
-        ..SessionSettings::default()
-    };
+    let settings = SessionSettings::catalog_reader(Duration::from_secs(30));
     let settings = &settings;
     let per_host: Vec<Vec<(String, u64)>> = futures_util::stream::iter(by_host)
         .map(|(host, group)| async move {

@@ -4,7 +4,7 @@
 //! Flotilla's waiting request.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla::apply::{
@@ -18,11 +18,8 @@ use flotilla::guard::Guard;
 use flotilla::policy::Policy;
 use flotilla::target::Tenant;
 use flotilla::wave::{Engine, TenantState, WaveState};
+use flotilla_testkit::load::{AppLoad, HOT_TABLE_SQL, LongReader};
 use flotilla_testkit::{Cluster, shared};
-
-/// A table the application uses all the time.
-const SEED: &str = "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
-INSERT INTO hot SELECT g, 0 FROM generate_series(1, 8) g;";
 
 fn alter() -> Bundle {
     Bundle::from_sources(
@@ -32,56 +29,9 @@ fn alter() -> Bundle {
     .expect("valid")
 }
 
-/// Application clients: `n` sessions updating their own row in a loop until `stop`;
-/// the longest single query, in ms.
-fn app_load(
-    cluster: &Cluster,
-    db: &str,
-    n: i32,
-    stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<u64>> {
-    (1..=n)
-        .map(|id| {
-            let url = cluster.url(db);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .expect("app connects");
-                tokio::spawn(conn);
-                let longest = AtomicU64::new(0);
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    client
-                        .execute("UPDATE hot SET v = v + 1 WHERE id = $1", &[&id])
-                        .await
-                        .expect("app query");
-                    longest.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                longest.load(Ordering::Relaxed)
-            })
-        })
-        .collect()
-}
-
-/// A transaction that reads `hot` and stays open for `hold`: its ACCESS SHARE lock
-/// keeps an `ALTER TABLE` waiting, and the application queues behind that request.
-async fn long_reader(cluster: &Cluster, db: &str, hold: Duration) -> tokio::task::JoinHandle<()> {
-    let client = cluster.connect(db).await.expect("connect");
-    client
-        .batch_execute("BEGIN; SELECT count(*) FROM hot;")
-        .await
-        .expect("long transaction");
-    tokio::spawn(async move {
-        tokio::time::sleep(hold).await;
-        client.batch_execute("COMMIT").await.expect("commit");
-    })
-}
-
 async fn tenant(cluster: &Cluster, prefix: &str) -> (String, Dsn) {
     let db = cluster
-        .create_tenants(prefix, 1, SEED)
+        .create_tenants(prefix, 1, HOT_TABLE_SQL)
         .await
         .expect("tenant")
         .remove(0);
@@ -121,10 +71,8 @@ async fn the_watchdog_cancels_a_migration_that_keeps_the_application_waiting() {
         flotilla::reach::Reach::default(),
         Duration::from_millis(100),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = long_reader(cluster, &db, Duration::from_secs(3)).await;
-    let clients = app_load(cluster, &db, 4, stop.clone());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reader = LongReader::start(cluster, &db).await.expect("reader");
+    let load = AppLoad::start(cluster, &db, 4).await.expect("load");
     let outcome = run(&alter(), &dsn, Some(guard.clone())).await;
     match &outcome {
         Outcome::Failed { scripts, error } => {
@@ -149,33 +97,46 @@ async fn the_watchdog_cancels_a_migration_that_keeps_the_application_waiting() {
         .expect("query")
         .get(0);
     assert!(!has_note, "the ALTER rolled back");
-    reader.await.expect("reader");
+    reader.release().await.expect("release");
     assert!(matches!(
         run(&alter(), &dsn, Some(guard.clone())).await,
         Outcome::Applied { .. }
     ));
-    stop.store(true, Ordering::Relaxed);
-    let mut watched_longest = 0;
-    for c in clients {
-        watched_longest = watched_longest.max(c.await.expect("client"));
-    }
+    let watched_longest = load.stop().await.expect("load");
 
     // The same, unwatched: the ALTER waits the reader out, and the application with it.
     let (db, dsn) = tenant(cluster, "guard_unwatched_").await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = long_reader(cluster, &db, Duration::from_secs(3)).await;
-    let clients = app_load(cluster, &db, 4, stop.clone());
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reader = LongReader::start(cluster, &db).await.expect("reader");
+    let load = AppLoad::start(cluster, &db, 4).await.expect("load");
+    let unwatched = tokio::spawn({
+        let dsn = dsn.clone();
+        async move { run(&alter(), &dsn, None).await }
+    });
+    // Released once the application has queued behind the waiting ALTER.
+    let admin = cluster.connect("postgres").await.expect("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND wait_event_type = 'Lock' AND application_name <> 'flotilla'",
+                &[&db],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the application never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reader.release().await.expect("release");
     assert!(matches!(
-        run(&alter(), &dsn, None).await,
+        unwatched.await.expect("join"),
         Outcome::Applied { .. }
     ));
-    reader.await.expect("reader");
-    stop.store(true, Ordering::Relaxed);
-    let mut unwatched_longest = 0;
-    for c in clients {
-        unwatched_longest = unwatched_longest.max(c.await.expect("client"));
-    }
+    let unwatched_longest = load.stop().await.expect("load");
     // Figures, not assertions (the machine is shared): `benches/blast.rs` measures.
     eprintln!(
         "longest application query: {watched_longest} ms watched, {unwatched_longest} ms unwatched"
@@ -197,9 +158,8 @@ async fn the_watchdog_cancels_a_migration_that_keeps_the_application_waiting() {
 async fn a_wave_retries_past_a_blocked_migration_and_completes() {
     let cluster = shared();
     let (db, dsn) = tenant(cluster, "guard_wave_").await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = long_reader(cluster, &db, Duration::from_secs(3)).await;
-    let clients = app_load(cluster, &db, 4, stop.clone());
+    let reader = LongReader::start(cluster, &db).await.expect("reader");
+    let load = AppLoad::start(cluster, &db, 4).await.expect("load");
     let data = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(data.path()).expect("engine");
     let policy = Policy {
@@ -223,7 +183,17 @@ async fn a_wave_retries_past_a_blocked_migration_and_completes() {
             "test",
         )
         .expect("start");
+    // The reader goes once the watchdog has cancelled the migration at least once.
     let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = engine.tenants(&id, None, 0, 1).expect("tenants").remove(0);
+        if t.attempts > 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never retried: {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.release().await.expect("release");
     loop {
         let s = engine.status(&id).expect("status");
         if s.state == WaveState::Completed {
@@ -235,11 +205,7 @@ async fn a_wave_retries_past_a_blocked_migration_and_completes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    reader.await.expect("reader");
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        c.await.expect("client");
-    }
+    load.stop().await.expect("load");
     let tenants = engine
         .tenants(&id, Some(TenantState::Succeeded), 0, 10)
         .expect("tenants");
@@ -394,7 +360,24 @@ async fn a_lagging_standby_holds_its_primary_until_it_catches_up() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The wave starts once the standby is behind by more than the gate allows.
+    let admin = primary.connect("postgres").await.expect("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lag_ms: Option<f64> = admin
+            .query_one(
+                "SELECT max(extract(epoch FROM replay_lag) * 1000)::float8 FROM pg_stat_replication",
+                &[],
+            )
+            .await
+            .expect("pg_stat_replication")
+            .get(0);
+        if lag_ms.is_some_and(|ms| ms > 1_500.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the standby never fell behind");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let data = tempfile::tempdir().expect("tempdir");
     let engine = Engine::open(data.path()).expect("engine");
     let id = engine

@@ -28,6 +28,10 @@ pub use version::Version;
 /// The largest script a bundle accepts.
 pub const MAX_SCRIPT_BYTES: u64 = 16 * 1024 * 1024;
 
+/// How many placeholder values a wave may give, and their size in all.
+pub const MAX_PLACEHOLDERS: usize = 1_000;
+pub const MAX_PLACEHOLDER_BYTES: usize = 1024 * 1024;
+
 /// Whether a script is applied once, or again whenever it changes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ScriptKind {
@@ -314,6 +318,19 @@ impl Bundle {
     ) -> Result<Self, BundleError> {
         for (name, value) in &options.placeholders {
             flyway::check_wave_placeholder(name, value).map_err(BundleError::Placeholder)?;
+        }
+        // They are stored with the wave and shown by its status: bounded in all.
+        let total: usize = options
+            .placeholders
+            .iter()
+            .map(|(n, v)| n.len() + v.len())
+            .sum();
+        if options.placeholders.len() > MAX_PLACEHOLDERS || total > MAX_PLACEHOLDER_BYTES {
+            return Err(BundleError::Placeholder(format!(
+                "{} placeholders of {total} bytes in all: at most {MAX_PLACEHOLDERS} and \
+                 {MAX_PLACEHOLDER_BYTES} bytes",
+                options.placeholders.len()
+            )));
         }
         let mut notes = Vec::new();
         let mut config = folder_config(&files, &mut problems, &mut notes);
@@ -1804,5 +1821,16 @@ mod tests {
     fn names_with_control_characters_are_refused() {
         let p = problem_texts(bundle(&[("V1__a\tb.sql", "select 1;")]));
         assert!(p.iter().any(|p| p.contains("control characters")), "{p:?}");
+    }
+
+    #[test]
+    fn a_wave_gives_a_bounded_set_of_placeholders() {
+        let many: Vec<(String, String)> =
+            (0..1_001).map(|i| (format!("p{i}"), "x".into())).collect();
+        let refs: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        match with_options(&[("V1__a.sql", b"select 1;")], &refs) {
+            Err(BundleError::Placeholder(m)) => assert!(m.contains("at most 1000"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -26,6 +26,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 pub mod daemon;
 pub mod fault;
+pub mod load;
 pub mod pooler;
 pub use daemon::Daemon;
 
