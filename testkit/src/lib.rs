@@ -398,15 +398,21 @@ impl Cluster {
     /// left alive, it would keep the shared memory and block the restart.
     pub fn kill9(&self) -> Result<()> {
         let data = self.data_dir().canonicalize().context("data dir")?;
-        if processes_in(&data).is_empty() {
+        let mut seen = processes_in(&data);
+        if seen.is_empty() {
             bail!("no server process runs in {}", data.display());
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let left: Vec<u32> = processes_in(&data)
-                .into_iter()
-                .filter(|&p| alive(p))
-                .collect();
+            // A dying process loses its working directory before it is gone: every
+            // process ever seen in the data dir is waited for by pid, not by cwd (a
+            // postmaster still exiting would make the restart's postgres refuse).
+            for p in processes_in(&data) {
+                if !seen.contains(&p) {
+                    seen.push(p);
+                }
+            }
+            let left: Vec<u32> = seen.iter().copied().filter(|&p| alive(p)).collect();
             if left.is_empty() {
                 return Ok(());
             }
