@@ -45,8 +45,10 @@ pub struct SessionSettings {
     /// the sessions that migrate; the watchdog's and the health gates' say so.
     pub application_name: &'static str,
     /// Pin `search_path` to `pg_catalog, pg_temp` in the startup packet (over any
-    /// role or database default): for sessions that only read the catalog, so nothing
-    /// a tenant defines resolves in place of it. Never for sessions that run scripts.
+    /// role or database default), and make every transaction read-only: for sessions
+    /// that only read (the watchdog, health gates, sizes, the census), so nothing a
+    /// tenant defines resolves in place of the catalog and nothing they run can write.
+    /// Never for sessions that run scripts.
     pub catalog_only: bool,
 }
 
@@ -110,7 +112,8 @@ impl Session {
             settings.idle_in_transaction_timeout.as_millis()
         );
         if settings.catalog_only {
-            timeouts.push_str(" -c search_path=pg_catalog,pg_temp");
+            timeouts
+                .push_str(" -c search_path=pg_catalog,pg_temp -c default_transaction_read_only=on");
         }
         let options = match config.get_options() {
             Some(existing) if !existing.is_empty() => format!("{existing} {timeouts}"),
