@@ -32,6 +32,7 @@ fn seed(dir: &std::path::Path, state: WaveState) -> String {
         created_at_ms: 0,
         canary_passed: true,
         history: vec![],
+        fleet: None,
     };
     let tenants: Vec<TenantRecord> = (0..TENANTS)
         .map(|seq| TenantRecord {

@@ -123,6 +123,12 @@ pub struct FileConfig {
     /// for ever. Default: 30 days.
     #[serde(default, with = "humantime_serde_opt")]
     pub wave_retention: Option<Duration>,
+    /// Take a census of every registered fleet this often (e.g. `15m`) and export it
+    /// as `flotilla_fleet_*` metrics; `0` or unset: never.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub census_interval: Option<Duration>,
+    /// Whether the scheduled census also reads schema fingerprints. Default: true.
+    pub census_fingerprint: Option<bool>,
 }
 
 /// Default retention of finished waves.
@@ -249,6 +255,8 @@ log_format = "json"
 metrics_listen = "0.0.0.0:9090"
 allowed_hosts = ["*.db.internal", "10.0.0.0/8:5432"]
 wave_retention = "7days"
+census_interval = "15m"
+census_fingerprint = false
 [tls]
 cert = "/etc/flotilla/tls.crt"
 key = "/etc/flotilla/tls.key"
@@ -274,6 +282,8 @@ sha256 = "{}"
             config.wave_retention,
             Some(Duration::from_secs(7 * 24 * 3600))
         );
+        assert_eq!(config.census_interval, Some(Duration::from_secs(900)));
+        assert_eq!(config.census_fingerprint, Some(false));
         assert!(config.all_tokens(Path::new("/")).is_ok());
 
         let typo = toml::from_str::<FileConfig>("listne = \"0.0.0.0:1\"");

@@ -9,6 +9,8 @@
 //! - [`guard`]: the lock-queue watchdog (one side session per server).
 //! - [`apply`]: the tenant applier and its pure planner; the execution log.
 //! - [`target`]: which tenants a wave covers (CSV, catalog query, discovery).
+//! - [`fleet`]: named fleets, registered once and resolved at every use.
+//! - [`census`]: where every tenant of a fleet stands (versions, drift, fingerprints).
 //! - [`secret`]: sealing connection strings for the store.
 //! - [`policy`]: a wave's policy and its validation.
 //! - [`store`]: the progress store (sled) and its records.
@@ -24,10 +26,12 @@
 pub mod api;
 pub mod apply;
 pub mod bundle;
+pub mod census;
 pub mod config;
 pub mod connect;
 pub mod dsn;
 pub mod failure;
+pub mod fleet;
 pub mod guard;
 pub mod policy;
 pub mod reach;

@@ -7,6 +7,10 @@
 //! - **Waves**: policy, state, reason, and the audit trail of every state change (who,
 //!   when, why). Flushed before a state change is acknowledged: a wave paused or
 //!   cancelled by an operator must still be so after a crash.
+//! - **Fleets**: a registered fleet's name, labels and source (its tenants' DSNs, or
+//!   the catalog's or discovery server's DSN, *sealed* like a wave's), flushed before
+//!   the registration is acknowledged. A census of a fleet is not stored: it is a
+//!   reading of the tenants' logs, kept in memory until the next one.
 //! - **Tenant runs**: state, attempts, generation, last error, timestamps, labels, the
 //!   redacted DSN for display, and the DSN *sealed* with the data dir's key (see
 //!   `secret`) — never a password in the clear. Written without a flush: sled persists
@@ -61,6 +65,9 @@ pub struct WaveRecord {
     /// Set once every canary succeeded.
     pub canary_passed: bool,
     pub history: Vec<StateChange>,
+    /// The registered fleet the wave's tenants were resolved from, if any.
+    #[serde(default)]
+    pub fleet: Option<String>,
 }
 
 /// A failure as stored and shown.
@@ -105,6 +112,53 @@ pub struct TenantRecord {
     #[serde(default)]
     pub baselined: u32,
 }
+
+/// A registered fleet, as stored: where its tenants come from, resolved again each time
+/// a wave, plan or census uses it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetRecord {
+    pub format: u32,
+    pub name: String,
+    pub source: FleetSourceRecord,
+    /// The fleet's own labels; each tenant carries them unless it has its own value.
+    pub labels: BTreeMap<String, String>,
+    /// The token name that registered it.
+    pub created_by: String,
+    pub created_at_ms: u64,
+    /// Tenants the source resolved to when it was registered.
+    pub tenants_when_added: u64,
+}
+
+/// Where a fleet's tenants come from, with every DSN sealed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FleetSourceRecord {
+    /// Tenants listed when the fleet was registered (a CSV file).
+    List { tenants: Vec<FleetTenantRecord> },
+    /// A query on a catalog database, run again at every use.
+    Catalog {
+        dsn_sealed: String,
+        dsn_redacted: String,
+        query: String,
+    },
+    /// Databases of one server whose name is `LIKE pattern`, discovered at every use.
+    Discover {
+        dsn_sealed: String,
+        dsn_redacted: String,
+        pattern: String,
+    },
+}
+
+/// One listed tenant of a fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetTenantRecord {
+    pub id: String,
+    pub dsn_sealed: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One stored fleet: its name, and its record or why it cannot be decoded.
+pub type StoredFleet = (String, Result<FleetRecord, StoreError>);
 
 /// A bundle's bytes as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +239,15 @@ pub trait ProgressStore: Send + Sync + 'static {
     fn bundle_ids(&self) -> Result<Vec<String>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// Stores (or replaces) a fleet by name (durably).
+    fn save_fleet(&self, fleet: &FleetRecord) -> Result<(), StoreError>;
+    /// Every fleet, by name; an undecodable record is an `Err` of its own.
+    fn load_fleets(&self) -> Result<Vec<StoredFleet>, StoreError>;
+    /// One fleet, if there is one of that name (the inner `Err`: it cannot be decoded).
+    fn load_fleet(&self, name: &str)
+    -> Result<Option<Result<FleetRecord, StoreError>>, StoreError>;
+    /// Removes a fleet (durably); `false` when there was none of that name.
+    fn delete_fleet(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// The sled-backed store.
@@ -193,6 +256,7 @@ pub struct SledStore {
     bundles: sled::Tree,
     waves: sled::Tree,
     tenants: sled::Tree,
+    fleets: sled::Tree,
     // Held for the life of the store: the data dir's owner lock.
     _lock: File,
 }
@@ -219,6 +283,19 @@ fn check_format(what: &str, found: u32) -> Result<(), StoreError> {
             found,
         })
     }
+}
+
+fn decode_fleet(name: &str, bytes: &[u8]) -> Result<FleetRecord, StoreError> {
+    let what = format!("fleet {name}");
+    let record: FleetRecord = decode(&what, bytes)?;
+    check_format(&what, record.format)?;
+    if record.name != name {
+        return Err(StoreError::Decode {
+            what,
+            message: format!("it is stored under another name ({:?})", record.name),
+        });
+    }
+    Ok(record)
 }
 
 fn tenant_key(wave_id: &str, seq: u32) -> Vec<u8> {
@@ -255,6 +332,7 @@ impl SledStore {
             bundles: db.open_tree("bundles")?,
             waves: db.open_tree("waves")?,
             tenants: db.open_tree("tenants")?,
+            fleets: db.open_tree("fleets")?,
             db,
             _lock: lock,
         })
@@ -425,6 +503,38 @@ impl ProgressStore for SledStore {
         self.db.flush()?;
         Ok(())
     }
+
+    fn save_fleet(&self, fleet: &FleetRecord) -> Result<(), StoreError> {
+        self.fleets.insert(fleet.name.as_bytes(), encode(fleet))?;
+        self.flush()
+    }
+
+    fn load_fleets(&self) -> Result<Vec<StoredFleet>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.fleets.iter() {
+            let (key, bytes) = item?;
+            let name = String::from_utf8_lossy(&key).into_owned();
+            let record = decode_fleet(&name, &bytes);
+            out.push((name, record));
+        }
+        Ok(out)
+    }
+
+    fn load_fleet(
+        &self,
+        name: &str,
+    ) -> Result<Option<Result<FleetRecord, StoreError>>, StoreError> {
+        Ok(self
+            .fleets
+            .get(name.as_bytes())?
+            .map(|bytes| decode_fleet(name, &bytes)))
+    }
+
+    fn delete_fleet(&self, name: &str) -> Result<bool, StoreError> {
+        let existed = self.fleets.remove(name.as_bytes())?.is_some();
+        self.flush()?;
+        Ok(existed)
+    }
 }
 
 #[cfg(test)]
@@ -442,6 +552,7 @@ mod tests {
             created_at_ms: 1,
             canary_passed: false,
             history: vec![],
+            fleet: None,
         }
     }
 

@@ -404,6 +404,50 @@ pub fn check_reach(tenants: &[Tenant], reach: &Reach, origin: &str) -> Result<()
     })
 }
 
+/// Runs `visit` on every tenant, at most `concurrency` at once and at most `per_host` on
+/// one server (both at least 1), and returns the results in the tenants' order. The
+/// host's permit is taken first, so a busy server does not hold global slots. A visit
+/// that panics leaves `None` in its place (logged), never the whole fan-out.
+pub async fn visit_bounded<T, F, Fut>(
+    tenants: Vec<Tenant>,
+    concurrency: usize,
+    per_host: usize,
+    visit: F,
+) -> Vec<Option<T>>
+where
+    T: Send + 'static,
+    F: Fn(Tenant) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let visit = Arc::new(visit);
+    let mut hosts: std::collections::HashMap<String, Arc<Semaphore>> = Default::default();
+    let mut set = tokio::task::JoinSet::new();
+    let count = tenants.len();
+    for (i, tenant) in tenants.into_iter().enumerate() {
+        let host = hosts
+            .entry(tenant.dsn.host().to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(per_host.max(1))))
+            .clone();
+        let (permits, visit) = (permits.clone(), visit.clone());
+        set.spawn(async move {
+            let _host = host.acquire_owned().await;
+            let _permit = permits.acquire_owned().await;
+            (i, visit(tenant).await)
+        });
+    }
+    let mut out: Vec<Option<T>> = (0..count).map(|_| None).collect();
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok((i, result)) => out[i] = Some(result),
+            Err(e) => tracing::error!(error = %e, "a tenant visit panicked"),
+        }
+    }
+    out
+}
+
 /// Each tenant's database size in bytes, by tenant id, for `--order size`: one query per
 /// server (`pg_database_size` of its tenants' databases, through the first tenant's
 /// connection string), a few servers at a time. A server that cannot be asked leaves its

@@ -8,6 +8,7 @@ mod bundle_cmd;
 mod client;
 mod demo;
 mod exit;
+mod fleet_cmd;
 mod output;
 mod plan_cmd;
 mod progress;
@@ -56,6 +57,9 @@ enum Command {
     Wave(wave_cmd::WaveCommand),
     /// Dry run: what each tenant would get, read from its own execution log.
     Plan(plan_cmd::PlanArgs),
+    /// Register named fleets and take their census.
+    #[command(subcommand)]
+    Fleet(fleet_cmd::FleetCommand),
     /// Look at one tenant.
     #[command(subcommand)]
     Tenant(plan_cmd::TenantCommand),
@@ -75,6 +79,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Bundle(cmd) => Ok(bundle_cmd::run(cmd, cli.output)),
         Command::Wave(cmd) => wave_cmd::run(cmd, &target, cli.output).await,
+        Command::Fleet(cmd) => fleet_cmd::run(cmd, &target, cli.output).await,
         Command::Plan(args) => plan_cmd::plan(args, &target, cli.output).await,
         Command::Tenant(cmd) => plan_cmd::tenant(cmd, &target, cli.output).await,
         Command::Demo(args) => demo::run(args, cli.output).await,

@@ -11,7 +11,7 @@ use crate::client::{self, Failure};
 use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
 use crate::render;
-use crate::request::{AllowArgs, PlaceholderArgs, TargetArgs, load_bundle};
+use crate::request::{AllowArgs, PlaceholderArgs, WaveTargetArgs, load_bundle};
 
 /// `flotilla plan`.
 #[derive(Debug, Args)]
@@ -22,7 +22,7 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub placeholders: PlaceholderArgs,
     #[command(flatten)]
-    pub targets: TargetArgs,
+    pub targets: WaveTargetArgs,
     /// Plan as a wave with --allow-drift would.
     #[arg(long)]
     pub allow_drift: bool,

@@ -85,6 +85,7 @@ pub fn wave_json(w: &v1::Wave) -> Value {
         "placeholders": w.placeholders.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "waivers": w.waivers,
         "held": w.held,
+        "fleet": (!w.fleet.is_empty()).then_some(&w.fleet),
         "history": w.history.iter().map(|h| json!({
             "from": (h.from != 0).then(|| wave_state(h.from)),
             "to": wave_state(h.to),
@@ -185,6 +186,9 @@ pub fn print_wave(w: &v1::Wave) {
     };
     println!("state    {}{reason}", wave_state(w.state));
     println!("bundle   {}", w.bundle_id);
+    if !w.fleet.is_empty() {
+        println!("fleet    {}", w.fleet);
+    }
     if let Some(created) = time(w.created_at.as_ref()) {
         println!("created  {created}");
     }
@@ -232,6 +236,268 @@ pub fn print_wave(w: &v1::Wave) {
                 wave_state(h.to),
                 h.actor
             );
+        }
+    }
+}
+
+/// `schema_drift` for `CENSUS_STATE_SCHEMA_DRIFT`.
+pub fn census_state(raw: i32) -> String {
+    v1::CensusState::try_from(raw)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("CENSUS_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn states_json(states: &[v1::StateCount]) -> Value {
+    let map: serde_json::Map<String, Value> = states
+        .iter()
+        .map(|s| (census_state(s.state), json!(s.tenants)))
+        .collect();
+    Value::Object(map)
+}
+
+/// One tenant of a census.
+pub fn census_tenant_json(t: &v1::TenantCensus) -> Value {
+    json!({
+        "tenant_id": t.tenant_id,
+        "host": t.host,
+        "state": census_state(t.state),
+        "version": (!t.version.is_empty()).then_some(&t.version),
+        "applied": t.applied,
+        "baselined": t.baselined,
+        "started": t.started,
+        "drifted": t.drifted,
+        "ahead": t.ahead,
+        "pending": t.pending,
+        "error": (!t.error.is_empty()).then(|| json!({
+            "message": t.error,
+            "sqlstate": (!t.sqlstate.is_empty()).then_some(&t.sqlstate),
+        })),
+        "fingerprint": (!t.fingerprint.is_empty()).then_some(&t.fingerprint),
+        "has_log": t.has_log,
+        "notes": t.notes,
+    })
+}
+
+fn change_name(raw: i32) -> String {
+    v1::SchemaChangeKind::try_from(raw)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("SCHEMA_CHANGE_KIND_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Whether a census tenant needs a person (being behind or current does not).
+fn is_outlier(t: &v1::TenantCensus) -> bool {
+    !matches!(
+        v1::CensusState::try_from(t.state),
+        Ok(v1::CensusState::Behind | v1::CensusState::Current)
+    )
+}
+
+/// `fleet census --output json` (README "Where does my fleet stand?" documents it).
+pub fn census_json(c: &v1::CensusReport) -> Value {
+    let total: u64 = c.histogram.iter().map(|h| h.tenants).sum();
+    json!({
+        "fleet": c.fleet,
+        "bundle_id": (!c.bundle_id.is_empty()).then_some(&c.bundle_id),
+        "fingerprinted": c.fingerprinted,
+        "trigger": c.trigger,
+        "started_at": time(c.started_at.as_ref()),
+        "finished_at": time(c.finished_at.as_ref()),
+        "tenants": total,
+        "histogram": c.histogram.iter().map(|h| json!({
+            "version": h.version,
+            "tenants": h.tenants,
+        })).collect::<Vec<_>>(),
+        "states": states_json(&c.states),
+        "hosts": c.hosts.iter().map(|h| json!({
+            "host": h.host,
+            "tenants": h.tenants,
+            "states": states_json(&h.states),
+        })).collect::<Vec<_>>(),
+        "outliers": c.tenants.iter().filter(|t| is_outlier(t)).map(census_tenant_json).collect::<Vec<_>>(),
+        "fingerprints": c.fingerprints.iter().map(|g| json!({
+            "version": g.version,
+            "fingerprint": g.fingerprint,
+            "tenants": g.tenants,
+            "reference": g.reference,
+            "tied": g.tied,
+            "changes": g.changes.iter().map(|ch| json!({
+                "change": change_name(ch.kind),
+                "object": ch.object,
+                "reference": ch.reference,
+                "found": ch.found,
+            })).collect::<Vec<_>>(),
+            "more_changes": g.more_changes,
+            "tenant_ids": g.tenant_ids,
+        })).collect::<Vec<_>>(),
+        "tenant_results": c.tenants.iter().map(census_tenant_json).collect::<Vec<_>>(),
+    })
+}
+
+/// The version histogram as bars, one line per bucket.
+pub fn print_histogram(histogram: &[v1::VersionCount]) {
+    const WIDTH: u64 = 40;
+    let max = histogram
+        .iter()
+        .map(|h| h.tenants)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let label_width = histogram
+        .iter()
+        .map(|h| h.version.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    for h in histogram {
+        // A bucket with tenants shows at least one block: one tenant must be visible.
+        let blocks = (h.tenants * WIDTH).div_ceil(max) as usize;
+        println!(
+            "  {:<label_width$}  {:<width$}  {}",
+            h.version,
+            "█".repeat(blocks),
+            h.tenants,
+            width = WIDTH as usize
+        );
+    }
+}
+
+fn states_line(states: &[v1::StateCount]) -> String {
+    states
+        .iter()
+        .filter(|s| s.tenants > 0)
+        .map(|s| format!("{} {}", census_state(s.state), s.tenants))
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
+/// Why a census tenant is an outlier, in a few words.
+fn outlier_reason(t: &v1::TenantCensus) -> String {
+    let list = |v: &[String]| v.join(", ");
+    match v1::CensusState::try_from(t.state) {
+        Ok(v1::CensusState::Unreachable) => {
+            if t.sqlstate.is_empty() {
+                t.error.clone()
+            } else {
+                format!("{} (SQLSTATE {})", t.error, t.sqlstate)
+            }
+        }
+        Ok(v1::CensusState::Interrupted) => format!("started, not finished: {}", list(&t.started)),
+        Ok(v1::CensusState::Drifted) => {
+            format!("checksum differs from the bundle: {}", list(&t.drifted))
+        }
+        Ok(v1::CensusState::Ahead) => {
+            format!("versions the bundle does not know: {}", list(&t.ahead))
+        }
+        Ok(v1::CensusState::Unmanaged) => "no flotilla.execution_log".into(),
+        Ok(v1::CensusState::SchemaDrift) => format!(
+            "schema differs from most tenants at its version (fingerprint {})",
+            t.fingerprint
+        ),
+        _ => String::new(),
+    }
+}
+
+/// `fleet census` for people: the histogram as bars, counts, then the outliers.
+pub fn print_census(c: &v1::CensusReport, all: bool) {
+    let total: u64 = c.histogram.iter().map(|h| h.tenants).sum();
+    let took = match (&c.started_at, &c.finished_at) {
+        (Some(a), Some(b)) => {
+            let ms = (b.seconds - a.seconds) * 1000 + i64::from(b.nanos - a.nanos) / 1_000_000;
+            format!(" in {:.1} s", ms.max(0) as f64 / 1000.0)
+        }
+        _ => String::new(),
+    };
+    println!(
+        "fleet {}: {total} tenants, census at {}{took} ({})",
+        c.fleet,
+        time(c.started_at.as_ref()).unwrap_or_default(),
+        c.trigger
+    );
+    if !c.bundle_id.is_empty() {
+        println!("compared with bundle {}", c.bundle_id);
+    }
+    println!("versions");
+    print_histogram(&c.histogram);
+    println!("states   {}", states_line(&c.states));
+    if c.hosts.len() > 1 {
+        println!("hosts");
+        for h in &c.hosts {
+            println!(
+                "  {}  {} tenants  ({})",
+                h.host,
+                h.tenants,
+                states_line(&h.states)
+            );
+        }
+    }
+    let listed: Vec<&v1::TenantCensus> =
+        c.tenants.iter().filter(|t| all || is_outlier(t)).collect();
+    if listed.is_empty() {
+        println!("no outliers");
+    } else {
+        println!(
+            "{} ({})",
+            if all { "tenants" } else { "outliers" },
+            listed.len()
+        );
+        let id_width = listed
+            .iter()
+            .map(|t| t.tenant_id.chars().count())
+            .max()
+            .unwrap_or(0);
+        for t in listed {
+            println!(
+                "  {:<id_width$}  {:<12}  {:<8}  {}",
+                t.tenant_id,
+                census_state(t.state),
+                if t.version.is_empty() {
+                    "-"
+                } else {
+                    &t.version
+                },
+                outlier_reason(t)
+            );
+        }
+    }
+    for g in c.fingerprints.iter().filter(|g| !g.reference) {
+        let reference = c
+            .fingerprints
+            .iter()
+            .find(|r| r.reference && r.version == g.version);
+        println!(
+            "schema at version {}: {} tenant{} ({}) differ from {}{}",
+            g.version,
+            g.tenants,
+            if g.tenants == 1 { "" } else { "s" },
+            g.tenant_ids.join(", "),
+            reference.map_or("the others".to_string(), |r| format!(
+                "the {} with fingerprint {}",
+                r.tenants, r.fingerprint
+            )),
+            if g.tied {
+                " (tied: no clear majority)"
+            } else {
+                ""
+            },
+        );
+        for ch in &g.changes {
+            let line = match v1::SchemaChangeKind::try_from(ch.kind) {
+                Ok(v1::SchemaChangeKind::Added) => format!("+ {}: {}", ch.object, ch.found),
+                Ok(v1::SchemaChangeKind::Removed) => format!("- {}: {}", ch.object, ch.reference),
+                _ => format!("~ {}: {} -> {}", ch.object, ch.reference, ch.found),
+            };
+            println!("    {line}");
+        }
+        if g.more_changes > 0 {
+            println!("    … and {} more", g.more_changes);
         }
     }
 }

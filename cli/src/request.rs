@@ -41,7 +41,23 @@ pub struct TargetArgs {
     pub db_pattern: Option<String>,
 }
 
-impl TargetArgs {
+/// Where a wave's or a plan's tenants come from: a source, or a registered fleet.
+#[derive(Debug, Args)]
+pub struct WaveTargetArgs {
+    #[command(flatten)]
+    pub source: TargetArgs,
+    /// A registered fleet (`flotilla fleet list`); catalog and discovery fleets
+    /// resolve again now.
+    #[arg(
+        long,
+        value_name = "NAME",
+        group = "target_source",
+        conflicts_with_all = ["targets", "catalog_dsn", "discover"]
+    )]
+    pub fleet: Option<String>,
+}
+
+impl WaveTargetArgs {
     /// The targets of a `StartWaveRequest`.
     pub fn for_start(&self) -> Result<v1::start_wave_request::Targets, Failure> {
         self.load()?.into_start().map_err(invalid)
@@ -50,6 +66,24 @@ impl TargetArgs {
     /// The targets of a `PlanRequest`.
     pub fn for_plan(&self) -> Result<v1::plan_request::Targets, Failure> {
         self.load()?.into_plan().map_err(invalid)
+    }
+
+    fn load(&self) -> Result<Targets, Failure> {
+        match &self.fleet {
+            Some(name) => {
+                flotilla::fleet::check_name(name)
+                    .map_err(|e| Failure::new(Exit::Usage, format!("--fleet: {e}")))?;
+                Ok(Targets::Fleet(name.clone()))
+            }
+            None => self.source.load(),
+        }
+    }
+}
+
+impl TargetArgs {
+    /// The source of an `AddFleetRequest`.
+    pub fn for_fleet(&self) -> Result<v1::add_fleet_request::Source, Failure> {
+        self.load()?.into_fleet_source().map_err(invalid)
     }
 
     /// Reads and checks a CSV locally (line numbers without a round trip); passes
@@ -82,7 +116,7 @@ impl TargetArgs {
         }
         Err(Failure::new(
             Exit::Usage,
-            "give one target source: --targets, --catalog-dsn with --catalog-query, or --discover with --db-pattern",
+            "give one target source: --targets, --catalog-dsn with --catalog-query, --discover with --db-pattern, or --fleet",
         ))
     }
 }

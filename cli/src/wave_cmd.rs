@@ -11,15 +11,21 @@ use crate::exit::Exit;
 use crate::output::{Output, print_json, print_table};
 use crate::progress;
 use crate::render;
-use crate::request::{PlaceholderArgs, PolicyArgs, TargetArgs, load_bundle};
+use crate::request::{PlaceholderArgs, PolicyArgs, WaveTargetArgs, load_bundle};
 
 /// `flotilla wave …`
 #[derive(Debug, Subcommand)]
 pub enum WaveCommand {
     /// Upload a bundle and start rolling it out; prints the wave id.
     Start(Box<StartArgs>),
-    /// One wave: state, counts per tenant state, history.
-    Status { wave_id: String },
+    /// One wave: state, counts per tenant state, history; for a paused or finished
+    /// wave also the version histogram of its tenants, read from their logs.
+    Status {
+        wave_id: String,
+        /// Skip reading the tenants' versions (one short session per tenant).
+        #[arg(long)]
+        no_versions: bool,
+    },
     /// Follow a wave live until it completes, fails, is cancelled or pauses.
     Watch {
         wave_id: String,
@@ -81,7 +87,7 @@ pub struct StartArgs {
     #[command(flatten)]
     pub placeholders: PlaceholderArgs,
     #[command(flatten)]
-    pub targets: TargetArgs,
+    pub targets: WaveTargetArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
     /// Follow the wave with a progress bar; exit non-zero unless it completes.
@@ -143,12 +149,66 @@ pub async fn run(
             }
             finish(&mut client, &wave_id, output, args.through_pause).await
         }
-        WaveCommand::Status { wave_id } => {
+        WaveCommand::Status {
+            wave_id,
+            no_versions,
+        } => {
             let wave = client
                 .get_wave(v1::GetWaveRequest { wave_id })
                 .await?
                 .into_inner();
-            show_wave(&wave, output);
+            let settled = matches!(
+                v1::WaveState::try_from(wave.state),
+                Ok(v1::WaveState::Paused
+                    | v1::WaveState::Completed
+                    | v1::WaveState::Failed
+                    | v1::WaveState::Cancelled)
+            );
+            // A wave still moving changes under the reading: versions only once it
+            // stands still.
+            let versions = if settled && !no_versions {
+                let census = client
+                    .census(v1::CensusRequest {
+                        subject: Some(v1::census_request::Subject::WaveId(wave.wave_id.clone())),
+                        ..Default::default()
+                    })
+                    .await;
+                match census {
+                    Ok(r) => Some(r.into_inner().histogram),
+                    Err(e) => {
+                        eprintln!("versions unavailable: {}", Failure::from(e).message);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            match output {
+                Output::Json => {
+                    let mut value = render::wave_json(&wave);
+                    if let (Some(h), Some(obj)) = (&versions, value.as_object_mut()) {
+                        obj.insert(
+                            "versions".into(),
+                            json!(
+                                h.iter()
+                                    .map(|v| json!({
+                                        "version": v.version,
+                                        "tenants": v.tenants,
+                                    }))
+                                    .collect::<Vec<_>>()
+                            ),
+                        );
+                    }
+                    print_json(&value);
+                }
+                Output::Table => {
+                    render::print_wave(&wave);
+                    if let Some(h) = &versions {
+                        println!("versions (read from the tenants' logs now)");
+                        render::print_histogram(h);
+                    }
+                }
+            }
             Ok(Exit::Ok)
         }
         WaveCommand::Watch {

@@ -1960,3 +1960,346 @@ async fn order_size_starts_the_smallest_tenants_first() {
         "smallest first"
     );
 }
+
+const CENSUS_V1: (&str, &str) = (
+    "V1__accounts.sql",
+    "CREATE TABLE accounts (id bigint PRIMARY KEY, email text NOT NULL);",
+);
+const CENSUS_V2: (&str, &str) = (
+    "V2__plan.sql",
+    "ALTER TABLE accounts ADD COLUMN plan text NOT NULL DEFAULT 'free';",
+);
+const CENSUS_V3: (&str, &str) = (
+    "V3__email_index.sql",
+    "-- flotilla:allow require-concurrent-index-creation the table is new and small\n\
+     CREATE UNIQUE INDEX accounts_email ON accounts (email);",
+);
+
+/// Issue 13: a fleet made mixed on purpose (three versions, a changed checksum, an
+/// interrupted script, a hand-added column, a stopped server) is registered once; its
+/// census names exactly those, the histogram adds up, the fingerprints single out the
+/// hand-altered tenant with the column named, the scheduled census is cached and
+/// exported, and a wave started with `--fleet` reports its tenants' versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_fleet_is_registered_and_its_census_names_every_outlier() {
+    let cluster = shared();
+    let rows = tenants(cluster, "cen_", 60).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let (daemon, _data) =
+        start_daemon(&["--metrics-listen", "127.0.0.1:0", "--census-interval", "1s"]);
+    let server = daemon.url();
+
+    // Three versions: tenants 1-10 at 1, 11-20 at 2, 21-60 at 3.
+    let v1 = bundle(&[CENSUS_V1]);
+    let v2 = bundle(&[CENSUS_V1, CENSUS_V2]);
+    let v3 = bundle(&[CENSUS_V1, CENSUS_V2, CENSUS_V3]);
+    for (dir, range) in [(&v1, 0..10), (&v2, 10..20), (&v3, 20..60)] {
+        let part = tempfile::tempdir().expect("tempdir");
+        let csv = targets_csv(part.path(), &rows[range]);
+        let mut args = start_args(dir.path(), &csv, &["--concurrency", "8", "--wait"]);
+        args.extend(["--output", "json"]);
+        let run = flotilla(&server, &args).await;
+        assert_eq!(run.code, 0, "{run:?}");
+    }
+    // Made mixed on purpose.
+    let drifted = &rows[24].0;
+    let interrupted = &rows[29].0;
+    let altered = &rows[34].0;
+    cluster
+        .connect(drifted)
+        .await
+        .expect("connect")
+        .batch_execute(
+            "UPDATE flotilla.execution_log SET checksum = 'sha256:0000' WHERE version = '2'",
+        )
+        .await
+        .expect("change a checksum");
+    cluster
+        .connect(interrupted)
+        .await
+        .expect("connect")
+        .batch_execute(
+            "INSERT INTO flotilla.execution_log (version, script, kind, checksum, bundle_id, \
+             wave_id, status, statements_done) VALUES ('4', 'V4__concurrent_index.sql', \
+             'versioned', 'sha256:1111', 'b', 'w', 'started', 0)",
+        )
+        .await
+        .expect("leave a started row");
+    cluster
+        .connect(altered)
+        .await
+        .expect("connect")
+        .batch_execute("ALTER TABLE accounts ADD COLUMN nickname text")
+        .await
+        .expect("a hotfix by hand");
+    let down = Cluster::start().expect("start a cluster to stop");
+    down.create_tenants("cen_down_", 1, "")
+        .await
+        .expect("create");
+    down.stop().expect("stop it");
+    let mut fleet_rows = rows.clone();
+    fleet_rows.push(("cen_down".into(), down.url("cen_down_00001")));
+    let csv = targets_csv(work.path(), &fleet_rows);
+
+    // Registered once, by name.
+    let add = flotilla(
+        &server,
+        &[
+            "fleet",
+            "add",
+            "prod",
+            "--targets",
+            path(&csv),
+            "--label",
+            "env=prod",
+        ],
+    )
+    .await;
+    assert_eq!(add.code, 0, "{add:?}");
+    assert!(add.stdout.contains("61 tenants"), "{add:?}");
+    let again = flotilla(&server, &["fleet", "add", "prod", "--targets", path(&csv)]).await;
+    assert_eq!(again.code, 6, "a name in use is refused: {again:?}");
+    assert!(again.stderr.contains("already exists"), "{again:?}");
+    let bad = flotilla(
+        &server,
+        &["fleet", "add", "Prod EU", "--targets", path(&csv)],
+    )
+    .await;
+    assert_eq!(bad.code, 6, "{bad:?}");
+    assert!(bad.stderr.contains("fleet name"), "{bad:?}");
+    let list = flotilla(&server, &["--output", "json", "fleet", "list"]).await;
+    assert_eq!(list.code, 0, "{list:?}");
+    assert_eq!(list.json()[0]["name"], "prod", "{list:?}");
+    assert_eq!(list.json()[0]["labels"]["env"], "prod", "{list:?}");
+    assert!(
+        !list.stdout.contains("postgres://"),
+        "no DSN is shown for a listed fleet: {list:?}"
+    );
+
+    // The census, against the newest bundle, with fingerprints.
+    let run = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "fleet",
+            "census",
+            "prod",
+            "--bundle",
+            path(v3.path()),
+            "--fingerprint",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let census = run.json();
+    assert_eq!(census["tenants"], 61, "{census}");
+    let histogram: BTreeMap<String, u64> = census["histogram"]
+        .as_array()
+        .expect("histogram")
+        .iter()
+        .map(|h| {
+            (
+                h["version"].as_str().expect("version").to_string(),
+                h["tenants"].as_u64().expect("count"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        histogram,
+        BTreeMap::from([
+            ("1".to_string(), 10),
+            ("2".to_string(), 10),
+            ("3".to_string(), 40),
+            ("unreachable".to_string(), 1),
+        ]),
+        "{census}"
+    );
+    assert_eq!(histogram.values().sum::<u64>(), 61);
+    let outliers: BTreeMap<String, String> = census["outliers"]
+        .as_array()
+        .expect("outliers")
+        .iter()
+        .map(|t| {
+            (
+                t["tenant_id"].as_str().expect("id").to_string(),
+                t["state"].as_str().expect("state").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outliers,
+        BTreeMap::from([
+            (drifted.clone(), "drifted".to_string()),
+            (interrupted.clone(), "interrupted".to_string()),
+            (altered.clone(), "schema_drift".to_string()),
+            ("cen_down".to_string(), "unreachable".to_string()),
+        ]),
+        "{census}"
+    );
+    assert_eq!(census["states"]["behind"], 20, "{census}");
+    assert_eq!(census["states"]["current"], 37, "{census}");
+    let tenant = |id: &str| {
+        census["tenant_results"]
+            .as_array()
+            .expect("tenants")
+            .iter()
+            .find(|t| t["tenant_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {id} in {census}"))
+    };
+    assert_eq!(
+        tenant(drifted)["drifted"],
+        serde_json::json!(["V2__plan.sql"])
+    );
+    assert_eq!(
+        tenant(interrupted)["started"],
+        serde_json::json!(["V4__concurrent_index.sql"])
+    );
+    assert_eq!(
+        tenant(&rows[0].0)["pending"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert!(
+        tenant("cen_down")["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{census}"
+    );
+    // Fingerprints: at version 3 the hand-altered tenant stands alone, its column named.
+    let groups = census["fingerprints"].as_array().expect("groups");
+    let minority: Vec<&Value> = groups.iter().filter(|g| g["reference"] == false).collect();
+    assert_eq!(minority.len(), 1, "{census}");
+    assert_eq!(minority[0]["version"], "3");
+    assert_eq!(minority[0]["tenant_ids"], serde_json::json!([altered]));
+    assert_eq!(
+        minority[0]["changes"],
+        serde_json::json!([{
+            "change": "added",
+            "object": "column public.accounts.nickname",
+            "reference": "",
+            "found": "text",
+        }]),
+        "{census}"
+    );
+    let reference_at_3 = groups
+        .iter()
+        .find(|g| g["reference"] == true && g["version"] == "3")
+        .expect("reference at 3");
+    assert_eq!(reference_at_3["tenants"], 39, "{census}");
+
+    // The human view: bars, then the outliers.
+    let human = flotilla(
+        &server,
+        &[
+            "fleet",
+            "census",
+            "prod",
+            "--bundle",
+            path(v3.path()),
+            "--fingerprint",
+        ],
+    )
+    .await;
+    assert_eq!(human.code, 0, "{human:?}");
+    assert!(human.stdout.contains('█'), "{}", human.stdout);
+    for needle in [
+        drifted.as_str(),
+        interrupted.as_str(),
+        altered.as_str(),
+        "cen_down",
+        "+ column public.accounts.nickname: text",
+    ] {
+        assert!(human.stdout.contains(needle), "{needle}: {}", human.stdout);
+    }
+
+    // The scheduled census keeps its result and exports it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let cached = loop {
+        let run = flotilla(
+            &server,
+            &["--output", "json", "fleet", "census", "prod", "--cached"],
+        )
+        .await;
+        if run.code == 0 && run.json()["trigger"] == "schedule" {
+            break run.json();
+        }
+        assert!(Instant::now() < deadline, "no scheduled census: {run:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(cached["tenants"], 61, "{cached}");
+    let metrics = daemon.metrics_addr().expect("metrics address logged");
+    let text = tokio::task::spawn_blocking(move || scrape(&metrics))
+        .await
+        .expect("scrape");
+    let gauge = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels);
+    assert_eq!(
+        gauge(
+            "flotilla_fleet_tenants",
+            &[("fleet", "prod"), ("version", "3")]
+        ),
+        Some(40.0),
+        "{text}"
+    );
+    assert_eq!(
+        gauge("flotilla_fleet_unreachable", &[("fleet", "prod")]),
+        Some(1.0),
+        "{text}"
+    );
+    // Without a bundle only the schema drift is seen (no checksums to compare).
+    assert_eq!(
+        gauge("flotilla_fleet_drifted", &[("fleet", "prod")]),
+        Some(1.0),
+        "{text}"
+    );
+
+    // A discovery fleet drives a wave by name; its status reports versions.
+    let discovered = flotilla(
+        &server,
+        &[
+            "fleet",
+            "add",
+            "first-nine",
+            "--discover",
+            &cluster.url("postgres"),
+            "--db-pattern",
+            "cen_0000_",
+        ],
+    )
+    .await;
+    assert_eq!(discovered.code, 0, "{discovered:?}");
+    assert!(discovered.stdout.contains("9 tenants"), "{discovered:?}");
+    let run = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "wave",
+            "start",
+            "--bundle",
+            path(v3.path()),
+            "--fleet",
+            "first-nine",
+            "--concurrency",
+            "4",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let wave = run.json()["wave_id"].as_str().expect("wave id").to_string();
+    let run = flotilla(&server, &["--output", "json", "wave", "status", &wave]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let status = run.json();
+    assert_eq!(status["fleet"], "first-nine", "{status}");
+    assert_eq!(
+        status["versions"],
+        serde_json::json!([{ "version": "3", "tenants": 9 }]),
+        "{run:?}"
+    );
+    let removed = flotilla(&server, &["fleet", "remove", "first-nine"]).await;
+    assert_eq!(removed.code, 0, "{removed:?}");
+    let gone = flotilla(&server, &["fleet", "census", "first-nine"]).await;
+    assert_eq!(gone.code, 6, "{gone:?}");
+    assert!(gone.stderr.contains("not found"), "{gone:?}");
+}

@@ -123,6 +123,7 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
         placeholders: w.placeholders.clone().into_iter().collect(),
         waivers: w.waivers.clone(),
         held: w.held.clone(),
+        fleet: w.fleet.clone().unwrap_or_default(),
     }
 }
 
@@ -526,6 +527,14 @@ pub enum Targets {
     List(Vec<v1::Tenant>),
     /// A source the daemon resolves.
     Source(TargetSource),
+    /// A registered fleet, by name.
+    Fleet(String),
+}
+
+/// Tenants resolved for a request, and the fleet they came from.
+pub struct Resolved {
+    pub tenants: Vec<crate::target::Tenant>,
+    pub fleet: Option<String>,
 }
 
 impl Targets {
@@ -537,6 +546,7 @@ impl Targets {
             Some(T::TargetList(l)) => Targets::List(l.tenants),
             Some(T::Catalog(c)) => catalog(c)?,
             Some(T::Discover(d)) => discover(d)?,
+            Some(T::Fleet(name)) => Targets::Fleet(name),
         })
     }
 
@@ -548,17 +558,38 @@ impl Targets {
             Some(T::TargetList(l)) => Targets::List(l.tenants),
             Some(T::Catalog(c)) => catalog(c)?,
             Some(T::Discover(d)) => discover(d)?,
+            Some(T::Fleet(name)) => Targets::Fleet(name),
+        })
+    }
+
+    /// From `AddFleetRequest.source`.
+    pub fn from_fleet_source(t: Option<v1::add_fleet_request::Source>) -> Result<Self, ApiError> {
+        use v1::add_fleet_request::Source as S;
+        Ok(match t {
+            None => return Err(missing_targets()),
+            Some(S::TargetList(l)) => Targets::List(l.tenants),
+            Some(S::Catalog(c)) => catalog(c)?,
+            Some(S::Discover(d)) => discover(d)?,
         })
     }
 
     /// Resolves into tenants, within the tenant limit, every one on a server `reach`
-    /// allows (a refused host is named now, not failed tenant by tenant later).
+    /// allows (a refused host is named now, not failed tenant by tenant later). A fleet
+    /// resolves from what it was registered with, its labels added.
     pub async fn resolve(
         self,
         limits: &Limits,
         reach: &Reach,
-    ) -> Result<Vec<crate::target::Tenant>, ApiError> {
+        fleets: &crate::fleet::Fleets,
+    ) -> Result<Resolved, ApiError> {
         let (tenants, origin) = match self {
+            Targets::Fleet(name) => {
+                let tenants = fleets.resolve(&name, reach, limits.max_tenants).await?;
+                return Ok(Resolved {
+                    tenants,
+                    fleet: Some(name),
+                });
+            }
             Targets::List(list) => {
                 check_count(list.len(), limits)?;
                 let entries = list
@@ -580,7 +611,10 @@ impl Targets {
         };
         check_count(tenants.len(), limits)?;
         crate::target::check_reach(&tenants, reach, origin)?;
-        Ok(tenants)
+        Ok(Resolved {
+            tenants,
+            fleet: None,
+        })
     }
 }
 
@@ -592,6 +626,23 @@ impl Targets {
             Wire::List(l) => T::TargetList(l),
             Wire::Catalog(c) => T::Catalog(c),
             Wire::Discover(d) => T::Discover(d),
+            Wire::Fleet(name) => T::Fleet(name),
+        })
+    }
+
+    /// For `AddFleetRequest` (a fleet cannot be made of another fleet).
+    pub fn into_fleet_source(self) -> Result<v1::add_fleet_request::Source, ApiError> {
+        use v1::add_fleet_request::Source as S;
+        Ok(match self.into_wire()? {
+            Wire::List(l) => S::TargetList(l),
+            Wire::Catalog(c) => S::Catalog(c),
+            Wire::Discover(d) => S::Discover(d),
+            Wire::Fleet(_) => {
+                return Err(ApiError::Invalid(
+                    "a fleet is registered from a target list, a catalog or a discovery spec"
+                        .into(),
+                ));
+            }
         })
     }
 
@@ -602,6 +653,7 @@ impl Targets {
             Wire::List(l) => T::TargetList(l),
             Wire::Catalog(c) => T::Catalog(c),
             Wire::Discover(d) => T::Discover(d),
+            Wire::Fleet(name) => T::Fleet(name),
         })
     }
 
@@ -609,6 +661,7 @@ impl Targets {
     fn into_wire(self) -> Result<Wire, ApiError> {
         Ok(match self {
             Targets::List(tenants) => Wire::List(v1::TargetList { tenants }),
+            Targets::Fleet(name) => Wire::Fleet(name),
             Targets::Source(TargetSource::Csv { text, origin }) => Wire::List(v1::TargetList {
                 tenants: tenants_to_proto(crate::target::parse_csv(&text, &origin)?),
             }),
@@ -645,10 +698,11 @@ enum Wire {
     List(v1::TargetList),
     Catalog(v1::CatalogTargets),
     Discover(v1::DiscoverTargets),
+    Fleet(String),
 }
 
 fn missing_targets() -> ApiError {
-    ApiError::Invalid("targets: give a target list, a catalog or a discovery spec".into())
+    ApiError::Invalid("targets: give a target list, a catalog, a discovery spec or a fleet".into())
 }
 
 fn catalog(c: v1::CatalogTargets) -> Result<Targets, ApiError> {
@@ -683,6 +737,132 @@ fn check_count(n: usize, limits: &Limits) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// A fleet as shown.
+pub fn fleet(f: &crate::fleet::FleetView) -> v1::Fleet {
+    v1::Fleet {
+        name: f.name.clone(),
+        kind: f.kind.to_string(),
+        source: f.source.clone(),
+        labels: f.labels.clone().into_iter().collect(),
+        created_by: f.created_by.clone(),
+        created_at: (f.created_at_ms > 0).then(|| timestamp(f.created_at_ms)),
+        tenants_when_added: f.tenants_when_added,
+        unloadable: f.unloadable.clone().unwrap_or_default(),
+    }
+}
+
+/// Protobuf census state of a domain one.
+pub fn census_state(s: crate::census::CensusState) -> v1::CensusState {
+    use crate::census::CensusState as S;
+    match s {
+        S::Unreachable => v1::CensusState::Unreachable,
+        S::Interrupted => v1::CensusState::Interrupted,
+        S::Drifted => v1::CensusState::Drifted,
+        S::SchemaDrift => v1::CensusState::SchemaDrift,
+        S::Ahead => v1::CensusState::Ahead,
+        S::Unmanaged => v1::CensusState::Unmanaged,
+        S::Behind => v1::CensusState::Behind,
+        S::Current => v1::CensusState::Current,
+    }
+}
+
+fn state_counts(states: &BTreeMap<crate::census::CensusState, u64>) -> Vec<v1::StateCount> {
+    states
+        .iter()
+        .map(|(s, n)| v1::StateCount {
+            state: census_state(*s) as i32,
+            tenants: *n,
+        })
+        .collect()
+}
+
+/// A census as sent.
+pub fn census(c: &crate::census::Census) -> v1::CensusReport {
+    use crate::census::ChangeKind;
+    v1::CensusReport {
+        fleet: c.fleet.clone(),
+        bundle_id: c.bundle_id.clone().unwrap_or_default(),
+        fingerprinted: c.fingerprinted,
+        trigger: c.trigger.to_string(),
+        started_at: Some(timestamp(c.started_at_ms)),
+        finished_at: Some(timestamp(c.finished_at_ms)),
+        histogram: c
+            .histogram
+            .iter()
+            .map(|(version, tenants)| v1::VersionCount {
+                version: version.clone(),
+                tenants: *tenants,
+            })
+            .collect(),
+        states: state_counts(&c.states),
+        hosts: c
+            .hosts
+            .iter()
+            .map(|h| v1::HostCensus {
+                host: h.host.clone(),
+                tenants: h.tenants,
+                states: state_counts(&h.states),
+            })
+            .collect(),
+        tenants: c
+            .tenants
+            .iter()
+            .map(|t| v1::TenantCensus {
+                tenant_id: t.tenant_id.clone(),
+                host: t.host.clone(),
+                state: census_state(t.state) as i32,
+                version: t.version.clone().unwrap_or_default(),
+                applied: t.applied,
+                baselined: t.baselined,
+                started: t.started.clone(),
+                drifted: t.drifted.clone(),
+                ahead: t.ahead.clone(),
+                pending: t.pending.clone(),
+                error: t
+                    .error
+                    .as_ref()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_default(),
+                sqlstate: t
+                    .error
+                    .as_ref()
+                    .and_then(|e| e.sqlstate.clone())
+                    .unwrap_or_default(),
+                fingerprint: t.fingerprint.clone().unwrap_or_default(),
+                has_log: t.has_log,
+                notes: t.notes.clone(),
+            })
+            .collect(),
+        fingerprints: c
+            .fingerprints
+            .iter()
+            .map(|g| v1::FingerprintGroup {
+                version: g.version.clone(),
+                fingerprint: g.fingerprint.clone(),
+                tenants: g.tenants,
+                reference: g.reference,
+                tied: g.tied,
+                changes: g
+                    .changes
+                    .iter()
+                    .map(|ch| v1::SchemaChange {
+                        kind: match ch.kind {
+                            ChangeKind::Added => v1::SchemaChangeKind::Added,
+                            ChangeKind::Removed => v1::SchemaChangeKind::Removed,
+                            ChangeKind::Changed => v1::SchemaChangeKind::Changed,
+                        } as i32,
+                        object: ch.object.clone(),
+                        reference: ch.reference.clone(),
+                        found: ch.found.clone(),
+                    })
+                    .collect(),
+                more_changes: g.more_changes as u64,
+                tenant_ids: g.members.clone(),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub enum ApiError {
     BundleIdMismatch { sent: String, computed: String },
     #[error(transparent)]
     Targets(#[from] TargetError),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
     /// A request field that makes no sense, named.
     #[error("{0}")]
     Invalid(String),
@@ -64,6 +66,17 @@ impl ApiError {
                 crate::failure::Retryability::Retryable => Code::Unavailable,
                 crate::failure::Retryability::Permanent => Code::FailedPrecondition,
             },
+            ApiError::Fleet(e) => {
+                use crate::fleet::FleetError as F;
+                match e {
+                    F::BadName(_) => Code::InvalidArgument,
+                    F::Exists(_) => Code::AlreadyExists,
+                    F::NotFound(_) | F::NoCensus(_) => Code::NotFound,
+                    F::Unloadable { .. } | F::Dsn { .. } => Code::FailedPrecondition,
+                    F::Targets { .. } | F::TooMany { .. } => Code::InvalidArgument,
+                    F::Secret { .. } | F::Store(_) => Code::Internal,
+                }
+            }
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::Internal(_) => Code::Internal,
             ApiError::PermissionDenied(_) => Code::PermissionDenied,

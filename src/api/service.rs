@@ -23,6 +23,8 @@ use crate::policy::Policy;
 use crate::target::Tenant;
 use crate::wave::{Engine, WaveStatus, now_ms};
 
+/// Censuses the daemon takes at once on request; more are refused (RESOURCE_EXHAUSTED).
+const MAX_CONCURRENT_CENSUSES: usize = 2;
 /// Tenants whose logs a plan reads at once, in all and on one server.
 const PLAN_CONCURRENCY: usize = 16;
 const PLAN_PER_HOST: usize = 4;
@@ -44,6 +46,7 @@ pub struct RolloutApi {
     limits: Limits,
     plans: Arc<Semaphore>,
     log_reads: Arc<Semaphore>,
+    censuses: Arc<Semaphore>,
 }
 
 impl RolloutApi {
@@ -55,6 +58,7 @@ impl RolloutApi {
             limits,
             plans: Arc::new(Semaphore::new(MAX_CONCURRENT_PLANS)),
             log_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_LOG_READS)),
+            censuses: Arc::new(Semaphore::new(MAX_CONCURRENT_CENSUSES)),
         }
     }
 
@@ -88,8 +92,8 @@ impl RolloutApi {
         policy
             .validate()
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let tenants = Targets::from_start(r.targets)?
-            .resolve(&self.limits, self.engine.reach())
+        let convert::Resolved { tenants, fleet } = Targets::from_start(r.targets)?
+            .resolve(&self.limits, self.engine.reach(), self.engine.fleets())
             .await?;
         let (bundle_id, count) = (bundle.id().to_string(), tenants.len());
         let sizes = if policy.start_order == crate::policy::StartOrder::Size {
@@ -99,9 +103,10 @@ impl RolloutApi {
         };
         let engine = self.engine.clone();
         let actor = caller.name.clone();
-        let id =
-            off_runtime(move || engine.start_wave_sized(bundle, tenants, policy, &actor, &sizes))
-                .await?;
+        let id = off_runtime(move || {
+            engine.start_wave_sized(bundle, tenants, policy, &actor, &sizes, fleet)
+        })
+        .await?;
         tracing::info!(wave = %id, bundle = %bundle_id, tenants = count, actor = %caller.name, "wave created");
         Ok(id)
     }
@@ -239,36 +244,17 @@ impl RolloutApi {
         let prior = prior.prior();
         let reach = self.engine.reach();
         let tenants = Targets::from_plan(r.targets)?
-            .resolve(&self.limits, reach)
-            .await?;
+            .resolve(&self.limits, reach, self.engine.fleets())
+            .await?
+            .tenants;
         let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
-        let permits = Arc::new(Semaphore::new(PLAN_CONCURRENCY));
-        let mut per_host: std::collections::HashMap<String, Arc<Semaphore>> =
-            std::collections::HashMap::new();
-        let mut set = tokio::task::JoinSet::new();
-        let count = tenants.len();
-        for (i, tenant) in tenants.into_iter().enumerate() {
-            let host = per_host
-                .entry(tenant.dsn.host().to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(PLAN_PER_HOST)))
-                .clone();
-            let (bundle, permits, reach) = (bundle.clone(), permits.clone(), reach.clone());
-            let prior = prior.clone();
-            set.spawn(async move {
-                // The host's permit first: a busy server does not hold global slots.
-                let _host = host.acquire_owned().await;
-                let _permit = permits.acquire_owned().await;
-                let plan = plan_tenant(&bundle, &tenant, options, prior.as_ref(), &reach);
-                (i, plan.await)
-            });
-        }
-        let mut plans: Vec<Option<v1::TenantPlan>> = vec![None; count];
-        while let Some(done) = set.join_next().await {
-            match done {
-                Ok((i, plan)) => plans[i] = Some(plan),
-                Err(e) => tracing::error!(error = %e, "a plan task panicked"),
-            }
-        }
+        let reach = reach.clone();
+        let plans =
+            crate::target::visit_bounded(tenants, PLAN_CONCURRENCY, PLAN_PER_HOST, move |tenant| {
+                let (bundle, prior, reach) = (bundle.clone(), prior.clone(), reach.clone());
+                async move { plan_tenant(&bundle, &tenant, options, prior.as_ref(), &reach).await }
+            })
+            .await;
         Ok(v1::PlanResponse {
             tenants: plans.into_iter().flatten().collect(),
             findings,
@@ -322,6 +308,171 @@ impl RolloutApi {
         Ok(v1::GetTenantLogResponse {
             rows: entries.iter().map(convert::log_row).collect(),
         })
+    }
+
+    async fn register_fleet(
+        &self,
+        req: Request<v1::AddFleetRequest>,
+    ) -> Result<v1::Fleet, ApiError> {
+        // Registering resolves the source now: it connects where the request says.
+        let caller = self.auth.authorize(
+            req.metadata(),
+            Role::Operator,
+            "registering a fleet (it connects to the source the request names)",
+        )?;
+        let r = req.into_inner();
+        crate::fleet::check_name(&r.name)?;
+        let targets = Targets::from_fleet_source(r.source)?;
+        let source = match &targets {
+            Targets::Source(source) => source.clone(),
+            // Listed tenants are kept as resolved; the text is not needed again.
+            _ => crate::target::TargetSource::Csv {
+                text: String::new(),
+                origin: "target list".into(),
+            },
+        };
+        let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
+        if let Some((k, _)) = labels.iter().find(|(k, _)| k.is_empty()) {
+            return Err(ApiError::Invalid(format!("labels: empty key {k:?}")));
+        }
+        let tenants = targets
+            .resolve(&self.limits, self.engine.reach(), self.engine.fleets())
+            .await?
+            .tenants;
+        let new = crate::fleet::NewFleet {
+            name: r.name,
+            source,
+            tenants,
+            labels,
+        };
+        let engine = self.engine.clone();
+        let replace = r.replace;
+        let actor = caller.name.clone();
+        let view = tokio::task::spawn_blocking(move || {
+            engine.fleets().add(new, &actor, replace, now_ms())
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("registering the fleet did not finish: {e}")))??;
+        tracing::info!(fleet = %view.name, kind = view.kind, tenants = view.tenants_when_added, actor = %caller.name, "fleet registered");
+        Ok(convert::fleet(&view))
+    }
+
+    fn fleet_list(
+        &self,
+        req: Request<v1::ListFleetsRequest>,
+    ) -> Result<v1::ListFleetsResponse, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "listing fleets")?;
+        Ok(v1::ListFleetsResponse {
+            fleets: self
+                .engine
+                .fleets()
+                .list()?
+                .iter()
+                .map(convert::fleet)
+                .collect(),
+        })
+    }
+
+    fn fleet_get(&self, req: Request<v1::GetFleetRequest>) -> Result<v1::Fleet, ApiError> {
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "reading a fleet")?;
+        Ok(convert::fleet(
+            &self.engine.fleets().get(&req.get_ref().name)?,
+        ))
+    }
+
+    fn fleet_remove(&self, req: Request<v1::GetFleetRequest>) -> Result<(), ApiError> {
+        let caller = self
+            .auth
+            .authorize(req.metadata(), Role::Operator, "removing a fleet")?;
+        let name = &req.get_ref().name;
+        self.engine.fleets().remove(name)?;
+        tracing::info!(fleet = %name, actor = %caller.name, "fleet removed");
+        Ok(())
+    }
+
+    async fn take_census(
+        &self,
+        req: Request<v1::CensusRequest>,
+    ) -> Result<v1::CensusReport, ApiError> {
+        // A census reads tenants the daemon already knows (a registered fleet, a wave's
+        // tenants): a viewer's act, like reading a wave tenant's log.
+        self.auth
+            .authorize(req.metadata(), Role::Viewer, "taking a census")?;
+        let r = req.into_inner();
+        use v1::census_request::Subject;
+        if r.cached {
+            let Some(Subject::Fleet(name)) = r.subject else {
+                return Err(ApiError::Invalid(
+                    "cached: only a fleet's census is kept".into(),
+                ));
+            };
+            crate::fleet::check_name(&name)?;
+            let census = self
+                .engine
+                .fleets()
+                .cached_census(&name)
+                .ok_or(crate::fleet::FleetError::NoCensus(name))?;
+            return Ok(convert::census(&census));
+        }
+        let _running = self.censuses.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Busy(format!(
+                "{MAX_CONCURRENT_CENSUSES} censuses are running; try again when one has finished"
+            ))
+        })?;
+        let options = crate::census::CensusOptions {
+            concurrency: match r.concurrency as usize {
+                0 => crate::census::DEFAULT_CONCURRENCY,
+                n if n > crate::census::MAX_CONCURRENCY => {
+                    return Err(ApiError::Invalid(format!(
+                        "concurrency: {n} is more than {}",
+                        crate::census::MAX_CONCURRENCY
+                    )));
+                }
+                n => n,
+            },
+            per_host: match r.per_host as usize {
+                0 => crate::census::DEFAULT_PER_HOST,
+                n => n.min(crate::census::MAX_CONCURRENCY),
+            },
+            fingerprint: r.fingerprint,
+        };
+        let mut bundle = match r.bundle {
+            Some(b) => Some(Arc::new(convert::bundle_from_proto(Some(b), &self.limits)?)),
+            None => None,
+        };
+        let reach = self.engine.reach();
+        match r.subject {
+            None => Err(ApiError::Invalid("give a fleet or a wave_id".into())),
+            Some(Subject::Fleet(name)) => {
+                let tenants = Targets::Fleet(name.clone())
+                    .resolve(&self.limits, reach, self.engine.fleets())
+                    .await?
+                    .tenants;
+                let census =
+                    crate::census::take(&name, tenants, bundle, &options, reach, "request").await;
+                let census = self.engine.fleets().remember_census(census);
+                Ok(convert::census(&census))
+            }
+            Some(Subject::WaveId(id)) => {
+                let id = wave_id(&id)?;
+                if bundle.is_none() {
+                    bundle = Some(self.engine.bundle(&id)?);
+                }
+                let tenants = self.engine.wave_tenants(&id)?;
+                let census = crate::census::take(
+                    &format!("wave:{id}"),
+                    tenants,
+                    bundle,
+                    &options,
+                    reach,
+                    "request",
+                )
+                .await;
+                Ok(convert::census(&census))
+            }
+        }
     }
 
     async fn forget(&self, req: Request<v1::WaveActionRequest>) -> Result<(), ApiError> {
@@ -644,6 +795,42 @@ impl RolloutService for RolloutApi {
         self.forget(request).await?;
         Ok(Response::new(v1::ForgetWaveResponse {}))
     }
+
+    async fn add_fleet(
+        &self,
+        request: Request<v1::AddFleetRequest>,
+    ) -> Result<Response<v1::Fleet>, Status> {
+        Ok(Response::new(self.register_fleet(request).await?))
+    }
+
+    async fn list_fleets(
+        &self,
+        request: Request<v1::ListFleetsRequest>,
+    ) -> Result<Response<v1::ListFleetsResponse>, Status> {
+        Ok(Response::new(self.fleet_list(request)?))
+    }
+
+    async fn get_fleet(
+        &self,
+        request: Request<v1::GetFleetRequest>,
+    ) -> Result<Response<v1::Fleet>, Status> {
+        Ok(Response::new(self.fleet_get(request)?))
+    }
+
+    async fn remove_fleet(
+        &self,
+        request: Request<v1::GetFleetRequest>,
+    ) -> Result<Response<v1::RemoveFleetResponse>, Status> {
+        self.fleet_remove(request)?;
+        Ok(Response::new(v1::RemoveFleetResponse {}))
+    }
+
+    async fn census(
+        &self,
+        request: Request<v1::CensusRequest>,
+    ) -> Result<Response<v1::CensusReport>, Status> {
+        Ok(Response::new(self.take_census(request).await?))
+    }
 }
 
 #[cfg(test)]
@@ -671,6 +858,7 @@ mod tests {
             placeholders: Default::default(),
             waivers: Vec::new(),
             held: Vec::new(),
+            fleet: None,
         }
     }
 

@@ -62,6 +62,10 @@ struct Args {
     /// per-signal variables) is set.
     #[arg(long, env = "FLOTILLA_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Take a census of every registered fleet this often (e.g. `15m`), kept for
+    /// `fleet census --cached` and exported as `flotilla_fleet_*` metrics [default: off].
+    #[arg(long, env = "FLOTILLA_CENSUS_INTERVAL", value_parser = humantime::parse_duration)]
+    census_interval: Option<Duration>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -95,6 +99,8 @@ struct Settings {
     insecure_no_auth: bool,
     allowed_hosts: AllowedHosts,
     wave_retention: Option<Duration>,
+    census_interval: Option<Duration>,
+    census_fingerprint: bool,
 }
 
 fn settings(args: Args) -> anyhow::Result<Settings> {
@@ -127,6 +133,11 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
         insecure_no_auth: args.insecure_no_auth,
         allowed_hosts,
         wave_retention,
+        census_interval: args
+            .census_interval
+            .or(file.census_interval)
+            .filter(|d| !d.is_zero()),
+        census_fingerprint: file.census_fingerprint.unwrap_or(true),
         listen: match args.listen.or(file.listen) {
             Some(addr) => addr,
             None => config::DEFAULT_LISTEN.parse()?,
@@ -174,6 +185,35 @@ async fn main() -> anyhow::Result<()> {
     result
 }
 
+/// `census_interval`: a census of every registered fleet, one round after another, each
+/// compared with the bundle of the newest wave started on that fleet, until the daemon
+/// drains.
+async fn census_schedule(engine: Engine, every: Duration, fingerprint: bool, max_tenants: usize) {
+    let options = flotilla::census::CensusOptions {
+        fingerprint,
+        ..Default::default()
+    };
+    let draining = engine.draining();
+    tokio::pin!(draining);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut draining => return,
+            _ = tick.tick() => {}
+        }
+        let round = engine
+            .fleets()
+            .census_all(engine.reach(), max_tenants, &options, |fleet| {
+                engine.latest_bundle_of_fleet(fleet)
+            });
+        tokio::select! {
+            _ = &mut draining => return,
+            _ = round => {}
+        }
+    }
+}
+
 async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("create data dir {}", settings.data_dir.display()))?;
@@ -201,6 +241,14 @@ async fn serve(settings: Settings, telemetry: &Telemetry) -> anyhow::Result<()> 
     let engine = Engine::open_with(&settings.data_dir, options)
         .with_context(|| format!("open data dir {}", settings.data_dir.display()))?;
     let api = RolloutApi::new(engine.clone(), auth, settings.limits);
+    if let Some(every) = settings.census_interval {
+        tokio::spawn(census_schedule(
+            engine.clone(),
+            every,
+            settings.census_fingerprint,
+            settings.limits.max_tenants,
+        ));
+    }
     let _gauges = flotilla::telemetry::metrics::observe_engine(&engine);
     let metrics_server = match (settings.metrics_listen, telemetry.prometheus()) {
         (Some(addr), Some(metrics)) => Some(serve_metrics(addr, metrics).await?),

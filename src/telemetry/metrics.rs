@@ -184,7 +184,60 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
             }
         })
         .build();
+    let for_versions = engine.clone();
+    let fleet_tenants = meter
+        .u64_observable_gauge("flotilla_fleet_tenants")
+        .with_description(
+            "Tenants of each registered fleet per highest applied version (`none`, `unreachable`), from its last census",
+        )
+        .with_callback(move |observer| {
+            for census in for_versions.fleets().cached_censuses() {
+                for (version, n) in &census.histogram {
+                    observer.observe(
+                        *n,
+                        &[
+                            KeyValue::new("fleet", census.fleet.clone()),
+                            KeyValue::new("version", version.clone()),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+    let for_drift = engine.clone();
+    let fleet_drifted = meter
+        .u64_observable_gauge("flotilla_fleet_drifted")
+        .with_description(
+            "Tenants of each fleet whose applied checksums or schema differ, from its last census",
+        )
+        .with_callback(move |observer| {
+            use crate::census::CensusState;
+            for census in for_drift.fleets().cached_censuses() {
+                let n = census.count(CensusState::Drifted) + census.count(CensusState::SchemaDrift);
+                observer.observe(n, &[KeyValue::new("fleet", census.fleet.clone())]);
+            }
+        })
+        .build();
+    let for_unreachable = engine.clone();
+    let fleet_unreachable = meter
+        .u64_observable_gauge("flotilla_fleet_unreachable")
+        .with_description("Tenants of each fleet its last census could not read")
+        .with_callback(move |observer| {
+            for census in for_unreachable.fleets().cached_censuses() {
+                let n = census.count(crate::census::CensusState::Unreachable);
+                observer.observe(n, &[KeyValue::new("fleet", census.fleet.clone())]);
+            }
+        })
+        .build();
     EngineGauges {
-        _gauges: vec![tenants, waves, in_flight, held],
+        _gauges: vec![
+            tenants,
+            waves,
+            in_flight,
+            held,
+            fleet_tenants,
+            fleet_drifted,
+            fleet_unreachable,
+        ],
     }
 }

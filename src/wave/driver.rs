@@ -142,6 +142,7 @@ impl Slot {
                 placeholders: Default::default(),
                 waivers: Vec::new(),
                 held: Vec::new(),
+                fleet: record.fleet.clone(),
             },
         }
     }

@@ -368,6 +368,7 @@ impl Machine {
             placeholders: Default::default(),
             waivers: Vec::new(),
             held: self.holds(),
+            fleet: self.record.fleet.clone(),
         }
     }
 

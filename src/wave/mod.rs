@@ -161,6 +161,8 @@ pub struct WaveStatus {
     pub waivers: Vec<String>,
     /// Hosts held by their health gate, `host: reason`.
     pub held: Vec<String>,
+    /// The registered fleet the tenants were resolved from, if any.
+    pub fleet: Option<String>,
 }
 
 /// A tenant run as operators see it: no secrets.
@@ -209,7 +211,9 @@ pub struct WaveEvent {
 
 struct EngineInner {
     store: Arc<dyn ProgressStore>,
-    sealer: Sealer,
+    sealer: Arc<Sealer>,
+    /// Registered fleets and their last censuses.
+    fleets: crate::fleet::Fleets,
     reach: Reach,
     /// The lock-queue watchdog every tenant run of every wave is watched by.
     guard: Arc<crate::guard::Guard>,
@@ -290,8 +294,10 @@ impl Engine {
         sealer: Sealer,
         options: EngineOptions,
     ) -> Result<Self, EngineError> {
+        let sealer = Arc::new(sealer);
         let engine = Self {
             inner: Arc::new(EngineInner {
+                fleets: crate::fleet::Fleets::new(store.clone(), sealer.clone()),
                 store,
                 sealer,
                 guard: crate::guard::Guard::new(options.reach.clone()),
@@ -415,11 +421,12 @@ impl Engine {
         policy: Policy,
         actor: &str,
     ) -> Result<String, EngineError> {
-        self.start_wave_sized(bundle, tenants, policy, actor, &HashMap::new())
+        self.start_wave_sized(bundle, tenants, policy, actor, &HashMap::new(), None)
     }
 
     /// [`Engine::start_wave`] with each tenant's database size (bytes, by tenant id), for
-    /// a policy that starts the smallest first ([`StartOrder::Size`]).
+    /// a policy that starts the smallest first ([`StartOrder::Size`]), and the name of
+    /// the registered fleet the tenants come from, if any.
     pub fn start_wave_sized(
         &self,
         bundle: Bundle,
@@ -427,6 +434,7 @@ impl Engine {
         policy: Policy,
         actor: &str,
         sizes: &HashMap<String, u64>,
+        fleet: Option<String>,
     ) -> Result<String, EngineError> {
         if self.inner.draining.is_cancelled() {
             return Err(EngineError::ShuttingDown);
@@ -505,9 +513,13 @@ impl Engine {
                 from: None,
                 to: WaveState::Running,
                 actor: actor.to_string(),
-                reason: format!("started over {} tenants", records.len()),
+                reason: match &fleet {
+                    Some(f) => format!("started over {} tenants of fleet {f}", records.len()),
+                    None => format!("started over {} tenants", records.len()),
+                },
                 at_ms: now,
             }],
+            fleet,
         };
         // Everything the runtime needs is computed before the first write: a wave that
         // is stored can always be loaded again.
@@ -759,6 +771,46 @@ impl Engine {
         Dsn::parse(&text).map_err(|e| EngineError::Targets(e.to_string()))
     }
 
+    /// Every tenant of a wave with its DSN opened, in `seq` order: for a census of the
+    /// wave's tenants. A DSN that no longer opens is an error naming the tenant.
+    pub fn wave_tenants(&self, id: &str) -> Result<Vec<Tenant>, EngineError> {
+        let records = self.with_tenants(id, |tenants| {
+            tenants
+                .iter()
+                .map(|t| (t.tenant_id.clone(), t.dsn_sealed.clone(), t.labels.clone()))
+                .collect::<Vec<_>>()
+        })?;
+        records
+            .into_iter()
+            .map(|(tenant_id, sealed, labels)| {
+                let text = self.inner.sealer.open(&sealed)?;
+                let dsn = Dsn::parse(&text)
+                    .map_err(|e| EngineError::Targets(format!("tenant {tenant_id:?}: {e}")))?;
+                Ok(Tenant {
+                    id: tenant_id,
+                    dsn,
+                    labels,
+                })
+            })
+            .collect()
+    }
+
+    /// The bundle of the newest wave started on `fleet`, if one is still known: what a
+    /// scheduled census compares that fleet with.
+    pub fn latest_bundle_of_fleet(&self, fleet: &str) -> Option<Arc<Bundle>> {
+        let newest = self
+            .list()
+            .into_iter()
+            .filter(|w| w.fleet.as_deref() == Some(fleet))
+            .max_by_key(|w| w.created_at_ms)?;
+        self.bundle(&newest.id).ok()
+    }
+
+    /// Registered fleets and their last censuses.
+    pub fn fleets(&self) -> &crate::fleet::Fleets {
+        &self.inner.fleets
+    }
+
     /// Where this engine's connections may go: plans and log reads use it too.
     pub fn reach(&self) -> &Reach {
         &self.inner.reach
@@ -815,5 +867,6 @@ fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
         placeholders: BTreeMap::new(),
         waivers: Vec::new(),
         held: Vec::new(),
+        fleet: None,
     }
 }

@@ -49,6 +49,7 @@ struct MemStore {
     bundles: Mutex<HashMap<String, Vec<(String, String)>>>,
     waves: Mutex<BTreeMap<String, WaveRecord>>,
     tenants: Mutex<BTreeMap<(String, u32), TenantRecord>>,
+    fleets: Mutex<BTreeMap<String, crate::store::FleetRecord>>,
     refuse_writes: AtomicBool,
 }
 
@@ -65,6 +66,31 @@ impl MemStore {
 }
 
 impl ProgressStore for MemStore {
+    fn save_fleet(&self, fleet: &crate::store::FleetRecord) -> Result<(), StoreError> {
+        self.check()?;
+        self.fleets
+            .lock()
+            .expect("lock")
+            .insert(fleet.name.clone(), fleet.clone());
+        Ok(())
+    }
+    fn load_fleets(&self) -> Result<Vec<crate::store::StoredFleet>, StoreError> {
+        let fleets = self.fleets.lock().expect("lock");
+        Ok(fleets
+            .iter()
+            .map(|(k, v)| (k.clone(), Ok(v.clone())))
+            .collect())
+    }
+    fn load_fleet(
+        &self,
+        name: &str,
+    ) -> Result<Option<Result<crate::store::FleetRecord, StoreError>>, StoreError> {
+        Ok(self.fleets.lock().expect("lock").get(name).cloned().map(Ok))
+    }
+    fn delete_fleet(&self, name: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        Ok(self.fleets.lock().expect("lock").remove(name).is_some())
+    }
     fn save_bundle(&self, bundle: &Bundle) -> Result<(), StoreError> {
         self.check()?;
         let files = bundle

@@ -58,6 +58,7 @@ fn machine(n: u32, hosts: u32, canaries: u32, policy: Policy) -> Machine {
         created_at_ms: 0,
         canary_passed: false,
         history: Vec::new(),
+        fleet: None,
     };
     Machine::new(record, tenants, 42).expect("machine")
 }

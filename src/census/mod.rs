@@ -1,0 +1,615 @@
+//! The census: where every tenant of a fleet stands. It reads each tenant's
+//! `flotilla.execution_log` (and, when asked, a [fingerprint](fingerprint) of its actual
+//! schema) on short read-only sessions, bounded like a wave (in all and per server),
+//! and summarizes: each tenant's highest version, interrupted scripts, checksum drift
+//! and pending scripts against a bundle, versions the bundle does not know; for the
+//! fleet, a version histogram, counts per state and per server, schema fingerprint
+//! groups per version with a diff of each minority against the majority, and the
+//! outliers. A census never writes to a tenant, takes no advisory lock and never
+//! decides anything about a wave: it is a reading, kept in memory until the next one.
+
+pub mod fingerprint;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::apply::log;
+use crate::apply::plan::{self, DriftPolicy, LogRow, LogStatus, OrderPolicy, PlanOptions};
+use crate::bundle::{Bundle, ScriptKind, Version};
+use crate::connect::{Session, SessionSettings};
+use crate::failure::DbFailure;
+use crate::reach::Reach;
+use crate::target::Tenant;
+
+pub use fingerprint::{ChangeKind, Schema, SchemaChange};
+
+/// Histogram label of tenants whose log records no version (or that have no log).
+pub const NO_VERSION: &str = "none";
+/// Histogram label of tenants the census could not read.
+pub const UNREACHABLE: &str = "unreachable";
+/// Tenants read at once, and on one server, unless the request says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+pub const DEFAULT_PER_HOST: usize = 8;
+/// The most a request may ask for.
+pub const MAX_CONCURRENCY: usize = 256;
+/// Schema changes listed per fingerprint group.
+const MAX_CHANGES: usize = 50;
+/// Tenant ids listed per fingerprint group.
+const MAX_MEMBERS: usize = 20;
+
+/// Where one tenant stands, most pressing first: a tenant is in the first state that
+/// applies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CensusState {
+    /// Could not be read (connection refused, timed out, no privilege).
+    Unreachable,
+    /// A `started` row: a `no-transaction` script was interrupted.
+    Interrupted,
+    /// An applied version's checksum differs from the bundle's script.
+    Drifted,
+    /// Its schema differs from that of most tenants at its version.
+    SchemaDrift,
+    /// Its log has versions the bundle does not know.
+    Ahead,
+    /// No `flotilla.execution_log`: never migrated by Flotilla.
+    Unmanaged,
+    /// Has scripts of the bundle to run (without a bundle: below the newest version
+    /// any tenant of the fleet has).
+    Behind,
+    /// Up to date.
+    Current,
+}
+
+impl CensusState {
+    /// Every state, in order.
+    pub const ALL: [CensusState; 8] = [
+        CensusState::Unreachable,
+        CensusState::Interrupted,
+        CensusState::Drifted,
+        CensusState::SchemaDrift,
+        CensusState::Ahead,
+        CensusState::Unmanaged,
+        CensusState::Behind,
+        CensusState::Current,
+    ];
+
+    /// The name used in JSON, metrics and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CensusState::Unreachable => "unreachable",
+            CensusState::Interrupted => "interrupted",
+            CensusState::Drifted => "drifted",
+            CensusState::SchemaDrift => "schema_drift",
+            CensusState::Ahead => "ahead",
+            CensusState::Unmanaged => "unmanaged",
+            CensusState::Behind => "behind",
+            CensusState::Current => "current",
+        }
+    }
+
+    /// Whether a person should look at a tenant in this state (being behind is the
+    /// normal state of a fleet between waves).
+    pub fn is_outlier(self) -> bool {
+        !matches!(self, CensusState::Behind | CensusState::Current)
+    }
+}
+
+/// What the census found on one tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantCensus {
+    pub tenant_id: String,
+    /// `host:port`.
+    pub host: String,
+    pub state: CensusState,
+    /// The highest version recorded applied or baselined.
+    pub version: Option<String>,
+    /// Versions applied by running them, and recorded as baselined.
+    pub applied: u32,
+    pub baselined: u32,
+    /// Scripts with a `started` row.
+    pub started: Vec<String>,
+    /// Scripts whose applied checksum differs from the bundle's.
+    pub drifted: Vec<String>,
+    /// Versions the log has and the bundle does not know.
+    pub ahead: Vec<String>,
+    /// Scripts of the bundle the tenant would get.
+    pub pending: Vec<String>,
+    /// Why it could not be read.
+    pub error: Option<DbFailure>,
+    /// Whether it has a `flotilla.execution_log`.
+    pub has_log: bool,
+    /// Its schema's fingerprint, when asked for and read.
+    pub fingerprint: Option<String>,
+    /// What else is worth saying (a plan that could not be made).
+    pub notes: Vec<String>,
+}
+
+impl TenantCensus {
+    /// The histogram bucket it falls in.
+    pub fn bucket(&self) -> &str {
+        if self.state == CensusState::Unreachable {
+            UNREACHABLE
+        } else {
+            self.version.as_deref().unwrap_or(NO_VERSION)
+        }
+    }
+}
+
+/// Tenants sharing one schema at one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FingerprintGroup {
+    /// The histogram bucket (version, or `none`).
+    pub version: String,
+    pub fingerprint: String,
+    pub tenants: u64,
+    /// The group the others at its version are compared with: the largest (on a tie,
+    /// the smallest fingerprint, and `tied` says so).
+    pub reference: bool,
+    pub tied: bool,
+    /// How this group's schema differs from the reference's (empty for the reference).
+    pub changes: Vec<SchemaChange>,
+    /// More changes than listed.
+    pub more_changes: usize,
+    /// Its tenants (the first few).
+    pub members: Vec<String>,
+}
+
+/// Tenants of one server, per state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCensus {
+    pub host: String,
+    pub tenants: u64,
+    pub states: BTreeMap<CensusState, u64>,
+}
+
+/// One census of a fleet.
+#[derive(Debug, Clone)]
+pub struct Census {
+    pub fleet: String,
+    /// The bundle compared with, if any.
+    pub bundle_id: Option<String>,
+    pub fingerprinted: bool,
+    /// `request` (an operator or viewer asked) or `schedule` (`census_interval`).
+    pub trigger: &'static str,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// Every tenant, in the fleet's order.
+    pub tenants: Vec<TenantCensus>,
+    /// Tenants per bucket: versions in version order, then `none`, then `unreachable`.
+    pub histogram: Vec<(String, u64)>,
+    /// Tenants per state (every state, zeros included).
+    pub states: BTreeMap<CensusState, u64>,
+    pub hosts: Vec<HostCensus>,
+    pub fingerprints: Vec<FingerprintGroup>,
+}
+
+impl Census {
+    /// Tenants a person should look at.
+    pub fn outliers(&self) -> impl Iterator<Item = &TenantCensus> {
+        self.tenants.iter().filter(|t| t.state.is_outlier())
+    }
+
+    /// Tenants in `state`.
+    pub fn count(&self, state: CensusState) -> u64 {
+        self.states.get(&state).copied().unwrap_or(0)
+    }
+}
+
+/// How a census runs.
+#[derive(Debug, Clone)]
+pub struct CensusOptions {
+    pub concurrency: usize,
+    pub per_host: usize,
+    pub fingerprint: bool,
+}
+
+impl Default for CensusOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: DEFAULT_CONCURRENCY,
+            per_host: DEFAULT_PER_HOST,
+            fingerprint: false,
+        }
+    }
+}
+
+/// The session of a census read: read-only (`catalog_only` pins `search_path` and makes
+/// the session read-only), a short lock timeout (only an `ACCESS EXCLUSIVE` lock on the
+/// log or the catalog can block it), every statement bounded.
+fn census_settings() -> SessionSettings {
+    SessionSettings {
+        application_name: "flotilla-census",
+        lock_timeout: Duration::from_millis(500),
+        ..SessionSettings::catalog_reader(Duration::from_secs(10))
+    }
+}
+
+/// What one tenant's reading gave, before the fleet is summarized.
+struct Reading {
+    tenant: TenantCensus,
+    schema: Option<Schema>,
+}
+
+/// Takes a census of `tenants` (a fleet resolved a moment ago) against `bundle`, if
+/// given. Never fails as a whole: a tenant that cannot be read is `unreachable`.
+pub async fn take(
+    fleet: &str,
+    tenants: Vec<Tenant>,
+    bundle: Option<Arc<Bundle>>,
+    options: &CensusOptions,
+    reach: &Reach,
+    trigger: &'static str,
+) -> Census {
+    let started_at_ms = crate::wave::now_ms();
+    let fingerprint = options.fingerprint;
+    let reach = reach.clone();
+    let visit_bundle = bundle.clone();
+    let readings = crate::target::visit_bounded(
+        tenants.clone(),
+        options.concurrency.clamp(1, MAX_CONCURRENCY),
+        options.per_host.clamp(1, MAX_CONCURRENCY),
+        move |tenant| {
+            let (reach, bundle) = (reach.clone(), visit_bundle.clone());
+            async move { read_tenant(&tenant, bundle.as_deref(), fingerprint, &reach).await }
+        },
+    )
+    .await;
+    // Keep one schema per distinct fingerprint: a fleet mostly shares a few.
+    let mut schemas: HashMap<String, Schema> = HashMap::new();
+    let mut read = Vec::with_capacity(readings.len());
+    for (tenant, reading) in tenants.iter().zip(readings) {
+        let reading = reading.unwrap_or_else(|| Reading {
+            tenant: unreachable(
+                tenant,
+                DbFailure::of_kind(
+                    crate::failure::FailureKind::Unexpected,
+                    "the census task of this tenant failed",
+                ),
+            ),
+            schema: None,
+        });
+        if let (Some(fp), Some(schema)) = (&reading.tenant.fingerprint, reading.schema) {
+            schemas.entry(fp.clone()).or_insert(schema);
+        }
+        read.push(reading.tenant);
+    }
+    let mut census = summarize(fleet, read, &schemas, bundle.is_some());
+    census.bundle_id = bundle.map(|b| b.id().to_string());
+    census.fingerprinted = fingerprint;
+    census.trigger = trigger;
+    census.started_at_ms = started_at_ms;
+    census.finished_at_ms = crate::wave::now_ms();
+    census
+}
+
+fn unreachable(tenant: &Tenant, error: DbFailure) -> TenantCensus {
+    TenantCensus {
+        tenant_id: tenant.id.clone(),
+        host: tenant.dsn.host().to_string(),
+        state: CensusState::Unreachable,
+        version: None,
+        applied: 0,
+        baselined: 0,
+        started: Vec::new(),
+        drifted: Vec::new(),
+        ahead: Vec::new(),
+        pending: Vec::new(),
+        error: Some(error),
+        has_log: false,
+        fingerprint: None,
+        notes: Vec::new(),
+    }
+}
+
+/// Reads one tenant: its log and, when asked, its schema, pipelined on one session.
+async fn read_tenant(
+    tenant: &Tenant,
+    bundle: Option<&Bundle>,
+    fingerprint: bool,
+    reach: &Reach,
+) -> Reading {
+    let session = match Session::connect(&tenant.dsn, &census_settings(), reach).await {
+        Ok(s) => s,
+        Err(e) => {
+            return Reading {
+                tenant: unreachable(tenant, e),
+                schema: None,
+            };
+        }
+    };
+    let client = session.client();
+    let log_read = client.simple_query(log::READ_SQL);
+    let (log_result, schema_result) = if fingerprint {
+        let (l, s) = tokio::join!(log_read, client.simple_query(fingerprint::FINGERPRINT_SQL));
+        (l, Some(s))
+    } else {
+        (log_read.await, None)
+    };
+    session.close().await;
+    let rows = match log_result {
+        Ok(messages) => match log::parse_rows(&messages) {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                let failure = DbFailure::of_kind(
+                    crate::failure::FailureKind::Unexpected,
+                    format!("the execution log cannot be read: {e}"),
+                );
+                return Reading {
+                    tenant: unreachable(tenant, failure),
+                    schema: None,
+                };
+            }
+        },
+        Err(e) => {
+            let failure = DbFailure::from(&e);
+            if log::is_missing_log(failure.sqlstate.as_deref()) {
+                None
+            } else {
+                return Reading {
+                    tenant: unreachable(tenant, failure),
+                    schema: None,
+                };
+            }
+        }
+    };
+    let schema = match schema_result {
+        None => None,
+        Some(Ok(messages)) => Some(Schema::from_messages(&messages)),
+        Some(Err(e)) => {
+            return Reading {
+                tenant: unreachable(tenant, DbFailure::from(&e)),
+                schema: None,
+            };
+        }
+    };
+    let mut census = examine(tenant, rows.as_deref(), bundle);
+    census.fingerprint = schema.as_ref().map(Schema::fingerprint);
+    Reading {
+        tenant: census,
+        schema,
+    }
+}
+
+/// What a tenant's log rows say against `bundle`; `rows` is `None` for a tenant without
+/// a log. Pure. The state is provisional: `Behind` without a bundle and `SchemaDrift`
+/// are decided with the whole fleet in view ([`summarize`]).
+pub fn examine(tenant: &Tenant, rows: Option<&[LogRow]>, bundle: Option<&Bundle>) -> TenantCensus {
+    let mut out = TenantCensus {
+        tenant_id: tenant.id.clone(),
+        host: tenant.dsn.host().to_string(),
+        state: CensusState::Current,
+        version: None,
+        applied: 0,
+        baselined: 0,
+        started: Vec::new(),
+        drifted: Vec::new(),
+        ahead: Vec::new(),
+        pending: Vec::new(),
+        error: None,
+        has_log: rows.is_some(),
+        fingerprint: None,
+        notes: Vec::new(),
+    };
+    let Some(rows) = rows else {
+        out.state = CensusState::Unmanaged;
+        if let Some(bundle) = bundle {
+            out.pending = bundle
+                .scripts()
+                .iter()
+                .filter(|s| !matches!(s.kind, ScriptKind::Baseline(_)))
+                .map(|s| s.name.clone())
+                .collect();
+        }
+        return out;
+    };
+    let mut highest: Option<(Version, &str)> = None;
+    // The latest row per versioned version decides (an undone version is not applied).
+    let mut versioned: BTreeMap<&str, &LogRow> = BTreeMap::new();
+    for row in rows {
+        if row.status == LogStatus::Started {
+            out.started.push(row.script.clone());
+        }
+        if row.kind == "versioned"
+            && let Some(v) = row.version.as_deref()
+        {
+            let slot = versioned.entry(v).or_insert(row);
+            if row.id > slot.id {
+                *slot = row;
+            }
+        }
+    }
+    for (v, row) in &versioned {
+        match row.status {
+            LogStatus::Applied => out.applied += 1,
+            LogStatus::Baselined => out.baselined += 1,
+            _ => continue,
+        }
+        if let Ok(parsed) = v.parse::<Version>()
+            && highest.as_ref().is_none_or(|(h, _)| parsed > *h)
+        {
+            highest = Some((parsed, v));
+        }
+    }
+    out.version = highest.map(|(_, v)| v.to_string());
+    if let Some(bundle) = bundle {
+        let mut known = std::collections::HashSet::new();
+        for script in bundle.scripts() {
+            if let ScriptKind::Versioned(version) = &script.kind {
+                let key = version.to_string();
+                if let Some(row) = versioned.get(key.as_str())
+                    && row.status.counts_as_applied()
+                    && row.checksum != script.checksum
+                {
+                    out.drifted.push(script.name.clone());
+                }
+                known.insert(key);
+            }
+        }
+        for (v, row) in &versioned {
+            if row.status.counts_as_applied() && !known.contains(*v) {
+                out.ahead.push((*v).to_string());
+            }
+        }
+        // The same planner a wave uses, told to tolerate what the census reports.
+        let lenient = PlanOptions {
+            drift: DriftPolicy::Allow,
+            order: OrderPolicy::AllowOutOfOrder,
+        };
+        match plan::plan(bundle, rows, lenient) {
+            Ok(p) => {
+                out.pending = p
+                    .steps
+                    .iter()
+                    .map(|s| bundle.scripts()[s.script].name.clone())
+                    .collect()
+            }
+            Err(e) => out.notes.push(format!("no plan: {e}")),
+        }
+    }
+    out.state = if !out.started.is_empty() {
+        CensusState::Interrupted
+    } else if !out.drifted.is_empty() {
+        CensusState::Drifted
+    } else if !out.ahead.is_empty() {
+        CensusState::Ahead
+    } else if !out.pending.is_empty() {
+        CensusState::Behind
+    } else {
+        CensusState::Current
+    };
+    out
+}
+
+/// The fleet's view: states decided with every tenant in sight (without a bundle,
+/// `Behind` means below the newest version any readable tenant has; a minority
+/// fingerprint at a version is `SchemaDrift`), the histogram, per-server counts and
+/// fingerprint groups. Pure.
+pub fn summarize(
+    fleet: &str,
+    mut tenants: Vec<TenantCensus>,
+    schemas: &HashMap<String, Schema>,
+    with_bundle: bool,
+) -> Census {
+    if !with_bundle {
+        let newest = tenants
+            .iter()
+            .filter_map(|t| t.version.as_deref()?.parse::<Version>().ok())
+            .max();
+        for t in tenants
+            .iter_mut()
+            .filter(|t| t.state == CensusState::Current)
+        {
+            let below = match (&newest, t.version.as_deref()) {
+                (Some(n), Some(v)) => v.parse::<Version>().is_ok_and(|v| v < *n),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if below {
+                t.state = CensusState::Behind;
+            }
+        }
+    }
+
+    // Fingerprint groups per bucket; the largest is the reference.
+    let mut groups: BTreeMap<String, BTreeMap<String, Vec<usize>>> = BTreeMap::new();
+    for (i, t) in tenants.iter().enumerate() {
+        if let Some(fp) = &t.fingerprint {
+            groups
+                .entry(t.bucket().to_string())
+                .or_default()
+                .entry(fp.clone())
+                .or_default()
+                .push(i);
+        }
+    }
+    let mut fingerprints = Vec::new();
+    for (bucket, by_fp) in &groups {
+        let largest = by_fp.values().map(Vec::len).max().unwrap_or(0);
+        let tied = by_fp.values().filter(|m| m.len() == largest).count() > 1;
+        // BTreeMap order: on a tie, the smallest fingerprint is the reference.
+        let Some((reference_fp, _)) = by_fp.iter().find(|(_, m)| m.len() == largest) else {
+            continue;
+        };
+        let reference_schema = schemas.get(reference_fp);
+        for (fp, members) in by_fp {
+            let reference = fp == reference_fp;
+            let mut changes = match (reference, reference_schema, schemas.get(fp)) {
+                (false, Some(r), Some(s)) => fingerprint::diff(r, s),
+                _ => Vec::new(),
+            };
+            let more_changes = changes.len().saturating_sub(MAX_CHANGES);
+            changes.truncate(MAX_CHANGES);
+            if !reference {
+                for &i in members {
+                    if tenants[i].state > CensusState::SchemaDrift {
+                        tenants[i].state = CensusState::SchemaDrift;
+                    }
+                }
+            }
+            fingerprints.push(FingerprintGroup {
+                version: bucket.clone(),
+                fingerprint: fp.clone(),
+                tenants: members.len() as u64,
+                reference,
+                tied,
+                changes,
+                more_changes,
+                members: members
+                    .iter()
+                    .take(MAX_MEMBERS)
+                    .map(|&i| tenants[i].tenant_id.clone())
+                    .collect(),
+            });
+        }
+    }
+    fingerprints.sort_by(|a, b| {
+        bucket_order(&a.version, &b.version)
+            .then(b.reference.cmp(&a.reference))
+            .then(b.tenants.cmp(&a.tenants))
+            .then(a.fingerprint.cmp(&b.fingerprint))
+    });
+
+    let mut histogram: BTreeMap<String, u64> = BTreeMap::new();
+    let mut states: BTreeMap<CensusState, u64> = CensusState::ALL.iter().map(|s| (*s, 0)).collect();
+    let mut hosts: BTreeMap<String, HostCensus> = BTreeMap::new();
+    for t in &tenants {
+        *histogram.entry(t.bucket().to_string()).or_default() += 1;
+        *states.entry(t.state).or_default() += 1;
+        let host = hosts.entry(t.host.clone()).or_insert_with(|| HostCensus {
+            host: t.host.clone(),
+            tenants: 0,
+            states: BTreeMap::new(),
+        });
+        host.tenants += 1;
+        *host.states.entry(t.state).or_default() += 1;
+    }
+    let mut histogram: Vec<(String, u64)> = histogram.into_iter().collect();
+    histogram.sort_by(|a, b| bucket_order(&a.0, &b.0));
+    Census {
+        fleet: fleet.to_string(),
+        bundle_id: None,
+        fingerprinted: !schemas.is_empty(),
+        trigger: "request",
+        started_at_ms: 0,
+        finished_at_ms: 0,
+        tenants,
+        histogram,
+        states,
+        hosts: hosts.into_values().collect(),
+        fingerprints,
+    }
+}
+
+/// Buckets in version order, then `none`, then `unreachable`.
+fn bucket_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let rank = |s: &str| match s {
+        UNREACHABLE => (2, None),
+        NO_VERSION => (1, None),
+        v => (0, v.parse::<Version>().ok()),
+    };
+    rank(a).cmp(&rank(b)).then_with(|| a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests;
