@@ -1,54 +1,78 @@
 //! Fleets: named sets of tenants an operator registers once — listed (a CSV), a catalog
 //! query, or discovery of a server's databases — and then names in `wave start`,
-//! `plan` and `fleet census`. The registry checks names, seals every DSN before it is
-//! stored (like a wave's tenants), resolves a fleet into tenants at each use (catalog
-//! and discovery run again), and keeps each fleet's last census. It never connects on
-//! its own (resolving a catalog or discovery source is `target`'s job) and never
-//! stores a DSN in the clear.
+//! `plan` and `fleet census`. The registry checks names and labels, seals every DSN
+//! before it is stored (like a wave's tenants), resolves a fleet into tenants at each
+//! use (catalog and discovery run again, `allowed_hosts` is checked again), runs the
+//! scheduled census rounds, and keeps each fleet's last census. It never connects on
+//! its own (resolving a catalog or discovery source is `target`'s job, reading tenants
+//! the census's) and never stores a DSN in the clear.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
 
 use crate::census::Census;
 use crate::dsn::Dsn;
+use crate::lock;
+use crate::reach::Reach;
 use crate::secret::{Sealer, SecretError};
 use crate::store::{
     FORMAT, FleetRecord, FleetSourceRecord, FleetTenantRecord, ProgressStore, StoreError,
 };
 use crate::target::{TargetSource, Tenant};
 
-/// The longest fleet name.
+/// The longest fleet name (and label key).
 pub const MAX_NAME: usize = 63;
+/// A fleet's labels are copied into every tenant of every wave started from it: kept
+/// few and short, like a tenant's own.
+pub const MAX_LABELS: usize = 32;
+/// The longest label value.
+pub const MAX_LABEL_VALUE: usize = 256;
+/// Censuses taken at once, on request and scheduled together; more requests are
+/// refused (the schedule waits for a slot).
+pub const MAX_CONCURRENT_CENSUSES: usize = 2;
 
 /// Why a fleet could not be registered, found or used.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
+    /// A name outside `[a-z0-9][a-z0-9_-]{0,62}`.
     #[error(
         "fleet name {0:?}: use 1 to {MAX_NAME} lowercase letters, digits, '-' or '_', starting with a letter or digit"
     )]
     BadName(String),
+    /// Labels too many, too long, or with characters a label cannot have.
+    #[error("fleet labels: {0}")]
+    BadLabels(String),
+    /// Registering a name in use without `replace`.
     #[error("fleet {0:?} already exists; remove it first or register with replace")]
     Exists(String),
     #[error("fleet {0:?} not found")]
     NotFound(String),
+    /// `--cached` before any census of the fleet.
     #[error("fleet {0:?} has no census yet (run one without --cached, or set census_interval)")]
     NoCensus(String),
+    /// A stored record this build cannot read.
     #[error("fleet {name:?} cannot be loaded ({reason}); remove it and register it again")]
     Unloadable { name: String, reason: String },
+    /// A sealed DSN that does not open with this data dir's key.
     #[error("fleet {name:?}: a stored connection string does not open: {source}")]
     Secret {
         name: String,
         #[source]
         source: SecretError,
     },
+    /// A stored DSN today's parser refuses.
     #[error("fleet {name:?}: a stored connection string no longer parses: {message}")]
     Dsn { name: String, message: String },
+    /// The source could not be resolved now (catalog down, `allowed_hosts` changed).
     #[error("fleet {name:?}: {source}")]
     Targets {
         name: String,
         #[source]
         source: crate::target::TargetError,
     },
+    /// The source resolves to more tenants than the daemon takes.
     #[error("fleet {name:?} resolves to {count} tenants, more than the daemon's limit of {max}")]
     TooMany {
         name: String,
@@ -77,14 +101,47 @@ pub fn check_name(name: &str) -> Result<(), FleetError> {
     }
 }
 
+/// Checks a fleet's labels: keys plain (they become tenant labels, matched by
+/// `--canary key=value`), values without control characters, few and short.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), FleetError> {
+    if labels.len() > MAX_LABELS {
+        return Err(FleetError::BadLabels(format!(
+            "{} labels, at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_NAME
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(FleetError::BadLabels(format!(
+                "key {:?}: use 1 to {MAX_NAME} of a-z A-Z 0-9 - _ . /",
+                key.chars().take(80).collect::<String>()
+            )));
+        }
+        if value.len() > MAX_LABEL_VALUE || value.chars().any(char::is_control) {
+            return Err(FleetError::BadLabels(format!(
+                "value of {key:?}: at most {MAX_LABEL_VALUE} bytes, no control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What a registration gives: the source as requested and what it resolved to.
 #[derive(Debug, Clone)]
 pub struct NewFleet {
+    /// The name, checked by [`check_name`].
     pub name: String,
+    /// Where the tenants come from (for a CSV, the tenants below are what is kept).
     pub source: TargetSource,
     /// The tenants the source resolved to now (kept for a listed fleet, counted for
     /// the others).
     pub tenants: Vec<Tenant>,
+    /// The fleet's own labels, checked by [`check_labels`].
     pub labels: BTreeMap<String, String>,
 }
 
@@ -94,9 +151,12 @@ pub struct FleetView {
     pub name: String,
     /// `list`, `catalog` or `discover`.
     pub kind: &'static str,
-    /// The source in words, DSNs redacted.
+    /// The source in words, DSNs redacted, without a catalog query.
     pub source: String,
+    /// The catalog query: shown to operators only (a catalog query may assemble DSNs).
+    pub query: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// The token name that registered it.
     pub created_by: String,
     pub created_at_ms: u64,
     pub tenants_when_added: u64,
@@ -111,13 +171,34 @@ pub enum FleetTargets {
     Source(TargetSource),
 }
 
+/// A fleet's tenants now, and which registration of it they come from.
+#[derive(Debug, Clone)]
+pub struct ResolvedFleet {
+    pub tenants: Vec<Tenant>,
+    /// When the record used was registered: a census is kept as the fleet's last only
+    /// if the fleet was not replaced in between.
+    pub registered_at_ms: u64,
+}
+
+/// Each fleet's last censuses.
+#[derive(Default)]
+struct Censuses {
+    /// The last one, on request or scheduled (`fleet census --cached`).
+    last: HashMap<String, Arc<Census>>,
+    /// The last scheduled one: what the metrics export, so a census someone asked for
+    /// (against any bundle, without fingerprints) does not change what alerts see.
+    scheduled: HashMap<String, Arc<Census>>,
+}
+
 /// The registry over the daemon's store.
 pub struct Fleets {
     store: Arc<dyn ProgressStore>,
     sealer: Arc<Sealer>,
-    /// Serializes "is the name free? store it" so two registrations cannot both win.
+    /// Serializes "is the name free? store it", and a census's "is its fleet still the
+    /// registration it read? keep it", so neither races a registration or a removal.
     writes: Mutex<()>,
-    censuses: Mutex<HashMap<String, Arc<Census>>>,
+    censuses: Mutex<Censuses>,
+    census_slots: Arc<Semaphore>,
 }
 
 impl Fleets {
@@ -127,11 +208,18 @@ impl Fleets {
             store,
             sealer,
             writes: Mutex::new(()),
-            censuses: Mutex::new(HashMap::new()),
+            censuses: Mutex::new(Censuses::default()),
+            census_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_CENSUSES)),
         }
     }
 
+    /// The permits every census takes (on request: tried; scheduled: waited for).
+    pub fn census_slots(&self) -> &Arc<Semaphore> {
+        &self.census_slots
+    }
+
     /// Registers a fleet (durably), or replaces one of that name when `replace`.
+    /// Writes the store: call it off the async runtime.
     pub fn add(
         &self,
         fleet: NewFleet,
@@ -140,24 +228,29 @@ impl Fleets {
         now_ms: u64,
     ) -> Result<FleetView, FleetError> {
         check_name(&fleet.name)?;
+        check_labels(&fleet.labels)?;
         let seal = |dsn: &str| self.sealer.seal(dsn);
         let redact = |dsn: &str| Dsn::parse(dsn).map(|d| d.to_string()).unwrap_or_default();
+        let mut listed = None;
         let source = match &fleet.source {
-            TargetSource::Csv { .. } => FleetSourceRecord::List {
-                tenants: fleet
-                    .tenants
-                    .iter()
-                    .map(|t| FleetTenantRecord {
-                        id: t.id.clone(),
-                        dsn_sealed: seal(t.dsn.secret_text()),
-                        labels: t.labels.clone(),
-                    })
-                    .collect(),
-            },
+            TargetSource::Csv { .. } => {
+                listed = Some(
+                    fleet
+                        .tenants
+                        .iter()
+                        .map(|t| FleetTenantRecord {
+                            id: t.id.clone(),
+                            dsn_sealed: seal(t.dsn.secret_text()),
+                            labels: t.labels.clone(),
+                        })
+                        .collect::<Vec<_>>(),
+                );
+                FleetSourceRecord::List
+            }
             TargetSource::Catalog { dsn, query } => FleetSourceRecord::Catalog {
                 dsn_sealed: seal(dsn),
                 dsn_redacted: redact(dsn),
-                query: query.clone(),
+                query_sealed: seal(query),
             },
             TargetSource::Discover { dsn, pattern } => FleetSourceRecord::Discover {
                 dsn_sealed: seal(dsn),
@@ -175,12 +268,12 @@ impl Fleets {
             tenants_when_added: fleet.tenants.len() as u64,
         };
         let _writing = lock(&self.writes);
-        if !replace && self.find(&fleet.name)?.is_some() {
+        if !replace && self.store.load_fleet(&fleet.name)?.is_some() {
             return Err(FleetError::Exists(fleet.name));
         }
-        self.store.save_fleet(&record)?;
-        lock(&self.censuses).remove(&fleet.name);
-        Ok(view(&record))
+        self.store.save_fleet(&record, listed.as_deref())?;
+        self.forget_censuses(&fleet.name);
+        Ok(self.view(&record))
     }
 
     /// Every fleet, by name; a record this build cannot read is listed with why.
@@ -190,11 +283,12 @@ impl Fleets {
             .load_fleets()?
             .into_iter()
             .map(|(name, record)| match record {
-                Ok(r) => view(&r),
+                Ok(r) => self.view(&r),
                 Err(e) => FleetView {
                     name,
                     kind: "unknown",
                     source: String::new(),
+                    query: None,
                     labels: BTreeMap::new(),
                     created_by: String::new(),
                     created_at_ms: 0,
@@ -207,14 +301,15 @@ impl Fleets {
 
     /// One fleet as shown.
     pub fn get(&self, name: &str) -> Result<FleetView, FleetError> {
-        Ok(view(&self.record(name)?))
+        Ok(self.view(&self.record(name)?))
     }
 
-    /// Removes a fleet (and its cached census); its waves keep their tenants.
+    /// Removes a fleet (and its cached censuses); its waves keep their tenants. Writes
+    /// the store: call it off the async runtime.
     pub fn remove(&self, name: &str) -> Result<(), FleetError> {
         check_name(name)?;
         let _writing = lock(&self.writes);
-        lock(&self.censuses).remove(name);
+        self.forget_censuses(name);
         if self.store.delete_fleet(name)? {
             Ok(())
         } else {
@@ -222,12 +317,15 @@ impl Fleets {
         }
     }
 
-    /// What the fleet resolves from, DSNs opened, plus its labels (which each tenant
-    /// carries unless it has its own value: see [`with_fleet_labels`]).
-    pub fn targets(
-        &self,
-        name: &str,
-    ) -> Result<(FleetTargets, BTreeMap<String, String>), FleetError> {
+    fn forget_censuses(&self, name: &str) {
+        let mut censuses = lock(&self.censuses);
+        censuses.last.remove(name);
+        censuses.scheduled.remove(name);
+    }
+
+    /// What the fleet resolves from, DSNs opened, with its record (whose labels each
+    /// tenant carries unless it has its own value: see [`with_fleet_labels`]).
+    pub fn targets(&self, name: &str) -> Result<(FleetTargets, FleetRecord), FleetError> {
         let record = self.record(name)?;
         let open = |sealed: &str| {
             self.sealer
@@ -238,7 +336,8 @@ impl Fleets {
                 })
         };
         let targets = match &record.source {
-            FleetSourceRecord::List { tenants } => {
+            FleetSourceRecord::List => {
+                let tenants = self.store.load_fleet_tenants(name)?;
                 let mut out = Vec::with_capacity(tenants.len());
                 for t in tenants {
                     let dsn = Dsn::parse(&open(&t.dsn_sealed)?).map_err(|e| FleetError::Dsn {
@@ -246,18 +345,20 @@ impl Fleets {
                         message: format!("tenant {:?}: {e}", t.id),
                     })?;
                     out.push(Tenant {
-                        id: t.id.clone(),
+                        id: t.id,
                         dsn,
-                        labels: t.labels.clone(),
+                        labels: t.labels,
                     });
                 }
                 FleetTargets::Listed(out)
             }
             FleetSourceRecord::Catalog {
-                dsn_sealed, query, ..
+                dsn_sealed,
+                query_sealed,
+                ..
             } => FleetTargets::Source(TargetSource::Catalog {
                 dsn: open(dsn_sealed)?,
-                query: query.clone(),
+                query: open(query_sealed)?,
             }),
             FleetSourceRecord::Discover {
                 dsn_sealed,
@@ -268,7 +369,7 @@ impl Fleets {
                 pattern: pattern.clone(),
             }),
         };
-        Ok((targets, record.labels))
+        Ok((targets, record))
     }
 
     /// The fleet's tenants now: listed ones as registered, a catalog or discovery run
@@ -277,10 +378,10 @@ impl Fleets {
     pub async fn resolve(
         &self,
         name: &str,
-        reach: &crate::reach::Reach,
+        reach: &Reach,
         max_tenants: usize,
-    ) -> Result<Vec<Tenant>, FleetError> {
-        let (targets, labels) = self.targets(name)?;
+    ) -> Result<ResolvedFleet, FleetError> {
+        let (targets, record) = self.targets(name)?;
         let targets_error = |source| FleetError::Targets {
             name: name.to_string(),
             source,
@@ -300,23 +401,29 @@ impl Fleets {
         }
         crate::target::check_reach(&tenants, reach, &format!("fleet {name}"))
             .map_err(targets_error)?;
-        with_fleet_labels(&mut tenants, &labels);
-        Ok(tenants)
+        with_fleet_labels(&mut tenants, &record.labels);
+        Ok(ResolvedFleet {
+            tenants,
+            registered_at_ms: record.created_at_ms,
+        })
     }
 
-    /// One scheduled round: a census of every registered fleet, one after the other,
-    /// each compared with the bundle `bundle_for` gives (that of the newest wave started
-    /// on it), kept as the fleet's last. A fleet that cannot be resolved is logged and
-    /// skipped. Returns how many censuses were taken.
+    /// One scheduled round: a census of every registered fleet, one after the other
+    /// (each waiting for a census slot), each compared with the bundle `bundle_for`
+    /// gives (that of the newest wave started on it). A fleet that cannot be resolved
+    /// is logged and skipped. Returns how many censuses were taken.
     pub async fn census_all(
         &self,
-        reach: &crate::reach::Reach,
+        reach: &Reach,
         max_tenants: usize,
         options: &crate::census::CensusOptions,
         bundle_for: impl Fn(&str) -> Option<Arc<crate::bundle::Bundle>>,
     ) -> usize {
-        let names = match self.names() {
-            Ok(n) => n,
+        let names = match self.store.load_fleets() {
+            Ok(fleets) => fleets
+                .into_iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(n, _)| n),
             Err(e) => {
                 tracing::warn!(error = %e, "scheduled census: cannot list fleets");
                 return 0;
@@ -324,17 +431,21 @@ impl Fleets {
         };
         let mut taken = 0;
         for name in names {
+            let Ok(_slot) = self.census_slots.clone().acquire_owned().await else {
+                return taken;
+            };
             match self.resolve(&name, reach, max_tenants).await {
-                Ok(tenants) => {
-                    let census = crate::census::take(
+                Ok(resolved) => {
+                    let mut census = crate::census::take(
                         &name,
-                        tenants,
+                        resolved.tenants,
                         bundle_for(&name),
                         options,
                         reach,
                         "schedule",
                     )
                     .await;
+                    census.fleet_registered_at_ms = resolved.registered_at_ms;
                     tracing::info!(
                         fleet = %name,
                         tenants = census.tenants.len(),
@@ -350,46 +461,43 @@ impl Fleets {
         taken
     }
 
-    /// Names of every loadable fleet (the scheduled census walks them).
-    pub fn names(&self) -> Result<Vec<String>, FleetError> {
-        Ok(self
-            .store
-            .load_fleets()?
-            .into_iter()
-            .filter(|(_, r)| r.is_ok())
-            .map(|(n, _)| n)
-            .collect())
-    }
-
-    /// Keeps `census` as the fleet's last one (if the fleet still exists).
+    /// Keeps `census` as the fleet's last one — if the fleet is still the registration
+    /// it read (not removed or replaced meanwhile) — and, when scheduled, as the one
+    /// the metrics export.
     pub fn remember_census(&self, census: Census) -> Arc<Census> {
         let census = Arc::new(census);
-        if let Ok(Some(_)) = self.find(&census.fleet) {
-            lock(&self.censuses).insert(census.fleet.clone(), census.clone());
+        let _writing = lock(&self.writes);
+        let current = matches!(
+            self.store.load_fleet(&census.fleet),
+            Ok(Some(Ok(record))) if record.created_at_ms == census.fleet_registered_at_ms
+        );
+        if current {
+            let mut censuses = lock(&self.censuses);
+            censuses.last.insert(census.fleet.clone(), census.clone());
+            if census.trigger == "schedule" {
+                censuses
+                    .scheduled
+                    .insert(census.fleet.clone(), census.clone());
+            }
         }
         census
     }
 
     /// The fleet's last census, if one was taken since the daemon started.
     pub fn cached_census(&self, name: &str) -> Option<Arc<Census>> {
-        lock(&self.censuses).get(name).cloned()
+        lock(&self.censuses).last.get(name).cloned()
     }
 
-    /// Every fleet's last census (for metrics).
-    pub fn cached_censuses(&self) -> Vec<Arc<Census>> {
-        lock(&self.censuses).values().cloned().collect()
+    /// Every fleet's last scheduled census (for metrics).
+    pub fn scheduled_censuses(&self) -> Vec<Arc<Census>> {
+        lock(&self.censuses).scheduled.values().cloned().collect()
     }
 
     fn record(&self, name: &str) -> Result<FleetRecord, FleetError> {
         check_name(name)?;
-        self.find(name)?
-            .ok_or_else(|| FleetError::NotFound(name.to_string()))
-    }
-
-    fn find(&self, name: &str) -> Result<Option<FleetRecord>, FleetError> {
         match self.store.load_fleet(name)? {
-            None => Ok(None),
-            Some(Ok(record)) => Ok(Some(record)),
+            None => Err(FleetError::NotFound(name.to_string())),
+            Some(Ok(record)) => Ok(record),
             Some(Err(e)) => Err(FleetError::Unloadable {
                 name: name.to_string(),
                 reason: e.to_string(),
@@ -410,16 +518,28 @@ pub fn with_fleet_labels(tenants: &mut [Tenant], labels: &BTreeMap<String, Strin
     }
 }
 
-fn view(record: &FleetRecord) -> FleetView {
+impl Fleets {
+    /// A record as shown (the catalog query opened: the API shows it to operators).
+    fn view(&self, record: &FleetRecord) -> FleetView {
+        view(record, |sealed| self.sealer.open(sealed).ok())
+    }
+}
+
+fn view(record: &FleetRecord, open: impl Fn(&str) -> Option<String>) -> FleetView {
+    let mut query = None;
     let (kind, source) = match &record.source {
-        FleetSourceRecord::List { tenants } => {
-            ("list", format!("{} listed tenants", tenants.len()))
-        }
+        FleetSourceRecord::List => (
+            "list",
+            format!("{} listed tenants", record.tenants_when_added),
+        ),
         FleetSourceRecord::Catalog {
             dsn_redacted,
-            query,
+            query_sealed,
             ..
-        } => ("catalog", format!("catalog {dsn_redacted}: {query}")),
+        } => {
+            query = Some(open(query_sealed).unwrap_or_else(|| "(does not open)".into()));
+            ("catalog", format!("catalog {dsn_redacted}"))
+        }
         FleetSourceRecord::Discover {
             dsn_redacted,
             pattern,
@@ -433,16 +553,13 @@ fn view(record: &FleetRecord) -> FleetView {
         name: record.name.clone(),
         kind,
         source,
+        query,
         labels: record.labels.clone(),
         created_by: record.created_by.clone(),
         created_at_ms: record.created_at_ms,
         tenants_when_added: record.tenants_when_added,
         unloadable: None,
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -468,6 +585,31 @@ mod tests {
         ] {
             assert!(
                 matches!(check_name(bad), Err(FleetError::BadName(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn labels_are_few_plain_and_short() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(check_labels(&labels(&[("env", "prod"), ("team/owner", "a b")])).is_ok());
+        for bad in [
+            labels(&[("", "x")]),
+            labels(&[("a=b", "x")]),
+            labels(&[("env", "line\nbreak")]),
+            labels(&[("env", &"x".repeat(MAX_LABEL_VALUE + 1))]),
+            (0..=MAX_LABELS)
+                .map(|i| (format!("k{i}"), String::new()))
+                .collect(),
+        ] {
+            assert!(
+                matches!(check_labels(&bad), Err(FleetError::BadLabels(_))),
                 "{bad:?}"
             );
         }

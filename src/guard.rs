@@ -107,9 +107,7 @@ impl Drop for Watch {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Guard {
     /// A watchdog that connects where `reach` allows.

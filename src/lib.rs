@@ -40,3 +40,9 @@ pub mod store;
 pub mod target;
 pub mod telemetry;
 pub mod wave;
+
+/// Locks `m`, carrying on after a panic elsewhere poisoned it: every value behind these
+/// mutexes is left consistent between statements, so a poisoned one is still whole.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -7,9 +7,11 @@
 //! - **Waves**: policy, state, reason, and the audit trail of every state change (who,
 //!   when, why). Flushed before a state change is acknowledged: a wave paused or
 //!   cancelled by an operator must still be so after a crash.
-//! - **Fleets**: a registered fleet's name, labels and source (its tenants' DSNs, or
-//!   the catalog's or discovery server's DSN, *sealed* like a wave's), flushed before
-//!   the registration is acknowledged. A census of a fleet is not stored: it is a
+//! - **Fleets**: a registered fleet's name, labels and source (the catalog's or
+//!   discovery server's DSN *sealed* like a wave's; a listed fleet's tenants, DSNs
+//!   sealed, in a tree of their own so listing fleets never decodes them), record and
+//!   tenants written in one transaction and flushed before the registration is
+//!   acknowledged. A census of a fleet is not stored: it is a
 //!   reading of the tenants' logs, kept in memory until the next one.
 //! - **Tenant runs**: state, attempts, generation, last error, timestamps, labels, the
 //!   redacted DSN for display, and the DSN *sealed* with the data dir's key (see
@@ -133,13 +135,15 @@ pub struct FleetRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FleetSourceRecord {
-    /// Tenants listed when the fleet was registered (a CSV file).
-    List { tenants: Vec<FleetTenantRecord> },
+    /// Tenants listed when the fleet was registered (a CSV file), stored apart
+    /// ([`ProgressStore::load_fleet_tenants`]).
+    List,
     /// A query on a catalog database, run again at every use.
     Catalog {
         dsn_sealed: String,
         dsn_redacted: String,
-        query: String,
+        /// Sealed too: a catalog query may assemble DSNs, passwords included.
+        query_sealed: String,
     },
     /// Databases of one server whose name is `LIKE pattern`, discovered at every use.
     Discover {
@@ -153,8 +157,16 @@ pub enum FleetSourceRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FleetTenantRecord {
     pub id: String,
+    /// The DSN sealed with the data dir's key.
     pub dsn_sealed: String,
     pub labels: BTreeMap<String, String>,
+}
+
+/// A listed fleet's tenants as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FleetTenantsRecord {
+    format: u32,
+    tenants: Vec<FleetTenantRecord>,
 }
 
 /// One stored fleet: its name, and its record or why it cannot be decoded.
@@ -239,14 +251,22 @@ pub trait ProgressStore: Send + Sync + 'static {
     fn bundle_ids(&self) -> Result<Vec<String>, StoreError>;
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<(), StoreError>;
-    /// Stores (or replaces) a fleet by name (durably).
-    fn save_fleet(&self, fleet: &FleetRecord) -> Result<(), StoreError>;
+    /// Stores (or replaces) a fleet by name with its listed tenants, if it has some,
+    /// in one transaction (durably).
+    fn save_fleet(
+        &self,
+        fleet: &FleetRecord,
+        listed: Option<&[FleetTenantRecord]>,
+    ) -> Result<(), StoreError>;
+    /// A listed fleet's tenants.
+    fn load_fleet_tenants(&self, name: &str) -> Result<Vec<FleetTenantRecord>, StoreError>;
     /// Every fleet, by name; an undecodable record is an `Err` of its own.
     fn load_fleets(&self) -> Result<Vec<StoredFleet>, StoreError>;
     /// One fleet, if there is one of that name (the inner `Err`: it cannot be decoded).
     fn load_fleet(&self, name: &str)
     -> Result<Option<Result<FleetRecord, StoreError>>, StoreError>;
-    /// Removes a fleet (durably); `false` when there was none of that name.
+    /// Removes a fleet and its listed tenants (durably); `false` when there was none
+    /// of that name.
     fn delete_fleet(&self, name: &str) -> Result<bool, StoreError>;
 }
 
@@ -257,6 +277,7 @@ pub struct SledStore {
     waves: sled::Tree,
     tenants: sled::Tree,
     fleets: sled::Tree,
+    fleet_tenants: sled::Tree,
     // Held for the life of the store: the data dir's owner lock.
     _lock: File,
 }
@@ -282,6 +303,18 @@ fn check_format(what: &str, found: u32) -> Result<(), StoreError> {
             what: what.to_string(),
             found,
         })
+    }
+}
+
+/// A sled transaction's failure: the storage's, or an abort (which none of ours asks
+/// for).
+fn transaction_error(e: sled::transaction::TransactionError<()>, what: &str) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Decode {
+            what: what.to_string(),
+            message: "the transaction was aborted".into(),
+        },
     }
 }
 
@@ -333,6 +366,7 @@ impl SledStore {
             waves: db.open_tree("waves")?,
             tenants: db.open_tree("tenants")?,
             fleets: db.open_tree("fleets")?,
+            fleet_tenants: db.open_tree("fleet_tenants")?,
             db,
             _lock: lock,
         })
@@ -464,13 +498,7 @@ impl ProgressStore for SledStore {
                 }
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Decode {
-                    what: format!("wave {wave_id}"),
-                    message: "deleting it was aborted".into(),
-                },
-            })?;
+            .map_err(|e| transaction_error(e, &format!("wave {wave_id}")))?;
         self.flush()
     }
 
@@ -504,9 +532,46 @@ impl ProgressStore for SledStore {
         Ok(())
     }
 
-    fn save_fleet(&self, fleet: &FleetRecord) -> Result<(), StoreError> {
-        self.fleets.insert(fleet.name.as_bytes(), encode(fleet))?;
+    fn save_fleet(
+        &self,
+        fleet: &FleetRecord,
+        listed: Option<&[FleetTenantRecord]>,
+    ) -> Result<(), StoreError> {
+        use sled::Transactional as _;
+        let tenants = listed.map(|tenants| {
+            encode(&FleetTenantsRecord {
+                format: FORMAT,
+                tenants: tenants.to_vec(),
+            })
+        });
+        let record = encode(fleet);
+        // One transaction: a crash leaves the old fleet or the new one, never a record
+        // with another fleet's tenants.
+        (&self.fleets, &self.fleet_tenants)
+            .transaction(|(fleets, fleet_tenants)| {
+                match &tenants {
+                    Some(t) => fleet_tenants.insert(fleet.name.as_bytes(), t.as_slice())?,
+                    None => fleet_tenants.remove(fleet.name.as_bytes())?,
+                };
+                fleets.insert(fleet.name.as_bytes(), record.as_slice())?;
+                Ok(())
+            })
+            .map_err(|e| transaction_error(e, &format!("fleet {}", fleet.name)))?;
         self.flush()
+    }
+
+    fn load_fleet_tenants(&self, name: &str) -> Result<Vec<FleetTenantRecord>, StoreError> {
+        let what = format!("tenants of fleet {name}");
+        let bytes = self
+            .fleet_tenants
+            .get(name.as_bytes())?
+            .ok_or_else(|| StoreError::Decode {
+                what: what.clone(),
+                message: "they are missing".into(),
+            })?;
+        let record: FleetTenantsRecord = decode(&what, &bytes)?;
+        check_format(&what, record.format)?;
+        Ok(record.tenants)
     }
 
     fn load_fleets(&self) -> Result<Vec<StoredFleet>, StoreError> {
@@ -531,7 +596,13 @@ impl ProgressStore for SledStore {
     }
 
     fn delete_fleet(&self, name: &str) -> Result<bool, StoreError> {
-        let existed = self.fleets.remove(name.as_bytes())?.is_some();
+        use sled::Transactional as _;
+        let existed = (&self.fleets, &self.fleet_tenants)
+            .transaction(|(fleets, fleet_tenants)| {
+                fleet_tenants.remove(name.as_bytes())?;
+                Ok(fleets.remove(name.as_bytes())?.is_some())
+            })
+            .map_err(|e| transaction_error(e, &format!("fleet {name}")))?;
         self.flush()?;
         Ok(existed)
     }
@@ -649,6 +720,50 @@ mod tests {
             store.load_waves().expect("reads")[0].1,
             Err(StoreError::Format { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn fleets_round_trip_and_replace_or_remove_their_tenants_with_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path()).expect("open");
+        let record = |source| FleetRecord {
+            format: FORMAT,
+            name: "prod".into(),
+            source,
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            created_by: "ops".into(),
+            created_at_ms: 7,
+            tenants_when_added: 1,
+        };
+        let tenants = vec![FleetTenantRecord {
+            id: "t".into(),
+            dsn_sealed: "sealed".into(),
+            labels: BTreeMap::new(),
+        }];
+        let listed = record(FleetSourceRecord::List);
+        store.save_fleet(&listed, Some(&tenants)).expect("save");
+        assert_eq!(store.load_fleet_tenants("prod").expect("tenants"), tenants);
+        let loaded = store.load_fleet("prod").expect("load").expect("some");
+        assert_eq!(loaded.expect("decodes"), listed);
+        // Replaced by a catalog fleet: the listed tenants go with the old record.
+        let catalog = record(FleetSourceRecord::Catalog {
+            dsn_sealed: "d".into(),
+            dsn_redacted: "postgres://u@h/c".into(),
+            query_sealed: "q".into(),
+        });
+        store.save_fleet(&catalog, None).expect("replace");
+        assert!(store.load_fleet_tenants("prod").is_err());
+        assert_eq!(store.load_fleets().expect("list").len(), 1);
+        // A record this build cannot read is listed as such, never hidden.
+        store
+            .fleets
+            .insert("broken", b"{not json".as_slice())
+            .expect("insert");
+        let all = store.load_fleets().expect("list");
+        assert!(all.iter().any(|(n, r)| n == "broken" && r.is_err()));
+        assert!(store.delete_fleet("prod").expect("delete"));
+        assert!(!store.delete_fleet("prod").expect("delete again"));
+        assert!(store.load_fleet("prod").expect("load").is_none());
     }
 
     #[test]

@@ -756,3 +756,182 @@ async fn a_viewer_sees_placeholder_names_not_values() {
         "{listed:?}"
     );
 }
+
+/// Fleets (issue 13): only an operator registers or removes one; a viewer lists it and
+/// takes its census but never sees a catalog query or a password; a fleet's hosts are
+/// checked against `allowed_hosts` at registration and again at every use; the store
+/// holds no password in the clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleets_are_registered_by_operators_and_read_by_viewers() {
+    let cluster = shared();
+    let dbs = cluster
+        .create_tenants("trust_fleet_", 2, "")
+        .await
+        .expect("tenants");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = FakeServer::start();
+    let allowed = |hosts: &[String]| {
+        format!(
+            "allowed_hosts = [{}]\n",
+            hosts
+                .iter()
+                .map(|h| format!("\"{h}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let fake_host = format!("127.0.0.1:{}", fake.port);
+    let mut daemon = daemon_with(
+        dir.path(),
+        &allowed(&[cluster.host(), fake_host.clone()]),
+        &[],
+    );
+    let mut api = client(&daemon).await;
+    let secret = "hunter2-in-the-catalog-dsn";
+    let catalog_dsn = format!("{}?password={secret}", cluster.url(&dbs[0]));
+    let catalog_query = format!(
+        "SELECT '{}', 'host=127.0.0.1 port={} dbname={} user=postgres password={secret}'",
+        dbs[1],
+        cluster.port(),
+        dbs[1]
+    );
+    let add = |name: &str, source| v1::AddFleetRequest {
+        name: name.into(),
+        source: Some(source),
+        ..Default::default()
+    };
+    let catalog = v1::add_fleet_request::Source::Catalog(v1::CatalogTargets {
+        catalog_dsn: catalog_dsn.clone(),
+        catalog_query: catalog_query.clone(),
+    });
+
+    // A viewer registers nothing and removes nothing, and nothing is connected to.
+    let denied = api
+        .add_fleet(as_token(
+            VIEWER,
+            add(
+                "evil",
+                v1::add_fleet_request::Source::TargetList(list(&[("t", fake.dsn())])),
+            ),
+        ))
+        .await
+        .expect_err("a viewer registering");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(fake.connections().is_empty());
+
+    // An operator registers a catalog fleet and a listed one (the fake server is
+    // allowed for now: registering a list connects to nothing).
+    api.add_fleet(as_token(OPERATOR, add("cat", catalog)))
+        .await
+        .expect("a catalog fleet");
+    api.add_fleet(as_token(
+        OPERATOR,
+        add(
+            "listed",
+            v1::add_fleet_request::Source::TargetList(list(&[("t", fake.dsn())])),
+        ),
+    ))
+    .await
+    .expect("a listed fleet");
+    let denied = api
+        .remove_fleet(as_token(
+            VIEWER,
+            v1::RemoveFleetRequest { name: "cat".into() },
+        ))
+        .await
+        .expect_err("a viewer removing");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    // A viewer sees the fleets without the query or any password; an operator sees
+    // the query.
+    let seen = api
+        .list_fleets(as_token(VIEWER, v1::ListFleetsRequest {}))
+        .await
+        .expect("viewer lists")
+        .into_inner();
+    let text = format!("{seen:?}");
+    assert!(!text.contains(secret), "{text}");
+    assert!(!text.contains("SELECT"), "the query is hidden: {text}");
+    let op = api
+        .get_fleet(as_token(
+            OPERATOR,
+            v1::GetFleetRequest { name: "cat".into() },
+        ))
+        .await
+        .expect("operator reads")
+        .into_inner();
+    assert!(op.source.contains("SELECT"), "{op:?}");
+
+    // A viewer's census of the catalog fleet reads its one tenant; no password shows.
+    let census = api
+        .census(as_token(
+            VIEWER,
+            v1::CensusRequest {
+                subject: Some(v1::census_request::Subject::Fleet("cat".into())),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("viewer census")
+        .into_inner();
+    assert_eq!(census.tenants.len(), 1, "{census:?}");
+    assert_eq!(census.tenants[0].tenant_id, dbs[1]);
+    assert!(!format!("{census:?}").contains(secret));
+    // Crowding a server is refused.
+    let crowd = api
+        .census(as_token(
+            VIEWER,
+            v1::CensusRequest {
+                subject: Some(v1::census_request::Subject::Fleet("cat".into())),
+                per_host: 500,
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("per_host 500");
+    assert_eq!(crowd.code(), Code::InvalidArgument);
+
+    // The fake server leaves allowed_hosts: the listed fleet no longer resolves, and no
+    // socket opens to it.
+    std::fs::write(
+        dir.path().join("flotillad.toml"),
+        allowed(&[cluster.host()]),
+    )
+    .expect("config");
+    daemon.restart().expect("restart");
+    let mut api = client(&daemon).await;
+    let refused = api
+        .census(as_token(
+            OPERATOR,
+            v1::CensusRequest {
+                subject: Some(v1::census_request::Subject::Fleet("listed".into())),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect_err("a host no longer allowed");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("allowed_hosts"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        fake.connections().is_empty(),
+        "no socket opened: {:?}",
+        fake.connections()
+    );
+
+    // No password of a fleet sits in the store in the clear.
+    daemon
+        .terminate(Duration::from_secs(10))
+        .expect("terminate");
+    for path in flotilla_testkit::files_under(&dir.path().join("data")) {
+        let bytes = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "{} holds the password in the clear",
+            path.display()
+        );
+    }
+}

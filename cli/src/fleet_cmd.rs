@@ -54,10 +54,10 @@ pub struct CensusArgs {
     pub bundle: Option<PathBuf>,
     #[command(flatten)]
     pub placeholders: PlaceholderArgs,
-    /// Tenants read at once (default 16, at most 256).
+    /// Tenants read at once (default 16, at most 64).
     #[arg(long, conflicts_with = "cached")]
     pub concurrency: Option<u32>,
-    /// Tenants read at once on one server (default 8).
+    /// Tenants read at once on one server (default 8, at most 16).
     #[arg(long, conflicts_with = "cached")]
     pub per_host: Option<u32>,
     /// Also fingerprint each tenant's schema and single out those that differ from
@@ -138,9 +138,9 @@ pub async fn run(
                                 f.tenants_when_added.to_string(),
                                 labels_text(&f.labels),
                                 if f.unloadable.is_empty() {
-                                    f.source.clone()
+                                    render::printable(&f.source).into_owned()
                                 } else {
-                                    format!("unloadable: {}", f.unloadable)
+                                    format!("unloadable: {}", render::printable(&f.unloadable))
                                 },
                             ]
                         })
@@ -157,7 +157,7 @@ pub async fn run(
                 Output::Json => print_json(&fleet_json(&f)),
                 Output::Table => {
                     println!("fleet {} ({})", f.name, f.kind);
-                    println!("  source: {}", f.source);
+                    println!("  source: {}", render::printable(&f.source));
                     println!("  tenants when added: {}", f.tenants_when_added);
                     if !f.labels.is_empty() {
                         println!("  labels: {}", labels_text(&f.labels));
@@ -172,7 +172,7 @@ pub async fn run(
         }
         FleetCommand::Remove { name } => {
             client
-                .remove_fleet(v1::GetFleetRequest { name: name.clone() })
+                .remove_fleet(v1::RemoveFleetRequest { name: name.clone() })
                 .await?;
             match output {
                 Output::Json => print_json(&json!({ "removed": name })),
@@ -188,6 +188,7 @@ pub async fn run(
                     per_host: args.per_host.unwrap_or(0),
                     fingerprint: args.fingerprint,
                     cached: args.cached,
+                    histogram_only: false,
                 })
                 .await?
                 .into_inner();

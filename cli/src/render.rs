@@ -241,20 +241,34 @@ pub fn print_wave(w: &v1::Wave) {
 }
 
 /// `schema_drift` for `CENSUS_STATE_SCHEMA_DRIFT`.
-pub fn census_state(raw: i32) -> String {
-    v1::CensusState::try_from(raw)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("CENSUS_STATE_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
+pub fn census_state(raw: i32) -> &'static str {
+    flotilla::api::convert::census_state_from_proto(raw).map_or("unknown", |s| s.as_str())
+}
+
+/// Text from a tenant (ids, server messages, object names) as a terminal may show it:
+/// control characters escaped, so a table name cannot move the cursor or clear the
+/// screen.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 fn states_json(states: &[v1::StateCount]) -> Value {
     let map: serde_json::Map<String, Value> = states
         .iter()
-        .map(|s| (census_state(s.state), json!(s.tenants)))
+        .map(|s| (census_state(s.state).to_string(), json!(s.tenants)))
         .collect();
     Value::Object(map)
 }
@@ -272,6 +286,8 @@ pub fn census_tenant_json(t: &v1::TenantCensus) -> Value {
         "drifted": t.drifted,
         "ahead": t.ahead,
         "pending": t.pending,
+        "pending_count": t.pending_count,
+        "schema_drift": t.schema_drift,
         "error": (!t.error.is_empty()).then(|| json!({
             "message": t.error,
             "sqlstate": (!t.sqlstate.is_empty()).then_some(&t.sqlstate),
@@ -282,22 +298,18 @@ pub fn census_tenant_json(t: &v1::TenantCensus) -> Value {
     })
 }
 
-fn change_name(raw: i32) -> String {
-    v1::SchemaChangeKind::try_from(raw)
-        .map(|k| {
-            k.as_str_name()
-                .trim_start_matches("SCHEMA_CHANGE_KIND_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
+fn change_name(raw: i32) -> &'static str {
+    match v1::SchemaChangeKind::try_from(raw) {
+        Ok(v1::SchemaChangeKind::Added) => "added",
+        Ok(v1::SchemaChangeKind::Removed) => "removed",
+        Ok(v1::SchemaChangeKind::Changed) => "changed",
+        _ => "unknown",
+    }
 }
 
 /// Whether a census tenant needs a person (being behind or current does not).
 fn is_outlier(t: &v1::TenantCensus) -> bool {
-    !matches!(
-        v1::CensusState::try_from(t.state),
-        Ok(v1::CensusState::Behind | v1::CensusState::Current)
-    )
+    flotilla::api::convert::census_state_from_proto(t.state).is_none_or(|s| s.is_outlier())
 }
 
 /// `fleet census --output json` (README "Where does my fleet stand?" documents it).
@@ -380,13 +392,13 @@ fn states_line(states: &[v1::StateCount]) -> String {
 
 /// Why a census tenant is an outlier, in a few words.
 fn outlier_reason(t: &v1::TenantCensus) -> String {
-    let list = |v: &[String]| v.join(", ");
+    let list = |v: &[String]| printable(&v.join(", ")).into_owned();
     match v1::CensusState::try_from(t.state) {
         Ok(v1::CensusState::Unreachable) => {
             if t.sqlstate.is_empty() {
-                t.error.clone()
+                printable(&t.error).into_owned()
             } else {
-                format!("{} (SQLSTATE {})", t.error, t.sqlstate)
+                format!("{} (SQLSTATE {})", printable(&t.error), t.sqlstate)
             }
         }
         Ok(v1::CensusState::Interrupted) => format!("started, not finished: {}", list(&t.started)),
@@ -401,8 +413,16 @@ fn outlier_reason(t: &v1::TenantCensus) -> String {
             "schema differs from most tenants at its version (fingerprint {})",
             t.fingerprint
         ),
+        Ok(v1::CensusState::Behind) if t.pending_count > 0 => {
+            format!("{} scripts to run", t.pending_count)
+        }
         _ => String::new(),
     }
+}
+
+/// `1 tenant`, `2 tenants`.
+fn tenants(n: u64) -> String {
+    format!("{n} tenant{}", if n == 1 { "" } else { "s" })
 }
 
 /// `fleet census` for people: the histogram as bars, counts, then the outliers.
@@ -431,9 +451,9 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
         println!("hosts");
         for h in &c.hosts {
             println!(
-                "  {}  {} tenants  ({})",
+                "  {}  {}  ({})",
                 h.host,
-                h.tenants,
+                tenants(h.tenants),
                 states_line(&h.states)
             );
         }
@@ -456,7 +476,7 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
         for t in listed {
             println!(
                 "  {:<id_width$}  {:<12}  {:<8}  {}",
-                t.tenant_id,
+                printable(&t.tenant_id),
                 census_state(t.state),
                 if t.version.is_empty() {
                     "-"
@@ -465,6 +485,9 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
                 },
                 outlier_reason(t)
             );
+            for note in &t.notes {
+                println!("  {:<id_width$}  {}", "", printable(note));
+            }
         }
     }
     for g in c.fingerprints.iter().filter(|g| !g.reference) {
@@ -473,11 +496,11 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
             .iter()
             .find(|r| r.reference && r.version == g.version);
         println!(
-            "schema at version {}: {} tenant{} ({}) differ from {}{}",
+            "schema at version {}: {} ({}) {} from {}{}",
             g.version,
-            g.tenants,
-            if g.tenants == 1 { "" } else { "s" },
-            g.tenant_ids.join(", "),
+            tenants(g.tenants),
+            printable(&g.tenant_ids.join(", ")),
+            if g.tenants == 1 { "differs" } else { "differ" },
             reference.map_or("the others".to_string(), |r| format!(
                 "the {} with fingerprint {}",
                 r.tenants, r.fingerprint
@@ -489,12 +512,8 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
             },
         );
         for ch in &g.changes {
-            let line = match v1::SchemaChangeKind::try_from(ch.kind) {
-                Ok(v1::SchemaChangeKind::Added) => format!("+ {}: {}", ch.object, ch.found),
-                Ok(v1::SchemaChangeKind::Removed) => format!("- {}: {}", ch.object, ch.reference),
-                _ => format!("~ {}: {} -> {}", ch.object, ch.reference, ch.found),
-            };
-            println!("    {line}");
+            let change = flotilla::api::convert::schema_change_from_proto(ch);
+            println!("    {}", printable(&change.to_string()));
         }
         if g.more_changes > 0 {
             println!("    … and {} more", g.more_changes);

@@ -163,13 +163,14 @@ pub async fn run(
                     | v1::WaveState::Completed
                     | v1::WaveState::Failed
                     | v1::WaveState::Cancelled)
-            );
+            ) && wave.tenants.as_ref().is_some_and(|c| c.running == 0);
             // A wave still moving changes under the reading: versions only once it
-            // stands still.
+            // stands still (paused with nothing running, or finished).
             let versions = if settled && !no_versions {
                 let census = client
                     .census(v1::CensusRequest {
                         subject: Some(v1::census_request::Subject::WaveId(wave.wave_id.clone())),
+                        histogram_only: true,
                         ..Default::default()
                     })
                     .await;

@@ -881,7 +881,7 @@ async fn passwords_never_leak() {
         assert!(!log.contains(secret), "password in the daemon log");
     }
     drop(daemon);
-    for entry in walk(data.path()) {
+    for entry in flotilla_testkit::files_under(data.path()) {
         let bytes = std::fs::read(&entry).expect("read store file");
         for secret in [PASSWORD, WRONG] {
             assert!(
@@ -891,19 +891,6 @@ async fn passwords_never_leak() {
             );
         }
     }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
-        let p = entry.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// SIGTERM mid-wave with a watcher attached: the daemon drains and exits 0; the watcher

@@ -534,7 +534,10 @@ pub enum Targets {
 /// Tenants resolved for a request, and the fleet they came from.
 pub struct Resolved {
     pub tenants: Vec<crate::target::Tenant>,
+    /// The registered fleet, if the request named one.
     pub fleet: Option<String>,
+    /// When that fleet was registered (`0` without a fleet).
+    pub fleet_registered_at_ms: u64,
 }
 
 impl Targets {
@@ -584,10 +587,11 @@ impl Targets {
     ) -> Result<Resolved, ApiError> {
         let (tenants, origin) = match self {
             Targets::Fleet(name) => {
-                let tenants = fleets.resolve(&name, reach, limits.max_tenants).await?;
+                let resolved = fleets.resolve(&name, reach, limits.max_tenants).await?;
                 return Ok(Resolved {
-                    tenants,
+                    tenants: resolved.tenants,
                     fleet: Some(name),
+                    fleet_registered_at_ms: resolved.registered_at_ms,
                 });
             }
             Targets::List(list) => {
@@ -614,6 +618,7 @@ impl Targets {
         Ok(Resolved {
             tenants,
             fleet: None,
+            fleet_registered_at_ms: 0,
         })
     }
 }
@@ -739,17 +744,54 @@ fn check_count(n: usize, limits: &Limits) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A fleet as shown.
-pub fn fleet(f: &crate::fleet::FleetView) -> v1::Fleet {
+/// A fleet as shown to `role`: a catalog query only to operators (it may assemble
+/// DSNs, passwords included).
+pub fn fleet(f: &crate::fleet::FleetView, role: crate::config::Role) -> v1::Fleet {
+    let source = match (&f.query, role) {
+        (Some(q), crate::config::Role::Operator) => format!("{}: {q}", f.source),
+        (Some(_), _) => format!("{}: (query shown to operators only)", f.source),
+        (None, _) => f.source.clone(),
+    };
     v1::Fleet {
         name: f.name.clone(),
         kind: f.kind.to_string(),
-        source: f.source.clone(),
+        source,
         labels: f.labels.clone().into_iter().collect(),
         created_by: f.created_by.clone(),
         created_at: (f.created_at_ms > 0).then(|| timestamp(f.created_at_ms)),
         tenants_when_added: f.tenants_when_added,
         unloadable: f.unloadable.clone().unwrap_or_default(),
+    }
+}
+
+/// The domain census state of a protobuf one (`None` for one this build does not know).
+pub fn census_state_from_proto(raw: i32) -> Option<crate::census::CensusState> {
+    use crate::census::CensusState as S;
+    Some(match v1::CensusState::try_from(raw).ok()? {
+        v1::CensusState::Unspecified => return None,
+        v1::CensusState::Unreachable => S::Unreachable,
+        v1::CensusState::Interrupted => S::Interrupted,
+        v1::CensusState::Drifted => S::Drifted,
+        v1::CensusState::SchemaDrift => S::SchemaDrift,
+        v1::CensusState::Ahead => S::Ahead,
+        v1::CensusState::Unmanaged => S::Unmanaged,
+        v1::CensusState::Behind => S::Behind,
+        v1::CensusState::Current => S::Current,
+    })
+}
+
+/// A schema change as the domain prints it.
+pub fn schema_change_from_proto(c: &v1::SchemaChange) -> crate::census::SchemaChange {
+    use crate::census::ChangeKind;
+    crate::census::SchemaChange {
+        kind: match v1::SchemaChangeKind::try_from(c.kind) {
+            Ok(v1::SchemaChangeKind::Added) => ChangeKind::Added,
+            Ok(v1::SchemaChangeKind::Removed) => ChangeKind::Removed,
+            _ => ChangeKind::Changed,
+        },
+        object: c.object.clone(),
+        reference: c.reference.clone(),
+        found: c.found.clone(),
     }
 }
 
@@ -833,6 +875,8 @@ pub fn census(c: &crate::census::Census) -> v1::CensusReport {
                 fingerprint: t.fingerprint.clone().unwrap_or_default(),
                 has_log: t.has_log,
                 notes: t.notes.clone(),
+                pending_count: t.pending_count,
+                schema_drift: t.schema_drift,
             })
             .collect(),
         fingerprints: c

@@ -69,11 +69,13 @@ impl ApiError {
             ApiError::Fleet(e) => {
                 use crate::fleet::FleetError as F;
                 match e {
-                    F::BadName(_) => Code::InvalidArgument,
+                    F::BadName(_) | F::BadLabels(_) => Code::InvalidArgument,
                     F::Exists(_) => Code::AlreadyExists,
                     F::NotFound(_) | F::NoCensus(_) => Code::NotFound,
                     F::Unloadable { .. } | F::Dsn { .. } => Code::FailedPrecondition,
-                    F::Targets { .. } | F::TooMany { .. } => Code::InvalidArgument,
+                    // A registered source that does not resolve now: not the caller's
+                    // input, the fleet's state.
+                    F::Targets { .. } | F::TooMany { .. } => Code::FailedPrecondition,
                     F::Secret { .. } | F::Store(_) => Code::Internal,
                 }
             }

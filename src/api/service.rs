@@ -23,8 +23,6 @@ use crate::policy::Policy;
 use crate::target::Tenant;
 use crate::wave::{Engine, WaveStatus, now_ms};
 
-/// Censuses the daemon takes at once on request; more are refused (RESOURCE_EXHAUSTED).
-const MAX_CONCURRENT_CENSUSES: usize = 2;
 /// Tenants whose logs a plan reads at once, in all and on one server.
 const PLAN_CONCURRENCY: usize = 16;
 const PLAN_PER_HOST: usize = 4;
@@ -46,7 +44,6 @@ pub struct RolloutApi {
     limits: Limits,
     plans: Arc<Semaphore>,
     log_reads: Arc<Semaphore>,
-    censuses: Arc<Semaphore>,
 }
 
 impl RolloutApi {
@@ -58,7 +55,6 @@ impl RolloutApi {
             limits,
             plans: Arc::new(Semaphore::new(MAX_CONCURRENT_PLANS)),
             log_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_LOG_READS)),
-            censuses: Arc::new(Semaphore::new(MAX_CONCURRENT_CENSUSES)),
         }
     }
 
@@ -92,7 +88,7 @@ impl RolloutApi {
         policy
             .validate()
             .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        let convert::Resolved { tenants, fleet } = Targets::from_start(r.targets)?
+        let convert::Resolved { tenants, fleet, .. } = Targets::from_start(r.targets)?
             .resolve(&self.limits, self.engine.reach(), self.engine.fleets())
             .await?;
         let (bundle_id, count) = (bundle.id().to_string(), tenants.len());
@@ -322,6 +318,8 @@ impl RolloutApi {
         )?;
         let r = req.into_inner();
         crate::fleet::check_name(&r.name)?;
+        let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
+        crate::fleet::check_labels(&labels)?;
         let targets = Targets::from_fleet_source(r.source)?;
         let source = match &targets {
             Targets::Source(source) => source.clone(),
@@ -331,10 +329,6 @@ impl RolloutApi {
                 origin: "target list".into(),
             },
         };
-        let labels: std::collections::BTreeMap<String, String> = r.labels.into_iter().collect();
-        if let Some((k, _)) = labels.iter().find(|(k, _)| k.is_empty()) {
-            return Err(ApiError::Invalid(format!("labels: empty key {k:?}")));
-        }
         let tenants = targets
             .resolve(&self.limits, self.engine.reach(), self.engine.fleets())
             .await?
@@ -348,20 +342,18 @@ impl RolloutApi {
         let engine = self.engine.clone();
         let replace = r.replace;
         let actor = caller.name.clone();
-        let view = tokio::task::spawn_blocking(move || {
-            engine.fleets().add(new, &actor, replace, now_ms())
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("registering the fleet did not finish: {e}")))??;
+        let view =
+            off_runtime(move || Ok(engine.fleets().add(new, &actor, replace, now_ms()))).await??;
         tracing::info!(fleet = %view.name, kind = view.kind, tenants = view.tenants_when_added, actor = %caller.name, "fleet registered");
-        Ok(convert::fleet(&view))
+        Ok(convert::fleet(&view, caller.role))
     }
 
     fn fleet_list(
         &self,
         req: Request<v1::ListFleetsRequest>,
     ) -> Result<v1::ListFleetsResponse, ApiError> {
-        self.auth
+        let caller = self
+            .auth
             .authorize(req.metadata(), Role::Viewer, "listing fleets")?;
         Ok(v1::ListFleetsResponse {
             fleets: self
@@ -369,25 +361,29 @@ impl RolloutApi {
                 .fleets()
                 .list()?
                 .iter()
-                .map(convert::fleet)
+                .map(|f| convert::fleet(f, caller.role))
                 .collect(),
         })
     }
 
     fn fleet_get(&self, req: Request<v1::GetFleetRequest>) -> Result<v1::Fleet, ApiError> {
-        self.auth
+        let caller = self
+            .auth
             .authorize(req.metadata(), Role::Viewer, "reading a fleet")?;
         Ok(convert::fleet(
             &self.engine.fleets().get(&req.get_ref().name)?,
+            caller.role,
         ))
     }
 
-    fn fleet_remove(&self, req: Request<v1::GetFleetRequest>) -> Result<(), ApiError> {
+    async fn fleet_remove(&self, req: Request<v1::RemoveFleetRequest>) -> Result<(), ApiError> {
         let caller = self
             .auth
             .authorize(req.metadata(), Role::Operator, "removing a fleet")?;
-        let name = &req.get_ref().name;
-        self.engine.fleets().remove(name)?;
+        let name = req.into_inner().name;
+        let engine = self.engine.clone();
+        let removing = name.clone();
+        off_runtime(move || Ok(engine.fleets().remove(&removing))).await??;
         tracing::info!(fleet = %name, actor = %caller.name, "fleet removed");
         Ok(())
     }
@@ -398,65 +394,96 @@ impl RolloutApi {
     ) -> Result<v1::CensusReport, ApiError> {
         // A census reads tenants the daemon already knows (a registered fleet, a wave's
         // tenants): a viewer's act, like reading a wave tenant's log.
-        self.auth
+        let caller = self
+            .auth
             .authorize(req.metadata(), Role::Viewer, "taking a census")?;
         let r = req.into_inner();
+        let answer = |census: &crate::census::Census| {
+            let mut report = convert::census(census);
+            if r.histogram_only {
+                report.tenants.clear();
+                for group in &mut report.fingerprints {
+                    group.changes.clear();
+                }
+            }
+            report
+        };
         use v1::census_request::Subject;
         if r.cached {
-            let Some(Subject::Fleet(name)) = r.subject else {
+            let Some(Subject::Fleet(name)) = &r.subject else {
                 return Err(ApiError::Invalid(
                     "cached: only a fleet's census is kept".into(),
                 ));
             };
-            crate::fleet::check_name(&name)?;
+            if r.bundle.is_some() || r.fingerprint || r.concurrency > 0 || r.per_host > 0 {
+                return Err(ApiError::Invalid(
+                    "cached: the last census is shown as it was taken; give no bundle, fingerprint, concurrency or per_host"
+                        .into(),
+                ));
+            }
+            crate::fleet::check_name(name)?;
             let census = self
                 .engine
                 .fleets()
-                .cached_census(&name)
-                .ok_or(crate::fleet::FleetError::NoCensus(name))?;
-            return Ok(convert::census(&census));
+                .cached_census(name)
+                .ok_or_else(|| crate::fleet::FleetError::NoCensus(name.clone()))?;
+            return Ok(answer(&census));
         }
-        let _running = self.censuses.clone().try_acquire_owned().map_err(|_| {
-            ApiError::Busy(format!(
-                "{MAX_CONCURRENT_CENSUSES} censuses are running; try again when one has finished"
-            ))
-        })?;
+        let bounded = |field: &str, value: u32, default: usize, max: usize| match value as usize {
+            0 => Ok(default),
+            n if n > max => Err(ApiError::Invalid(format!(
+                "{field}: {n} is more than {max} (a census must not crowd the fleet's servers)"
+            ))),
+            n => Ok(n),
+        };
         let options = crate::census::CensusOptions {
-            concurrency: match r.concurrency as usize {
-                0 => crate::census::DEFAULT_CONCURRENCY,
-                n if n > crate::census::MAX_CONCURRENCY => {
-                    return Err(ApiError::Invalid(format!(
-                        "concurrency: {n} is more than {}",
-                        crate::census::MAX_CONCURRENCY
-                    )));
-                }
-                n => n,
-            },
-            per_host: match r.per_host as usize {
-                0 => crate::census::DEFAULT_PER_HOST,
-                n => n.min(crate::census::MAX_CONCURRENCY),
-            },
+            concurrency: bounded(
+                "concurrency",
+                r.concurrency,
+                crate::census::DEFAULT_CONCURRENCY,
+                crate::census::MAX_CONCURRENCY,
+            )?,
+            per_host: bounded(
+                "per_host",
+                r.per_host,
+                crate::census::DEFAULT_PER_HOST,
+                crate::census::MAX_PER_HOST,
+            )?,
             fingerprint: r.fingerprint,
         };
-        let mut bundle = match r.bundle {
+        let mut bundle = match r.bundle.clone() {
             Some(b) => Some(Arc::new(convert::bundle_from_proto(Some(b), &self.limits)?)),
             None => None,
         };
+        let _slot = self
+            .engine
+            .fleets()
+            .census_slots()
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::Busy(format!(
+                    "{} censuses are running; try again when one has finished",
+                    crate::fleet::MAX_CONCURRENT_CENSUSES
+                ))
+            })?;
         let reach = self.engine.reach();
-        match r.subject {
+        match &r.subject {
             None => Err(ApiError::Invalid("give a fleet or a wave_id".into())),
             Some(Subject::Fleet(name)) => {
-                let tenants = Targets::Fleet(name.clone())
+                let resolved = Targets::Fleet(name.clone())
                     .resolve(&self.limits, reach, self.engine.fleets())
-                    .await?
-                    .tenants;
-                let census =
-                    crate::census::take(&name, tenants, bundle, &options, reach, "request").await;
+                    .await
+                    .map_err(|e| viewer_safe(e, caller.role, name))?;
+                let mut census =
+                    crate::census::take(name, resolved.tenants, bundle, &options, reach, "request")
+                        .await;
+                census.fleet_registered_at_ms = resolved.fleet_registered_at_ms;
                 let census = self.engine.fleets().remember_census(census);
-                Ok(convert::census(&census))
+                Ok(answer(&census))
             }
             Some(Subject::WaveId(id)) => {
-                let id = wave_id(&id)?;
+                let id = wave_id(id)?;
                 if bundle.is_none() {
                     bundle = Some(self.engine.bundle(&id)?);
                 }
@@ -470,7 +497,7 @@ impl RolloutApi {
                     "request",
                 )
                 .await;
-                Ok(convert::census(&census))
+                Ok(answer(&census))
             }
         }
     }
@@ -483,6 +510,23 @@ impl RolloutApi {
         let id = wave_id(&r.wave_id)?;
         let engine = self.engine.clone();
         off_runtime(move || engine.forget(&id, &caller.name, &r.reason)).await
+    }
+}
+
+/// Why a registered fleet did not resolve, as a viewer may see it: the catalog's own
+/// error text can echo what its rows hold, so a viewer learns only that it failed.
+fn viewer_safe(e: ApiError, role: Role, fleet: &str) -> ApiError {
+    match e {
+        ApiError::Fleet(crate::fleet::FleetError::Targets { .. }) if role < Role::Operator => {
+            ApiError::Fleet(crate::fleet::FleetError::Targets {
+                name: fleet.to_string(),
+                source: crate::target::TargetError::Source {
+                    origin: "its source".into(),
+                    message: "does not resolve now (an operator sees why with `fleet census` or `plan --fleet`)".into(),
+                },
+            })
+        }
+        other => other,
     }
 }
 
@@ -819,9 +863,9 @@ impl RolloutService for RolloutApi {
 
     async fn remove_fleet(
         &self,
-        request: Request<v1::GetFleetRequest>,
+        request: Request<v1::RemoveFleetRequest>,
     ) -> Result<Response<v1::RemoveFleetResponse>, Status> {
-        self.fleet_remove(request)?;
+        self.fleet_remove(request).await?;
         Ok(Response::new(v1::RemoveFleetResponse {}))
     }
 

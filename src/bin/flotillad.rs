@@ -133,10 +133,15 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
         insecure_no_auth: args.insecure_no_auth,
         allowed_hosts,
         wave_retention,
-        census_interval: args
-            .census_interval
-            .or(file.census_interval)
-            .filter(|d| !d.is_zero()),
+        census_interval: match args.census_interval.or(file.census_interval) {
+            Some(d) if d.is_zero() => None,
+            Some(d) if d < Duration::from_secs(1) => {
+                anyhow::bail!(
+                    "census_interval: {d:?} is less than 1s (each round reads every tenant of every fleet)"
+                )
+            }
+            other => other,
+        },
         census_fingerprint: file.census_fingerprint.unwrap_or(true),
         listen: match args.listen.or(file.listen) {
             Some(addr) => addr,
@@ -195,7 +200,8 @@ async fn census_schedule(engine: Engine, every: Duration, fingerprint: bool, max
     };
     let draining = engine.draining();
     tokio::pin!(draining);
-    let mut tick = tokio::time::interval(every);
+    // The first round after one interval: not in the same moment as the waves resuming.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -3,7 +3,8 @@
 //! schemas, extensions, tables, columns with types and defaults, constraints, indexes
 //! with their definitions and validity, views, sequences, functions, triggers, policies,
 //! enum values, domains — as `(kind, name, definition)` rows, keyed by name (never by
-//! OID, never by column position, so creation order does not matter). Long bodies
+//! OID, never by column position, so creation order does not matter; each part quoted
+//! as an identifier when it needs it, so `"a.b".c` and `a."b.c"` stay apart). Long bodies
 //! (views, functions) are compared by their MD5. The session's `search_path` is pinned
 //! to `pg_catalog`, so every name the server prints is schema-qualified the same way on
 //! every tenant. This module reads and compares; it never writes.
@@ -24,19 +25,20 @@ WITH ns AS (
   SELECT classid, objid FROM pg_catalog.pg_depend WHERE deptype = 'e'
 ), rel AS (
   SELECT c.oid, c.relname, c.relkind, c.relpersistence, c.relrowsecurity, c.relispartition,
-         ns.nspname
+         pg_catalog.quote_ident(ns.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS qname,
+         pg_catalog.quote_ident(ns.nspname) AS qns
   FROM pg_catalog.pg_class c JOIN ns ON ns.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
     AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND ext.objid = c.oid)
 )
-SELECT 'schema', nspname, '' FROM ns
+SELECT 'schema', pg_catalog.quote_ident(nspname), '' FROM ns
 UNION ALL
-SELECT 'extension', e.extname, e.extversion || ' in ' || n.nspname
+SELECT 'extension', pg_catalog.quote_ident(e.extname), e.extversion || ' in ' || pg_catalog.quote_ident(n.nspname)
 FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
 UNION ALL
 SELECT CASE rel.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
          WHEN 'S' THEN 'sequence' WHEN 'f' THEN 'foreign table' ELSE 'table' END,
-       rel.nspname || '.' || rel.relname,
+       rel.qname,
        CASE
          WHEN rel.relkind IN ('v', 'm') THEN 'md5 ' || pg_catalog.md5(pg_catalog.pg_get_viewdef(rel.oid))
          WHEN rel.relkind = 'S' THEN (
@@ -54,7 +56,7 @@ SELECT CASE rel.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
        END
 FROM rel
 UNION ALL
-SELECT 'column', rel.nspname || '.' || rel.relname || '.' || a.attname,
+SELECT 'column', rel.qname || '.' || pg_catalog.quote_ident(a.attname),
        pg_catalog.concat_ws(' ',
          pg_catalog.format_type(a.atttypid, a.atttypmod),
          CASE WHEN a.attnotnull THEN 'not null' END,
@@ -67,21 +69,21 @@ JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid AND a.attnum > 0 AND NOT 
 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE rel.relkind <> 'S'
 UNION ALL
-SELECT 'constraint', rel.nspname || '.' || rel.relname || '.' || con.conname,
+SELECT 'constraint', rel.qname || '.' || pg_catalog.quote_ident(con.conname),
        pg_catalog.pg_get_constraintdef(con.oid) || CASE WHEN con.convalidated THEN '' ELSE ' (not validated)' END
 FROM pg_catalog.pg_constraint con JOIN rel ON rel.oid = con.conrelid
 UNION ALL
-SELECT 'index', rel.nspname || '.' || ic.relname,
+SELECT 'index', rel.qns || '.' || pg_catalog.quote_ident(ic.relname),
        pg_catalog.pg_get_indexdef(i.indexrelid) || CASE WHEN i.indisvalid THEN '' ELSE ' (INVALID)' END
 FROM pg_catalog.pg_index i JOIN rel ON rel.oid = i.indrelid
 JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
 UNION ALL
-SELECT 'trigger', rel.nspname || '.' || rel.relname || '.' || t.tgname,
+SELECT 'trigger', rel.qname || '.' || pg_catalog.quote_ident(t.tgname),
        pg_catalog.pg_get_triggerdef(t.oid) || CASE t.tgenabled WHEN 'D' THEN ' (disabled)' ELSE '' END
 FROM pg_catalog.pg_trigger t JOIN rel ON rel.oid = t.tgrelid
 WHERE NOT t.tgisinternal
 UNION ALL
-SELECT 'policy', rel.nspname || '.' || rel.relname || '.' || p.polname,
+SELECT 'policy', rel.qname || '.' || pg_catalog.quote_ident(p.polname),
        pg_catalog.concat_ws(' ', p.polcmd::pg_catalog.text,
          CASE WHEN p.polpermissive THEN 'permissive' ELSE 'restrictive' END,
          'using ' || pg_catalog.pg_get_expr(p.polqual, p.polrelid),
@@ -89,20 +91,20 @@ SELECT 'policy', rel.nspname || '.' || rel.relname || '.' || p.polname,
 FROM pg_catalog.pg_policy p JOIN rel ON rel.oid = p.polrelid
 UNION ALL
 SELECT CASE p.prokind WHEN 'p' THEN 'procedure' WHEN 'a' THEN 'aggregate' ELSE 'function' END,
-       ns.nspname || '.' || p.proname || '(' || pg_catalog.pg_get_function_identity_arguments(p.oid) || ')',
+       pg_catalog.quote_ident(ns.nspname) || '.' || pg_catalog.quote_ident(p.proname) || '(' || pg_catalog.pg_get_function_identity_arguments(p.oid) || ')',
        CASE WHEN p.prokind = 'a' THEN pg_catalog.pg_get_function_result(p.oid)
             ELSE 'md5 ' || pg_catalog.md5(pg_catalog.pg_get_functiondef(p.oid)) END
 FROM pg_catalog.pg_proc p JOIN ns ON ns.oid = p.pronamespace
 WHERE NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND ext.objid = p.oid)
 UNION ALL
-SELECT 'enum', ns.nspname || '.' || t.typname,
+SELECT 'enum', pg_catalog.quote_ident(ns.nspname) || '.' || pg_catalog.quote_ident(t.typname),
        (SELECT pg_catalog.string_agg(e.enumlabel, ', ' ORDER BY e.enumsortorder)
         FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid)
 FROM pg_catalog.pg_type t JOIN ns ON ns.oid = t.typnamespace
 WHERE t.typtype = 'e'
   AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND ext.objid = t.oid)
 UNION ALL
-SELECT 'domain', ns.nspname || '.' || t.typname,
+SELECT 'domain', pg_catalog.quote_ident(ns.nspname) || '.' || pg_catalog.quote_ident(t.typname),
        pg_catalog.concat_ws(' ', pg_catalog.format_type(t.typbasetype, t.typtypmod),
          CASE WHEN t.typnotnull THEN 'not null' END, 'default ' || t.typdefault,
          (SELECT pg_catalog.string_agg(c.conname || ' ' || pg_catalog.pg_get_constraintdef(c.oid), ', ' ORDER BY c.conname)

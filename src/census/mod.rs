@@ -28,11 +28,19 @@ pub use fingerprint::{ChangeKind, Schema, SchemaChange};
 pub const NO_VERSION: &str = "none";
 /// Histogram label of tenants the census could not read.
 pub const UNREACHABLE: &str = "unreachable";
-/// Tenants read at once, and on one server, unless the request says otherwise.
+/// Tenants read at once unless the request says otherwise.
 pub const DEFAULT_CONCURRENCY: usize = 16;
+/// Tenants read at once on one server unless the request says otherwise.
 pub const DEFAULT_PER_HOST: usize = 8;
-/// The most a request may ask for.
-pub const MAX_CONCURRENCY: usize = 256;
+/// The most tenants a census reads at once: a census must never crowd a fleet's
+/// servers (a viewer may take one).
+pub const MAX_CONCURRENCY: usize = 64;
+/// The most tenants a census reads at once on one server.
+pub const MAX_PER_HOST: usize = 16;
+/// How long one tenant's reading may take, connect included.
+pub const TENANT_DEADLINE: Duration = Duration::from_secs(15);
+/// Pending scripts named per tenant (the count is always whole).
+const MAX_PENDING_LISTED: usize = 20;
 /// Schema changes listed per fingerprint group.
 const MAX_CHANGES: usize = 50;
 /// Tenant ids listed per fingerprint group.
@@ -113,8 +121,11 @@ pub struct TenantCensus {
     pub drifted: Vec<String>,
     /// Versions the log has and the bundle does not know.
     pub ahead: Vec<String>,
-    /// Scripts of the bundle the tenant would get.
+    /// Scripts of the bundle the tenant would get (the first few), and how many.
     pub pending: Vec<String>,
+    pub pending_count: u32,
+    /// In a minority fingerprint group at its version (whatever its state).
+    pub schema_drift: bool,
     /// Why it could not be read.
     pub error: Option<DbFailure>,
     /// Whether it has a `flotilla.execution_log`.
@@ -176,6 +187,9 @@ pub struct Census {
     pub finished_at_ms: u64,
     /// Every tenant, in the fleet's order.
     pub tenants: Vec<TenantCensus>,
+    /// When the fleet's record that was read was registered (`0` for a wave's
+    /// tenants): a census of a fleet replaced since is not kept as its last.
+    pub fleet_registered_at_ms: u64,
     /// Tenants per bucket: versions in version order, then `none`, then `unreachable`.
     pub histogram: Vec<(String, u64)>,
     /// Tenants per state (every state, zeros included).
@@ -194,13 +208,24 @@ impl Census {
     pub fn count(&self, state: CensusState) -> u64 {
         self.states.get(&state).copied().unwrap_or(0)
     }
+
+    /// Tenants whose applied checksums or schema differ, whatever their state.
+    pub fn drifted(&self) -> u64 {
+        self.tenants
+            .iter()
+            .filter(|t| !t.drifted.is_empty() || t.schema_drift)
+            .count() as u64
+    }
 }
 
 /// How a census runs.
 #[derive(Debug, Clone)]
 pub struct CensusOptions {
+    /// Tenants read at once (at most [`MAX_CONCURRENCY`]).
     pub concurrency: usize,
+    /// Tenants read at once on one server (at most [`MAX_PER_HOST`]).
     pub per_host: usize,
+    /// Also read each tenant's schema fingerprint.
     pub fingerprint: bool,
 }
 
@@ -225,12 +250,6 @@ fn census_settings() -> SessionSettings {
     }
 }
 
-/// What one tenant's reading gave, before the fleet is summarized.
-struct Reading {
-    tenant: TenantCensus,
-    schema: Option<Schema>,
-}
-
 /// Takes a census of `tenants` (a fleet resolved a moment ago) against `bundle`, if
 /// given. Never fails as a whole: a tenant that cannot be read is `unreachable`.
 pub async fn take(
@@ -245,35 +264,62 @@ pub async fn take(
     let fingerprint = options.fingerprint;
     let reach = reach.clone();
     let visit_bundle = bundle.clone();
+    // One schema per distinct fingerprint, kept as readings arrive: a fleet mostly
+    // shares a few, and 100,000 copies of one would not fit.
+    let schemas: Arc<std::sync::Mutex<HashMap<String, Schema>>> = Default::default();
+    let visit_schemas = schemas.clone();
+    let ids: Vec<(String, String)> = tenants
+        .iter()
+        .map(|t| (t.id.clone(), t.dsn.host().to_string()))
+        .collect();
     let readings = crate::target::visit_bounded(
-        tenants.clone(),
+        tenants,
         options.concurrency.clamp(1, MAX_CONCURRENCY),
-        options.per_host.clamp(1, MAX_CONCURRENCY),
+        options.per_host.clamp(1, MAX_PER_HOST),
         move |tenant| {
             let (reach, bundle) = (reach.clone(), visit_bundle.clone());
-            async move { read_tenant(&tenant, bundle.as_deref(), fingerprint, &reach).await }
+            let schemas = visit_schemas.clone();
+            async move {
+                let read = read_tenant(&tenant, bundle.as_deref(), fingerprint, &reach);
+                let (census, schema) = match tokio::time::timeout(TENANT_DEADLINE, read).await {
+                    Ok(reading) => reading,
+                    Err(_) => (
+                        unreachable(
+                            &tenant.id,
+                            tenant.dsn.host(),
+                            DbFailure::of_kind(
+                                crate::failure::FailureKind::TimedOut,
+                                format!("no answer within {TENANT_DEADLINE:?}"),
+                            ),
+                        ),
+                        None,
+                    ),
+                };
+                if let (Some(fp), Some(schema)) = (&census.fingerprint, schema) {
+                    crate::lock(&schemas).entry(fp.clone()).or_insert(schema);
+                }
+                census
+            }
         },
     )
     .await;
-    // Keep one schema per distinct fingerprint: a fleet mostly shares a few.
-    let mut schemas: HashMap<String, Schema> = HashMap::new();
-    let mut read = Vec::with_capacity(readings.len());
-    for (tenant, reading) in tenants.iter().zip(readings) {
-        let reading = reading.unwrap_or_else(|| Reading {
-            tenant: unreachable(
-                tenant,
-                DbFailure::of_kind(
-                    crate::failure::FailureKind::Unexpected,
-                    "the census task of this tenant failed",
-                ),
-            ),
-            schema: None,
-        });
-        if let (Some(fp), Some(schema)) = (&reading.tenant.fingerprint, reading.schema) {
-            schemas.entry(fp.clone()).or_insert(schema);
-        }
-        read.push(reading.tenant);
-    }
+    let read: Vec<TenantCensus> = ids
+        .iter()
+        .zip(readings)
+        .map(|((id, host), reading)| {
+            reading.unwrap_or_else(|| {
+                unreachable(
+                    id,
+                    host,
+                    DbFailure::of_kind(
+                        crate::failure::FailureKind::Unexpected,
+                        "the census task of this tenant failed",
+                    ),
+                )
+            })
+        })
+        .collect();
+    let schemas = std::mem::take(&mut *crate::lock(&schemas));
     let mut census = summarize(fleet, read, &schemas, bundle.is_some());
     census.bundle_id = bundle.map(|b| b.id().to_string());
     census.fingerprinted = fingerprint;
@@ -283,10 +329,10 @@ pub async fn take(
     census
 }
 
-fn unreachable(tenant: &Tenant, error: DbFailure) -> TenantCensus {
+fn unreachable(tenant_id: &str, host: &str, error: DbFailure) -> TenantCensus {
     TenantCensus {
-        tenant_id: tenant.id.clone(),
-        host: tenant.dsn.host().to_string(),
+        tenant_id: tenant_id.to_string(),
+        host: host.to_string(),
         state: CensusState::Unreachable,
         version: None,
         applied: 0,
@@ -295,6 +341,8 @@ fn unreachable(tenant: &Tenant, error: DbFailure) -> TenantCensus {
         drifted: Vec::new(),
         ahead: Vec::new(),
         pending: Vec::new(),
+        pending_count: 0,
+        schema_drift: false,
         error: Some(error),
         has_log: false,
         fingerprint: None,
@@ -308,15 +356,11 @@ async fn read_tenant(
     bundle: Option<&Bundle>,
     fingerprint: bool,
     reach: &Reach,
-) -> Reading {
+) -> (TenantCensus, Option<Schema>) {
+    let failed = |e: DbFailure| (unreachable(&tenant.id, tenant.dsn.host(), e), None);
     let session = match Session::connect(&tenant.dsn, &census_settings(), reach).await {
         Ok(s) => s,
-        Err(e) => {
-            return Reading {
-                tenant: unreachable(tenant, e),
-                schema: None,
-            };
-        }
+        Err(e) => return failed(e),
     };
     let client = session.client();
     let log_read = client.simple_query(log::READ_SQL);
@@ -331,14 +375,10 @@ async fn read_tenant(
         Ok(messages) => match log::parse_rows(&messages) {
             Ok(rows) => Some(rows),
             Err(e) => {
-                let failure = DbFailure::of_kind(
+                return failed(DbFailure::of_kind(
                     crate::failure::FailureKind::Unexpected,
                     format!("the execution log cannot be read: {e}"),
-                );
-                return Reading {
-                    tenant: unreachable(tenant, failure),
-                    schema: None,
-                };
+                ));
             }
         },
         Err(e) => {
@@ -346,34 +386,32 @@ async fn read_tenant(
             if log::is_missing_log(failure.sqlstate.as_deref()) {
                 None
             } else {
-                return Reading {
-                    tenant: unreachable(tenant, failure),
-                    schema: None,
-                };
+                return failed(failure);
             }
         }
     };
+    let mut census = examine(tenant, rows.as_deref(), bundle);
+    // A fingerprint that cannot be read (a timeout on a huge catalog) leaves the log's
+    // reading standing.
     let schema = match schema_result {
         None => None,
         Some(Ok(messages)) => Some(Schema::from_messages(&messages)),
         Some(Err(e)) => {
-            return Reading {
-                tenant: unreachable(tenant, DbFailure::from(&e)),
-                schema: None,
-            };
+            census
+                .notes
+                .push(format!("no fingerprint: {}", DbFailure::from(&e)));
+            None
         }
     };
-    let mut census = examine(tenant, rows.as_deref(), bundle);
     census.fingerprint = schema.as_ref().map(Schema::fingerprint);
-    Reading {
-        tenant: census,
-        schema,
-    }
+    (census, schema)
 }
 
 /// What a tenant's log rows say against `bundle`; `rows` is `None` for a tenant without
 /// a log. Pure. The state is provisional: `Behind` without a bundle and `SchemaDrift`
-/// are decided with the whole fleet in view ([`summarize`]).
+/// are decided with the whole fleet in view ([`summarize`]). Only the latest row of a
+/// version (or of a repeatable) counts, as for the planner: a repeatable's `started`
+/// row that a newer run superseded is history, not an interruption.
 pub fn examine(tenant: &Tenant, rows: Option<&[LogRow]>, bundle: Option<&Bundle>) -> TenantCensus {
     let mut out = TenantCensus {
         tenant_id: tenant.id.clone(),
@@ -386,83 +424,104 @@ pub fn examine(tenant: &Tenant, rows: Option<&[LogRow]>, bundle: Option<&Bundle>
         drifted: Vec::new(),
         ahead: Vec::new(),
         pending: Vec::new(),
+        pending_count: 0,
+        schema_drift: false,
         error: None,
         has_log: rows.is_some(),
         fingerprint: None,
         notes: Vec::new(),
     };
+    let lenient = PlanOptions {
+        drift: DriftPolicy::Allow,
+        order: OrderPolicy::AllowOutOfOrder,
+    };
     let Some(rows) = rows else {
         out.state = CensusState::Unmanaged;
         if let Some(bundle) = bundle {
-            out.pending = bundle
-                .scripts()
-                .iter()
-                .filter(|s| !matches!(s.kind, ScriptKind::Baseline(_)))
-                .map(|s| s.name.clone())
-                .collect();
+            // What a wave would run on it (a baseline script instead of what it covers).
+            if let Ok(p) = plan::plan(bundle, &[], lenient) {
+                out.set_pending(p.steps.iter().map(|s| &bundle.scripts()[s.script].name));
+            }
         }
         return out;
     };
-    let mut highest: Option<(Version, &str)> = None;
-    // The latest row per versioned version decides (an undone version is not applied).
-    let mut versioned: BTreeMap<&str, &LogRow> = BTreeMap::new();
+    // The latest row per version, and per repeatable script.
+    let mut versioned: BTreeMap<Version, &LogRow> = BTreeMap::new();
+    let mut repeatable: BTreeMap<&str, &LogRow> = BTreeMap::new();
     for row in rows {
+        let slot = match (row.kind.as_str(), row.version.as_deref()) {
+            ("versioned", Some(v)) => match v.parse::<Version>() {
+                Ok(v) => versioned.entry(v).or_insert(row),
+                Err(_) => {
+                    out.notes.push(format!(
+                        "log row {} has version {v:?}, not a version",
+                        row.id
+                    ));
+                    continue;
+                }
+            },
+            ("repeatable", _) => repeatable.entry(row.script.as_str()).or_insert(row),
+            _ => continue,
+        };
+        if row.id > slot.id {
+            *slot = row;
+        }
+    }
+    for row in versioned.values().chain(repeatable.values()) {
         if row.status == LogStatus::Started {
             out.started.push(row.script.clone());
         }
-        if row.kind == "versioned"
-            && let Some(v) = row.version.as_deref()
-        {
-            let slot = versioned.entry(v).or_insert(row);
-            if row.id > slot.id {
-                *slot = row;
-            }
-        }
     }
-    for (v, row) in &versioned {
+    for row in versioned.values() {
         match row.status {
             LogStatus::Applied => out.applied += 1,
             LogStatus::Baselined => out.baselined += 1,
-            _ => continue,
-        }
-        if let Ok(parsed) = v.parse::<Version>()
-            && highest.as_ref().is_none_or(|(h, _)| parsed > *h)
-        {
-            highest = Some((parsed, v));
+            _ => {}
         }
     }
-    out.version = highest.map(|(_, v)| v.to_string());
+    // Canonical text: `1.0` and `1` are one version, one bucket.
+    let highest = versioned
+        .iter()
+        .filter(|(_, r)| r.status.counts_as_applied())
+        .map(|(v, _)| v)
+        .next_back();
+    out.version = highest.map(Version::to_string);
     if let Some(bundle) = bundle {
         let mut known = std::collections::HashSet::new();
         for script in bundle.scripts() {
             if let ScriptKind::Versioned(version) = &script.kind {
-                let key = version.to_string();
-                if let Some(row) = versioned.get(key.as_str())
+                if let Some(row) = versioned.get(version)
                     && row.status.counts_as_applied()
                     && row.checksum != script.checksum
                 {
                     out.drifted.push(script.name.clone());
                 }
-                known.insert(key);
+                known.insert(version.clone());
             }
         }
         for (v, row) in &versioned {
-            if row.status.counts_as_applied() && !known.contains(*v) {
-                out.ahead.push((*v).to_string());
+            if row.status.counts_as_applied() && !known.contains(v) {
+                out.ahead.push(v.to_string());
             }
         }
         // The same planner a wave uses, told to tolerate what the census reports.
-        let lenient = PlanOptions {
-            drift: DriftPolicy::Allow,
-            order: OrderPolicy::AllowOutOfOrder,
-        };
         match plan::plan(bundle, rows, lenient) {
             Ok(p) => {
-                out.pending = p
+                let older: Vec<&str> = p
                     .steps
                     .iter()
-                    .map(|s| bundle.scripts()[s.script].name.clone())
-                    .collect()
+                    .map(|s| &bundle.scripts()[s.script])
+                    .filter(|s| s.version().is_some_and(|v| highest.is_some_and(|h| v < h)))
+                    .map(|s| s.name.as_str())
+                    .collect();
+                if !older.is_empty() {
+                    out.notes.push(format!(
+                        "out of order: {} older than version {} it has; a wave fails it unless out-of-order is allowed",
+                        older.join(", "),
+                        out.version.as_deref().unwrap_or("?")
+                    ));
+                }
+                out.set_pending(p.steps.iter().map(|s| &bundle.scripts()[s.script].name));
             }
             Err(e) => out.notes.push(format!("no plan: {e}")),
         }
@@ -473,12 +532,24 @@ pub fn examine(tenant: &Tenant, rows: Option<&[LogRow]>, bundle: Option<&Bundle>
         CensusState::Drifted
     } else if !out.ahead.is_empty() {
         CensusState::Ahead
-    } else if !out.pending.is_empty() {
+    } else if out.pending_count > 0 {
         CensusState::Behind
     } else {
         CensusState::Current
     };
     out
+}
+
+impl TenantCensus {
+    fn set_pending<'a>(&mut self, names: impl Iterator<Item = &'a String>) {
+        let names: Vec<&String> = names.collect();
+        self.pending_count = u32::try_from(names.len()).unwrap_or(u32::MAX);
+        self.pending = names
+            .into_iter()
+            .take(MAX_PENDING_LISTED)
+            .cloned()
+            .collect();
+    }
 }
 
 /// The fleet's view: states decided with every tenant in sight (without a bundle,
@@ -540,8 +611,11 @@ pub fn summarize(
             };
             let more_changes = changes.len().saturating_sub(MAX_CHANGES);
             changes.truncate(MAX_CHANGES);
-            if !reference {
+            // On a tie nobody is the odd one out: the groups are listed, no tenant is
+            // called drifted.
+            if !reference && !tied {
                 for &i in members {
+                    tenants[i].schema_drift = true;
                     if tenants[i].state > CensusState::SchemaDrift {
                         tenants[i].state = CensusState::SchemaDrift;
                     }
@@ -598,6 +672,7 @@ pub fn summarize(
         states,
         hosts: hosts.into_values().collect(),
         fingerprints,
+        fleet_registered_at_ms: 0,
     }
 }
 

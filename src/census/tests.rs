@@ -119,13 +119,11 @@ fn summarize_counts_every_tenant_once_and_singles_out_minority_schemas() {
         at("d", "h2", &["1", "2"]),
         at("e", "h2", &[]),
     ];
-    tenants.push(TenantCensus {
-        state: CensusState::Unreachable,
-        ..unreachable(
-            &tenant("f", "h3"),
-            DbFailure::of_kind(crate::failure::FailureKind::TimedOut, "down"),
-        )
-    });
+    tenants.push(unreachable(
+        "f",
+        "h3:5432",
+        DbFailure::of_kind(crate::failure::FailureKind::TimedOut, "down"),
+    ));
     let common = Schema {
         objects: [(("table".to_string(), "public.t".to_string()), String::new())].into(),
     };
@@ -181,4 +179,82 @@ fn summarize_counts_every_tenant_once_and_singles_out_minority_schemas() {
         .find(|h| h.host.starts_with("h2"))
         .expect("h2");
     assert_eq!(h2.tenants, 3);
+}
+
+#[test]
+fn only_the_latest_row_of_a_script_counts() {
+    let b = Bundle::from_sources(
+        &[("V1__a.sql", "select 1;"), ("R__view.sql", "select 2;")],
+        "test",
+    )
+    .expect("bundle");
+    let repeatable = |id: i64, status: LogStatus, checksum: &str| LogRow {
+        id,
+        version: None,
+        script: "R__view.sql".into(),
+        kind: "repeatable".into(),
+        checksum: checksum.into(),
+        status,
+        statements_done: None,
+    };
+    let v1 = row(1, &b, "1", LogStatus::Applied);
+    let view = &b.scripts()[1].checksum;
+    // A repeatable cut short at an older text, superseded by a run of the new one.
+    let t = examine(
+        &tenant("t", "h"),
+        Some(&[
+            v1,
+            repeatable(2, LogStatus::Started, "sha256:old"),
+            repeatable(3, LogStatus::Applied, view),
+        ]),
+        Some(&b),
+    );
+    assert_eq!(t.state, CensusState::Current, "{t:?}");
+    assert!(t.started.is_empty());
+    assert_eq!(t.version.as_deref(), Some("1"));
+    // The latest row started: interrupted.
+    let t = examine(
+        &tenant("t", "h"),
+        Some(&[
+            row(1, &b, "1", LogStatus::Applied),
+            repeatable(2, LogStatus::Applied, view),
+            repeatable(3, LogStatus::Started, view),
+        ]),
+        Some(&b),
+    );
+    assert_eq!(t.state, CensusState::Interrupted);
+    assert_eq!(t.started, vec!["R__view.sql"]);
+}
+
+#[test]
+fn a_tie_singles_nobody_out() {
+    let b = bundle();
+    let at3 = |id: &str| {
+        let rows: Vec<LogRow> = ["1", "2", "3"]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| row(i as i64 + 1, &b, v, LogStatus::Applied))
+            .collect();
+        examine(&tenant(id, "h1"), Some(&rows), Some(&b))
+    };
+    let one = Schema {
+        objects: [(("table".to_string(), "public.a".to_string()), String::new())].into(),
+    };
+    let other = Schema {
+        objects: [(("table".to_string(), "public.b".to_string()), String::new())].into(),
+    };
+    let mut tenants = vec![at3("x"), at3("y")];
+    tenants[0].fingerprint = Some(one.fingerprint());
+    tenants[1].fingerprint = Some(other.fingerprint());
+    let schemas: HashMap<String, Schema> =
+        [(one.fingerprint(), one), (other.fingerprint(), other)].into();
+    let census = summarize("f", tenants, &schemas, true);
+    assert_eq!(census.count(CensusState::SchemaDrift), 0);
+    assert_eq!(census.drifted(), 0);
+    assert!(
+        census.fingerprints.iter().all(|g| g.tied),
+        "{:?}",
+        census.fingerprints
+    );
+    assert_eq!(census.fingerprints.len(), 2);
 }

@@ -191,7 +191,7 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
             "Tenants of each registered fleet per highest applied version (`none`, `unreachable`), from its last census",
         )
         .with_callback(move |observer| {
-            for census in for_versions.fleets().cached_censuses() {
+            for census in for_versions.fleets().scheduled_censuses() {
                 for (version, n) in &census.histogram {
                     observer.observe(
                         *n,
@@ -211,9 +211,8 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
             "Tenants of each fleet whose applied checksums or schema differ, from its last census",
         )
         .with_callback(move |observer| {
-            use crate::census::CensusState;
-            for census in for_drift.fleets().cached_censuses() {
-                let n = census.count(CensusState::Drifted) + census.count(CensusState::SchemaDrift);
+            for census in for_drift.fleets().scheduled_censuses() {
+                let n = census.drifted();
                 observer.observe(n, &[KeyValue::new("fleet", census.fleet.clone())]);
             }
         })
@@ -223,14 +222,30 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
         .u64_observable_gauge("flotilla_fleet_unreachable")
         .with_description("Tenants of each fleet its last census could not read")
         .with_callback(move |observer| {
-            for census in for_unreachable.fleets().cached_censuses() {
+            for census in for_unreachable.fleets().scheduled_censuses() {
                 let n = census.count(crate::census::CensusState::Unreachable);
                 observer.observe(n, &[KeyValue::new("fleet", census.fleet.clone())]);
             }
         })
         .build();
+    let for_age = engine.clone();
+    let fleet_census_time = meter
+        .u64_observable_gauge("flotilla_fleet_census_timestamp_seconds")
+        .with_description(
+            "When each fleet's last scheduled census finished (Unix seconds): alert on its age",
+        )
+        .with_callback(move |observer| {
+            for census in for_age.fleets().scheduled_censuses() {
+                observer.observe(
+                    census.finished_at_ms / 1000,
+                    &[KeyValue::new("fleet", census.fleet.clone())],
+                );
+            }
+        })
+        .build();
     EngineGauges {
         _gauges: vec![
+            fleet_census_time,
             tenants,
             waves,
             in_flight,

@@ -585,6 +585,20 @@ impl Cluster {
     }
 }
 
+/// Every file under `dir`, recursively (a test looking for what a daemon left on disk).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// A certificate for a server name, issued by a fresh throwaway CA.
 #[derive(Debug, Clone)]
 pub struct TestCert {

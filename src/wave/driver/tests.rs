@@ -50,6 +50,7 @@ struct MemStore {
     waves: Mutex<BTreeMap<String, WaveRecord>>,
     tenants: Mutex<BTreeMap<(String, u32), TenantRecord>>,
     fleets: Mutex<BTreeMap<String, crate::store::FleetRecord>>,
+    fleet_tenants: Mutex<BTreeMap<String, Vec<crate::store::FleetTenantRecord>>>,
     refuse_writes: AtomicBool,
 }
 
@@ -66,8 +67,17 @@ impl MemStore {
 }
 
 impl ProgressStore for MemStore {
-    fn save_fleet(&self, fleet: &crate::store::FleetRecord) -> Result<(), StoreError> {
+    fn save_fleet(
+        &self,
+        fleet: &crate::store::FleetRecord,
+        listed: Option<&[crate::store::FleetTenantRecord]>,
+    ) -> Result<(), StoreError> {
         self.check()?;
+        let mut tenants = self.fleet_tenants.lock().expect("lock");
+        match listed {
+            Some(t) => tenants.insert(fleet.name.clone(), t.to_vec()),
+            None => tenants.remove(&fleet.name),
+        };
         self.fleets
             .lock()
             .expect("lock")
@@ -87,8 +97,21 @@ impl ProgressStore for MemStore {
     ) -> Result<Option<Result<crate::store::FleetRecord, StoreError>>, StoreError> {
         Ok(self.fleets.lock().expect("lock").get(name).cloned().map(Ok))
     }
+    fn load_fleet_tenants(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::store::FleetTenantRecord>, StoreError> {
+        Ok(self
+            .fleet_tenants
+            .lock()
+            .expect("lock")
+            .get(name)
+            .cloned()
+            .unwrap_or_default())
+    }
     fn delete_fleet(&self, name: &str) -> Result<bool, StoreError> {
         self.check()?;
+        self.fleet_tenants.lock().expect("lock").remove(name);
         Ok(self.fleets.lock().expect("lock").remove(name).is_some())
     }
     fn save_bundle(&self, bundle: &Bundle) -> Result<(), StoreError> {
