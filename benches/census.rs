@@ -89,7 +89,7 @@ async fn flotilla_census(tenants: &[Tenant], fingerprint: bool) -> (Duration, Du
         None,
         &options,
         &Reach::default(),
-        "request",
+        flotilla::census::CensusTrigger::Request,
     )
     .await;
     let elapsed = started.elapsed();

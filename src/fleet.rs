@@ -148,6 +148,7 @@ pub struct NewFleet {
 /// A fleet as shown: never a DSN with its password.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetView {
+    /// The fleet's name.
     pub name: String,
     /// `list`, `catalog` or `discover`.
     pub kind: &'static str,
@@ -155,10 +156,13 @@ pub struct FleetView {
     pub source: String,
     /// The catalog query: shown to operators only (a catalog query may assemble DSNs).
     pub query: Option<String>,
+    /// Labels every tenant carries unless it sets its own.
     pub labels: BTreeMap<String, String>,
     /// The token name that registered it.
     pub created_by: String,
+    /// When it was registered (Unix ms).
     pub created_at_ms: u64,
+    /// How many tenants its source resolved to at registration.
     pub tenants_when_added: u64,
     /// Why it cannot be loaded, for a record this build cannot read.
     pub unloadable: Option<String>,
@@ -167,17 +171,22 @@ pub struct FleetView {
 /// How a registered fleet resolves: tenants already known, or a source to run.
 #[derive(Debug, Clone)]
 pub enum FleetTargets {
+    /// A listed fleet's tenants, DSNs opened.
     Listed(Vec<Tenant>),
+    /// A catalog or discovery source to run again.
     Source(TargetSource),
 }
 
 /// A fleet's tenants now, and which registration of it they come from.
 #[derive(Debug, Clone)]
 pub struct ResolvedFleet {
+    /// Every tenant, the fleet's labels added.
     pub tenants: Vec<Tenant>,
-    /// When the record used was registered: a census is kept as the fleet's last only
-    /// if the fleet was not replaced in between.
-    pub registered_at_ms: u64,
+    /// Which registration of the fleet this is: a number the registry gives each
+    /// `add` and `remove` of a name while the daemon runs (never a clock reading, which
+    /// two replacements within a millisecond would share). A census is kept as the
+    /// fleet's last only if the registration is still this one.
+    pub registration: u64,
 }
 
 /// Each fleet's last censuses.
@@ -188,14 +197,32 @@ struct Censuses {
     /// The last scheduled one: what the metrics export, so a census someone asked for
     /// (against any bundle, without fingerprints) does not change what alerts see.
     scheduled: HashMap<String, Arc<Census>>,
+    /// Each name's registration (absent: unchanged since the daemon started, `0`).
+    registrations: HashMap<String, u64>,
+    last_registration: u64,
+    /// The last histogram census of each settled wave, for `wave status`.
+    waves: HashMap<String, WaveCensus>,
 }
+
+/// A settled wave's census, kept while the wave does not change.
+struct WaveCensus {
+    /// The wave's history length when it was taken: any state change makes it stale.
+    changes: usize,
+    taken: std::time::Instant,
+    census: Arc<Census>,
+}
+
+/// How long a settled wave's census answers `wave status` again (its tenants can still
+/// change under another wave or by hand).
+const WAVE_CENSUS_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
+/// Settled waves whose census is kept.
+const WAVE_CENSUSES_KEPT: usize = 64;
 
 /// The registry over the daemon's store.
 pub struct Fleets {
     store: Arc<dyn ProgressStore>,
     sealer: Arc<Sealer>,
-    /// Serializes "is the name free? store it", and a census's "is its fleet still the
-    /// registration it read? keep it", so neither races a registration or a removal.
+    /// Serializes "is the name free? store it" against another registration or removal.
     writes: Mutex<()>,
     censuses: Mutex<Censuses>,
     census_slots: Arc<Semaphore>,
@@ -214,7 +241,7 @@ impl Fleets {
     }
 
     /// The permits every census takes (on request: tried; scheduled: waited for).
-    pub fn census_slots(&self) -> &Arc<Semaphore> {
+    pub(crate) fn census_slots(&self) -> &Arc<Semaphore> {
         &self.census_slots
     }
 
@@ -272,7 +299,7 @@ impl Fleets {
             return Err(FleetError::Exists(fleet.name));
         }
         self.store.save_fleet(&record, listed.as_deref())?;
-        self.forget_censuses(&fleet.name);
+        self.new_registration(&fleet.name);
         Ok(self.view(&record))
     }
 
@@ -309,18 +336,35 @@ impl Fleets {
     pub fn remove(&self, name: &str) -> Result<(), FleetError> {
         check_name(name)?;
         let _writing = lock(&self.writes);
-        self.forget_censuses(name);
-        if self.store.delete_fleet(name)? {
+        let deleted = self.store.delete_fleet(name);
+        // Even on a store error: what was read before may be gone.
+        self.new_registration(name);
+        if deleted? {
             Ok(())
         } else {
             Err(FleetError::NotFound(name.to_string()))
         }
     }
 
-    fn forget_censuses(&self, name: &str) {
+    /// Forgets the name's censuses and gives it a new registration, so a census that
+    /// read the old one is not kept.
+    fn new_registration(&self, name: &str) {
         let mut censuses = lock(&self.censuses);
         censuses.last.remove(name);
         censuses.scheduled.remove(name);
+        censuses.last_registration += 1;
+        let registration = censuses.last_registration;
+        censuses
+            .registrations
+            .insert(name.to_string(), registration);
+    }
+
+    fn registration(&self, name: &str) -> u64 {
+        lock(&self.censuses)
+            .registrations
+            .get(name)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// What the fleet resolves from, DSNs opened, with its record (whose labels each
@@ -337,7 +381,17 @@ impl Fleets {
         };
         let targets = match &record.source {
             FleetSourceRecord::List => {
-                let tenants = self.store.load_fleet_tenants(name)?;
+                // Missing or undecodable listed tenants: the fleet's record cannot be
+                // used (as its own record would be), not a failing store.
+                let tenants = self.store.load_fleet_tenants(name).map_err(|e| match e {
+                    StoreError::Decode { .. } | StoreError::Format { .. } => {
+                        FleetError::Unloadable {
+                            name: name.to_string(),
+                            reason: e.to_string(),
+                        }
+                    }
+                    other => FleetError::Store(other),
+                })?;
                 let mut out = Vec::with_capacity(tenants.len());
                 for t in tenants {
                     let dsn = Dsn::parse(&open(&t.dsn_sealed)?).map_err(|e| FleetError::Dsn {
@@ -381,6 +435,9 @@ impl Fleets {
         reach: &Reach,
         max_tenants: usize,
     ) -> Result<ResolvedFleet, FleetError> {
+        // Read before the record: a replacement in between makes the census stale
+        // (dropped), never a census of the old record kept as the new one's.
+        let registration = self.registration(name);
         let (targets, record) = self.targets(name)?;
         let targets_error = |source| FleetError::Targets {
             name: name.to_string(),
@@ -404,7 +461,7 @@ impl Fleets {
         with_fleet_labels(&mut tenants, &record.labels);
         Ok(ResolvedFleet {
             tenants,
-            registered_at_ms: record.created_at_ms,
+            registration,
         })
     }
 
@@ -442,10 +499,10 @@ impl Fleets {
                         bundle_for(&name),
                         options,
                         reach,
-                        "schedule",
+                        crate::census::CensusTrigger::Schedule,
                     )
                     .await;
-                    census.fleet_registered_at_ms = resolved.registered_at_ms;
+                    census.fleet_registration = resolved.registration;
                     tracing::info!(
                         fleet = %name,
                         tenants = census.tenants.len(),
@@ -464,22 +521,57 @@ impl Fleets {
     /// Keeps `census` as the fleet's last one — if the fleet is still the registration
     /// it read (not removed or replaced meanwhile) — and, when scheduled, as the one
     /// the metrics export.
-    pub fn remember_census(&self, census: Census) -> Arc<Census> {
+    pub(crate) fn remember_census(&self, census: Census) -> Arc<Census> {
         let census = Arc::new(census);
-        let _writing = lock(&self.writes);
-        let current = matches!(
-            self.store.load_fleet(&census.fleet),
-            Ok(Some(Ok(record))) if record.created_at_ms == census.fleet_registered_at_ms
-        );
-        if current {
-            let mut censuses = lock(&self.censuses);
+        let mut censuses = lock(&self.censuses);
+        let registration = censuses.registrations.get(&census.fleet).copied();
+        if registration.unwrap_or(0) == census.fleet_registration {
             censuses.last.insert(census.fleet.clone(), census.clone());
-            if census.trigger == "schedule" {
+            if census.trigger == crate::census::CensusTrigger::Schedule {
                 censuses
                     .scheduled
                     .insert(census.fleet.clone(), census.clone());
             }
         }
+        census
+    }
+
+    /// A settled wave's census taken while its history had `changes` entries, if
+    /// recent enough to answer again.
+    pub(crate) fn wave_census(&self, wave_id: &str, changes: usize) -> Option<Arc<Census>> {
+        let censuses = lock(&self.censuses);
+        let kept = censuses.waves.get(wave_id)?;
+        (kept.changes == changes && kept.taken.elapsed() < WAVE_CENSUS_FRESH)
+            .then(|| kept.census.clone())
+    }
+
+    /// Keeps a settled wave's census (the stalest one goes when too many are kept).
+    pub(crate) fn remember_wave_census(
+        &self,
+        wave_id: &str,
+        changes: usize,
+        census: Census,
+    ) -> Arc<Census> {
+        let census = Arc::new(census);
+        let mut censuses = lock(&self.censuses);
+        if censuses.waves.len() >= WAVE_CENSUSES_KEPT && !censuses.waves.contains_key(wave_id) {
+            let stalest = censuses
+                .waves
+                .iter()
+                .min_by_key(|(_, w)| w.taken)
+                .map(|(id, _)| id.clone());
+            if let Some(id) = stalest {
+                censuses.waves.remove(&id);
+            }
+        }
+        censuses.waves.insert(
+            wave_id.to_string(),
+            WaveCensus {
+                changes,
+                taken: std::time::Instant::now(),
+                census: census.clone(),
+            },
+        );
         census
     }
 
@@ -565,6 +657,65 @@ fn view(record: &FleetRecord, open: impl Fn(&str) -> Option<String>) -> FleetVie
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A census that read a fleet replaced (even within the same millisecond) or
+    /// removed while it ran is not kept as that fleet's last.
+    #[tokio::test]
+    async fn a_census_of_a_replaced_fleet_is_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn ProgressStore> =
+            Arc::new(crate::store::SledStore::open(&dir.path().join("data")).expect("store"));
+        let sealer = Arc::new(Sealer::open_or_create(&dir.path().join("secret.key")).expect("key"));
+        let fleets = Fleets::new(store, sealer);
+        let fleet = |dsn: &str| NewFleet {
+            name: "prod".into(),
+            source: TargetSource::Csv {
+                text: String::new(),
+                origin: "test".into(),
+            },
+            tenants: crate::target::from_entries(
+                vec![("t1".into(), dsn.into(), BTreeMap::new())],
+                "test",
+            )
+            .expect("tenant"),
+            labels: BTreeMap::new(),
+        };
+        let reach = Reach::without_ambient_password(crate::reach::AllowedHosts::any());
+        let census_of = |resolved: &ResolvedFleet| {
+            let mut census = crate::census::summarize("prod", Vec::new(), &HashMap::new(), false);
+            census.fleet_registration = resolved.registration;
+            census
+        };
+        fleets
+            .add(fleet("postgresql://u@h1/db"), "op", false, 1)
+            .expect("add");
+        let before = fleets.resolve("prod", &reach, 10).await.expect("resolve");
+        // Replaced with the same clock reading while the census ran.
+        fleets
+            .add(fleet("postgresql://u@h2/db"), "op", true, 1)
+            .expect("replace");
+        fleets.remember_census(census_of(&before));
+        assert!(
+            fleets.cached_census("prod").is_none(),
+            "a stale census is kept"
+        );
+
+        let after = fleets.resolve("prod", &reach, 10).await.expect("resolve");
+        assert_eq!(after.tenants[0].dsn.host(), "h2:5432");
+        fleets.remember_census(census_of(&after));
+        assert!(
+            fleets.cached_census("prod").is_some(),
+            "a current census is lost"
+        );
+
+        fleets.remove("prod").expect("remove");
+        assert!(fleets.cached_census("prod").is_none());
+        fleets.remember_census(census_of(&after));
+        assert!(
+            fleets.cached_census("prod").is_none(),
+            "kept for a removed fleet"
+        );
+    }
 
     #[test]
     fn names_are_plain() {

@@ -877,19 +877,104 @@ async fn fleets_are_registered_by_operators_and_read_by_viewers() {
     assert_eq!(census.tenants.len(), 1, "{census:?}");
     assert_eq!(census.tenants[0].tenant_id, dbs[1]);
     assert!(!format!("{census:?}").contains(secret));
-    // Crowding a server is refused.
-    let crowd = api
-        .census(as_token(
-            VIEWER,
-            v1::CensusRequest {
-                subject: Some(v1::census_request::Subject::Fleet("cat".into())),
-                per_host: 500,
-                ..Default::default()
-            },
+    // Crowding a server is refused, one past each cap.
+    for (concurrency, per_host) in [(65, 0), (0, 17)] {
+        let crowd = api
+            .census(as_token(
+                VIEWER,
+                v1::CensusRequest {
+                    subject: Some(v1::census_request::Subject::Fleet("cat".into())),
+                    concurrency,
+                    per_host,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect_err("past a cap");
+        assert_eq!(crowd.code(), Code::InvalidArgument, "{crowd:?}");
+    }
+    // A kept census is shown as taken: options with `cached` are refused; the
+    // histogram alone has counts and no tenants.
+    let fleet_census = |cached, fingerprint, histogram_only| v1::CensusRequest {
+        subject: Some(v1::census_request::Subject::Fleet("cat".into())),
+        cached,
+        fingerprint,
+        histogram_only,
+        ..Default::default()
+    };
+    let cached = api
+        .census(as_token(VIEWER, fleet_census(true, true, false)))
+        .await
+        .expect_err("cached with fingerprint");
+    assert_eq!(cached.code(), Code::InvalidArgument, "{cached:?}");
+    let histogram = api
+        .census(as_token(VIEWER, fleet_census(true, false, true)))
+        .await
+        .expect("the kept census, histogram only")
+        .into_inner();
+    assert!(histogram.tenants.is_empty(), "{histogram:?}");
+    let counted: u64 = histogram.histogram.iter().map(|b| b.tenants).sum();
+    assert_eq!(counted, 1, "{histogram:?}");
+
+    // A catalog whose query fails can echo its rows in the error: an operator reads
+    // why, a viewer only that it failed.
+    let catalog_db = cluster.connect(&dbs[0]).await.expect("catalog db");
+    let row_text = "row-text-7731";
+    catalog_db
+        .batch_execute(&format!(
+            "CREATE TABLE fleet_src (id text, dsn text, n text);
+             INSERT INTO fleet_src VALUES ('{}', 'host=127.0.0.1 port={} dbname={} user=postgres', '1');",
+            dbs[1],
+            cluster.port(),
+            dbs[1]
         ))
         .await
-        .expect_err("per_host 500");
-    assert_eq!(crowd.code(), Code::InvalidArgument);
+        .expect("catalog table");
+    api.add_fleet(as_token(
+        OPERATOR,
+        add(
+            "breaks",
+            v1::add_fleet_request::Source::Catalog(v1::CatalogTargets {
+                catalog_dsn: catalog_dsn.clone(),
+                catalog_query: "SELECT id, dsn FROM fleet_src WHERE n::int > 0".into(),
+            }),
+        ),
+    ))
+    .await
+    .expect("a catalog fleet that resolves today");
+    catalog_db
+        .batch_execute(&format!("UPDATE fleet_src SET n = '{row_text}'"))
+        .await
+        .expect("break the catalog");
+    let breaks = v1::CensusRequest {
+        subject: Some(v1::census_request::Subject::Fleet("breaks".into())),
+        ..Default::default()
+    };
+    let seen_by_operator = api
+        .census(as_token(OPERATOR, breaks.clone()))
+        .await
+        .expect_err("the catalog fails");
+    assert_eq!(seen_by_operator.code(), Code::FailedPrecondition);
+    assert!(
+        seen_by_operator.message().contains(row_text),
+        "an operator reads the server's error: {}",
+        seen_by_operator.message()
+    );
+    let seen_by_viewer = api
+        .census(as_token(VIEWER, breaks))
+        .await
+        .expect_err("the catalog fails");
+    assert_eq!(seen_by_viewer.code(), Code::FailedPrecondition);
+    assert!(
+        !seen_by_viewer.message().contains(row_text),
+        "a viewer does not read the catalog's rows: {}",
+        seen_by_viewer.message()
+    );
+    assert!(
+        seen_by_viewer.message().contains("breaks"),
+        "{}",
+        seen_by_viewer.message()
+    );
 
     // The fake server leaves allowed_hosts: the listed fleet no longer resolves, and no
     // socket opens to it.
@@ -926,7 +1011,9 @@ async fn fleets_are_registered_by_operators_and_read_by_viewers() {
     daemon
         .terminate(Duration::from_secs(10))
         .expect("terminate");
-    for path in flotilla_testkit::files_under(&dir.path().join("data")) {
+    let files = flotilla_testkit::files_under(&dir.path().join("data"));
+    assert!(!files.is_empty(), "the store has files to search");
+    for path in files {
         let bytes = std::fs::read(&path).unwrap_or_default();
         assert!(
             !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),

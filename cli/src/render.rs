@@ -452,7 +452,7 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
         for h in &c.hosts {
             println!(
                 "  {}  {}  ({})",
-                h.host,
+                printable(&h.host),
                 tenants(h.tenants),
                 states_line(&h.states)
             );
@@ -468,20 +468,23 @@ pub fn print_census(c: &v1::CensusReport, all: bool) {
             if all { "tenants" } else { "outliers" },
             listed.len()
         );
+        // As printed (escapes widen an id); one very long id must not push every
+        // line off the screen.
         let id_width = listed
             .iter()
-            .map(|t| t.tenant_id.chars().count())
+            .map(|t| printable(&t.tenant_id).chars().count())
             .max()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .min(40);
         for t in listed {
             println!(
                 "  {:<id_width$}  {:<12}  {:<8}  {}",
                 printable(&t.tenant_id),
                 census_state(t.state),
                 if t.version.is_empty() {
-                    "-"
+                    "-".into()
                 } else {
-                    &t.version
+                    printable(&t.version)
                 },
                 outlier_reason(t)
             );

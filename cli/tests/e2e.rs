@@ -881,7 +881,9 @@ async fn passwords_never_leak() {
         assert!(!log.contains(secret), "password in the daemon log");
     }
     drop(daemon);
-    for entry in flotilla_testkit::files_under(data.path()) {
+    let files = flotilla_testkit::files_under(data.path());
+    assert!(!files.is_empty(), "the store has files to search");
+    for entry in files {
         let bytes = std::fs::read(&entry).expect("read store file");
         for secret in [PASSWORD, WRONG] {
             assert!(
@@ -2284,6 +2286,28 @@ async fn a_mixed_fleet_is_registered_and_its_census_names_every_outlier() {
         serde_json::json!([{ "version": "3", "tenants": 9 }]),
         "{run:?}"
     );
+    // While the wave stands still, asking again answers from the census just taken
+    // (not one reading of every tenant per status call): a tenant emptied by hand
+    // shows in a fleet census at once, in the wave's status only later.
+    let tenant = cluster.connect("cen_00001").await.expect("connect");
+    tenant
+        .batch_execute("DROP SCHEMA flotilla CASCADE")
+        .await
+        .expect("drop the log");
+    let census = flotilla(
+        &server,
+        &["--output", "json", "fleet", "census", "first-nine"],
+    )
+    .await;
+    assert_eq!(census.code, 0, "{census:?}");
+    assert_eq!(census.json()["states"]["unmanaged"], 1, "{census:?}");
+    let run = flotilla(&server, &["--output", "json", "wave", "status", &wave]).await;
+    assert_eq!(
+        run.json()["versions"],
+        serde_json::json!([{ "version": "3", "tenants": 9 }]),
+        "{run:?}"
+    );
+    drop(tenant);
     let removed = flotilla(&server, &["fleet", "remove", "first-nine"]).await;
     assert_eq!(removed.code, 0, "{removed:?}");
     let gone = flotilla(&server, &["fleet", "census", "first-nine"]).await;

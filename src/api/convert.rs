@@ -536,8 +536,8 @@ pub struct Resolved {
     pub tenants: Vec<crate::target::Tenant>,
     /// The registered fleet, if the request named one.
     pub fleet: Option<String>,
-    /// When that fleet was registered (`0` without a fleet).
-    pub fleet_registered_at_ms: u64,
+    /// Which registration of that fleet was read (`0` without a fleet).
+    pub fleet_registration: u64,
 }
 
 impl Targets {
@@ -591,7 +591,7 @@ impl Targets {
                 return Ok(Resolved {
                     tenants: resolved.tenants,
                     fleet: Some(name),
-                    fleet_registered_at_ms: resolved.registered_at_ms,
+                    fleet_registration: resolved.registration,
                 });
             }
             Targets::List(list) => {
@@ -618,7 +618,7 @@ impl Targets {
         Ok(Resolved {
             tenants,
             fleet: None,
-            fleet_registered_at_ms: 0,
+            fleet_registration: 0,
         })
     }
 }
@@ -827,7 +827,7 @@ pub fn census(c: &crate::census::Census) -> v1::CensusReport {
         fleet: c.fleet.clone(),
         bundle_id: c.bundle_id.clone().unwrap_or_default(),
         fingerprinted: c.fingerprinted,
-        trigger: c.trigger.to_string(),
+        trigger: c.trigger.as_str().to_string(),
         started_at: Some(timestamp(c.started_at_ms)),
         finished_at: Some(timestamp(c.finished_at_ms)),
         histogram: c

@@ -436,6 +436,7 @@ impl RolloutApi {
             ))),
             n => Ok(n),
         };
+        let plain = r.concurrency == 0 && r.per_host == 0 && !r.fingerprint;
         let options = crate::census::CensusOptions {
             concurrency: bounded(
                 "concurrency",
@@ -454,6 +455,21 @@ impl RolloutApi {
         let mut bundle = match r.bundle.clone() {
             Some(b) => Some(Arc::new(convert::bundle_from_proto(Some(b), &self.limits)?)),
             None => None,
+        };
+        // `wave status` of a settled wave asks again and again: while the wave does not
+        // change, a recent census answers without a slot (at most one reading of its
+        // tenants per 30 s, not one per status call).
+        let for_status = r.histogram_only && bundle.is_none() && plain;
+        let wave_changes = match &r.subject {
+            Some(Subject::WaveId(id)) => {
+                let id = wave_id(id)?;
+                let changes = self.engine.status(&id)?.history.len();
+                if for_status && let Some(census) = self.engine.fleets().wave_census(&id, changes) {
+                    return Ok(answer(&census));
+                }
+                Some((id, changes))
+            }
+            _ => None,
         };
         let _slot = self
             .engine
@@ -475,15 +491,22 @@ impl RolloutApi {
                     .resolve(&self.limits, reach, self.engine.fleets())
                     .await
                     .map_err(|e| viewer_safe(e, caller.role, name))?;
-                let mut census =
-                    crate::census::take(name, resolved.tenants, bundle, &options, reach, "request")
-                        .await;
-                census.fleet_registered_at_ms = resolved.fleet_registered_at_ms;
+                let mut census = crate::census::take(
+                    name,
+                    resolved.tenants,
+                    bundle,
+                    &options,
+                    reach,
+                    crate::census::CensusTrigger::Request,
+                )
+                .await;
+                census.fleet_registration = resolved.fleet_registration;
                 let census = self.engine.fleets().remember_census(census);
                 Ok(answer(&census))
             }
-            Some(Subject::WaveId(id)) => {
-                let id = wave_id(id)?;
+            Some(Subject::WaveId(_)) => {
+                let (id, changes) = wave_changes
+                    .ok_or_else(|| ApiError::Internal("a wave census without its wave".into()))?;
                 if bundle.is_none() {
                     bundle = Some(self.engine.bundle(&id)?);
                 }
@@ -494,9 +517,16 @@ impl RolloutApi {
                     bundle,
                     &options,
                     reach,
-                    "request",
+                    crate::census::CensusTrigger::Request,
                 )
                 .await;
+                if for_status {
+                    let census = self
+                        .engine
+                        .fleets()
+                        .remember_wave_census(&id, changes, census);
+                    return Ok(answer(&census));
+                }
                 Ok(answer(&census))
             }
         }

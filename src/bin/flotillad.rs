@@ -217,6 +217,9 @@ async fn census_schedule(engine: Engine, every: Duration, fingerprint: bool, max
             _ = &mut draining => return,
             _ = round => {}
         }
+        // The interval is the rest between rounds: a round longer than it (a large
+        // fleet, a slow server) never leads into the next one at once.
+        tick.reset();
     }
 }
 

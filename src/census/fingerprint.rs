@@ -117,6 +117,7 @@ WHERE t.typtype = 'd'
 /// One tenant's schema: every object by `(kind, name)`, with its definition.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Schema {
+    /// `(kind, name)` → normalized definition.
     pub objects: BTreeMap<(String, String), String>,
 }
 
@@ -165,6 +166,7 @@ pub enum ChangeKind {
 /// One object that differs, named as `kind schema.name[.part]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SchemaChange {
+    /// Added, removed or defined differently.
     pub kind: ChangeKind,
     /// E.g. `column public.accounts.nickname`.
     pub object: String,

@@ -37,14 +37,44 @@ pub const DEFAULT_PER_HOST: usize = 8;
 pub const MAX_CONCURRENCY: usize = 64;
 /// The most tenants a census reads at once on one server.
 pub const MAX_PER_HOST: usize = 16;
-/// How long one tenant's reading may take, connect included.
-pub const TENANT_DEADLINE: Duration = Duration::from_secs(15);
-/// Pending scripts named per tenant (the count is always whole).
-const MAX_PENDING_LISTED: usize = 20;
+/// How long the log query may run on the server.
+const LOG_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the fingerprint query may run on the server: shorter than the log's, so
+/// a huge catalog costs the tenant its fingerprint, never its log reading.
+const FINGERPRINT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one tenant's reading may take: connecting (5 s), then the log query and
+/// the fingerprint query, which run one after the other on the server.
+pub const TENANT_DEADLINE: Duration = Duration::from_secs(5 + 10 + 5 + 1);
+/// Scripts or versions named per tenant in each list (pending, started, drifted,
+/// ahead); the pending count is always whole, the others say how many more in a note.
+const MAX_LISTED: usize = 20;
+/// Distinct schemas kept for diffs: a fleet whose every tenant differs (a timestamp in
+/// a default, per-tenant objects) must not hold every schema in memory; groups past
+/// this many are counted but listed without a diff.
+const MAX_SCHEMAS: usize = 256;
 /// Schema changes listed per fingerprint group.
 const MAX_CHANGES: usize = 50;
 /// Tenant ids listed per fingerprint group.
 const MAX_MEMBERS: usize = 20;
+
+/// Why a census was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CensusTrigger {
+    /// An operator or viewer asked (`fleet census`, `wave status`).
+    Request,
+    /// The daemon's `census_interval`.
+    Schedule,
+}
+
+impl CensusTrigger {
+    /// The name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CensusTrigger::Request => "request",
+            CensusTrigger::Schedule => "schedule",
+        }
+    }
+}
 
 /// Where one tenant stands, most pressing first: a tenant is in the first state that
 /// applies to it.
@@ -106,14 +136,17 @@ impl CensusState {
 /// What the census found on one tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantCensus {
+    /// The tenant, as the fleet names it.
     pub tenant_id: String,
     /// `host:port`.
     pub host: String,
+    /// The first state that applies to it.
     pub state: CensusState,
     /// The highest version recorded applied or baselined.
     pub version: Option<String>,
-    /// Versions applied by running them, and recorded as baselined.
+    /// Versions applied by running them.
     pub applied: u32,
+    /// Versions recorded as baselined (counted apart from `applied`).
     pub baselined: u32,
     /// Scripts with a `started` row.
     pub started: Vec<String>,
@@ -123,6 +156,7 @@ pub struct TenantCensus {
     pub ahead: Vec<String>,
     /// Scripts of the bundle the tenant would get (the first few), and how many.
     pub pending: Vec<String>,
+    /// How many scripts of the bundle it would get (whole, however many are listed).
     pub pending_count: u32,
     /// In a minority fingerprint group at its version (whatever its state).
     pub schema_drift: bool,
@@ -152,11 +186,14 @@ impl TenantCensus {
 pub struct FingerprintGroup {
     /// The histogram bucket (version, or `none`).
     pub version: String,
+    /// The fingerprint the group shares.
     pub fingerprint: String,
+    /// How many tenants are in the group.
     pub tenants: u64,
     /// The group the others at its version are compared with: the largest (on a tie,
     /// the smallest fingerprint, and `tied` says so).
     pub reference: bool,
+    /// Tied with another group for largest: none of its tenants is called drifted.
     pub tied: bool,
     /// How this group's schema differs from the reference's (empty for the reference).
     pub changes: Vec<SchemaChange>,
@@ -169,32 +206,41 @@ pub struct FingerprintGroup {
 /// Tenants of one server, per state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCensus {
+    /// `host:port`.
     pub host: String,
+    /// How many tenants of the fleet are on it.
     pub tenants: u64,
+    /// Its tenants per state (states without tenants left out).
     pub states: BTreeMap<CensusState, u64>,
 }
 
 /// One census of a fleet.
 #[derive(Debug, Clone)]
 pub struct Census {
+    /// The fleet (or `wave:ID` for a wave's tenants).
     pub fleet: String,
     /// The bundle compared with, if any.
     pub bundle_id: Option<String>,
+    /// Whether schema fingerprints were read.
     pub fingerprinted: bool,
-    /// `request` (an operator or viewer asked) or `schedule` (`census_interval`).
-    pub trigger: &'static str,
+    /// Why it was taken.
+    pub trigger: CensusTrigger,
+    /// When the reading began (Unix ms).
     pub started_at_ms: u64,
+    /// When the last tenant was read (Unix ms).
     pub finished_at_ms: u64,
     /// Every tenant, in the fleet's order.
     pub tenants: Vec<TenantCensus>,
-    /// When the fleet's record that was read was registered (`0` for a wave's
-    /// tenants): a census of a fleet replaced since is not kept as its last.
-    pub fleet_registered_at_ms: u64,
+    /// Which registration of the fleet was read (see [`crate::fleet::ResolvedFleet`];
+    /// `0` for a wave's tenants): a census of a fleet replaced since is not kept.
+    pub fleet_registration: u64,
     /// Tenants per bucket: versions in version order, then `none`, then `unreachable`.
     pub histogram: Vec<(String, u64)>,
     /// Tenants per state (every state, zeros included).
     pub states: BTreeMap<CensusState, u64>,
+    /// Per server, by `host:port`.
     pub hosts: Vec<HostCensus>,
+    /// Fingerprint groups, by version, the reference first.
     pub fingerprints: Vec<FingerprintGroup>,
 }
 
@@ -246,7 +292,7 @@ fn census_settings() -> SessionSettings {
     SessionSettings {
         application_name: "flotilla-census",
         lock_timeout: Duration::from_millis(500),
-        ..SessionSettings::catalog_reader(Duration::from_secs(10))
+        ..SessionSettings::catalog_reader(LOG_STATEMENT_TIMEOUT)
     }
 }
 
@@ -258,7 +304,7 @@ pub async fn take(
     bundle: Option<Arc<Bundle>>,
     options: &CensusOptions,
     reach: &Reach,
-    trigger: &'static str,
+    trigger: CensusTrigger,
 ) -> Census {
     let started_at_ms = crate::wave::now_ms();
     let fingerprint = options.fingerprint;
@@ -296,7 +342,10 @@ pub async fn take(
                     ),
                 };
                 if let (Some(fp), Some(schema)) = (&census.fingerprint, schema) {
-                    crate::lock(&schemas).entry(fp.clone()).or_insert(schema);
+                    let mut schemas = crate::lock(&schemas);
+                    if schemas.len() < MAX_SCHEMAS {
+                        schemas.entry(fp.clone()).or_insert(schema);
+                    }
                 }
                 census
             }
@@ -365,7 +414,14 @@ async fn read_tenant(
     let client = session.client();
     let log_read = client.simple_query(log::READ_SQL);
     let (log_result, schema_result) = if fingerprint {
-        let (l, s) = tokio::join!(log_read, client.simple_query(fingerprint::FINGERPRINT_SQL));
+        // Pipelined behind the log query; its own, shorter timeout set in the same
+        // message (the session is read-only, SET is allowed).
+        let fingerprint_sql = format!(
+            "SET statement_timeout = {}; {}",
+            FINGERPRINT_STATEMENT_TIMEOUT.as_millis(),
+            fingerprint::FINGERPRINT_SQL
+        );
+        let (l, s) = tokio::join!(log_read, client.simple_query(&fingerprint_sql));
         (l, Some(s))
     } else {
         (log_read.await, None)
@@ -507,18 +563,23 @@ pub fn examine(tenant: &Tenant, rows: Option<&[LogRow]>, bundle: Option<&Bundle>
         // The same planner a wave uses, told to tolerate what the census reports.
         match plan::plan(bundle, rows, lenient) {
             Ok(p) => {
+                // Only never-applied versions are out of order (resuming an interrupted
+                // older script is not).
                 let older: Vec<&str> = p
                     .steps
                     .iter()
+                    .filter(|s| s.action == plan::StepAction::Apply)
                     .map(|s| &bundle.scripts()[s.script])
                     .filter(|s| s.version().is_some_and(|v| highest.is_some_and(|h| v < h)))
                     .map(|s| s.name.as_str())
                     .collect();
                 if !older.is_empty() {
+                    let more = older.len().saturating_sub(MAX_LISTED);
                     out.notes.push(format!(
-                        "out of order: {} older than version {} it has; a wave fails it unless out-of-order is allowed",
-                        older.join(", "),
-                        out.version.as_deref().unwrap_or("?")
+                        "out of order: {} older than version {} it has{}; a wave fails it unless out-of-order is allowed",
+                        older[..older.len().min(MAX_LISTED)].join(", "),
+                        out.version.as_deref().unwrap_or("?"),
+                        if more > 0 { format!(" (and {more} more)") } else { String::new() }
                     ));
                 }
                 out.set_pending(p.steps.iter().map(|s| &bundle.scripts()[s.script].name));
@@ -537,6 +598,18 @@ pub fn examine(tenant: &Tenant, rows: Option<&[LogRow]>, bundle: Option<&Bundle>
     } else {
         CensusState::Current
     };
+    // The state is decided on the whole lists; the answer names the first few.
+    for (what, list) in [
+        ("interrupted scripts", &mut out.started),
+        ("drifted scripts", &mut out.drifted),
+        ("versions ahead", &mut out.ahead),
+    ] {
+        if list.len() > MAX_LISTED {
+            let more = list.len() - MAX_LISTED;
+            list.truncate(MAX_LISTED);
+            out.notes.push(format!("{more} more {what} than listed"));
+        }
+    }
     out
 }
 
@@ -544,11 +617,7 @@ impl TenantCensus {
     fn set_pending<'a>(&mut self, names: impl Iterator<Item = &'a String>) {
         let names: Vec<&String> = names.collect();
         self.pending_count = u32::try_from(names.len()).unwrap_or(u32::MAX);
-        self.pending = names
-            .into_iter()
-            .take(MAX_PENDING_LISTED)
-            .cloned()
-            .collect();
+        self.pending = names.into_iter().take(MAX_LISTED).cloned().collect();
     }
 }
 
@@ -611,9 +680,9 @@ pub fn summarize(
             };
             let more_changes = changes.len().saturating_sub(MAX_CHANGES);
             changes.truncate(MAX_CHANGES);
-            // On a tie nobody is the odd one out: the groups are listed, no tenant is
-            // called drifted.
-            if !reference && !tied {
+            // Groups tied for largest: neither is the odd one out. A smaller group
+            // still is.
+            if members.len() < largest {
                 for &i in members {
                     tenants[i].schema_drift = true;
                     if tenants[i].state > CensusState::SchemaDrift {
@@ -626,7 +695,7 @@ pub fn summarize(
                 fingerprint: fp.clone(),
                 tenants: members.len() as u64,
                 reference,
-                tied,
+                tied: tied && members.len() == largest,
                 changes,
                 more_changes,
                 members: members
@@ -664,7 +733,7 @@ pub fn summarize(
         fleet: fleet.to_string(),
         bundle_id: None,
         fingerprinted: !schemas.is_empty(),
-        trigger: "request",
+        trigger: CensusTrigger::Request,
         started_at_ms: 0,
         finished_at_ms: 0,
         tenants,
@@ -672,7 +741,7 @@ pub fn summarize(
         states,
         hosts: hosts.into_values().collect(),
         fingerprints,
-        fleet_registered_at_ms: 0,
+        fleet_registration: 0,
     }
 }
 

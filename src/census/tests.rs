@@ -227,7 +227,7 @@ fn only_the_latest_row_of_a_script_counts() {
 }
 
 #[test]
-fn a_tie_singles_nobody_out() {
+fn a_tie_for_largest_excuses_only_the_tied_groups() {
     let b = bundle();
     let at3 = |id: &str| {
         let rows: Vec<LogRow> = ["1", "2", "3"]
@@ -243,18 +243,68 @@ fn a_tie_singles_nobody_out() {
     let other = Schema {
         objects: [(("table".to_string(), "public.b".to_string()), String::new())].into(),
     };
-    let mut tenants = vec![at3("x"), at3("y")];
-    tenants[0].fingerprint = Some(one.fingerprint());
-    tenants[1].fingerprint = Some(other.fingerprint());
-    let schemas: HashMap<String, Schema> =
-        [(one.fingerprint(), one), (other.fingerprint(), other)].into();
+    let third = Schema {
+        objects: [(("table".to_string(), "public.c".to_string()), String::new())].into(),
+    };
+    let mut tenants = vec![at3("x1"), at3("x2"), at3("y1"), at3("y2"), at3("z")];
+    for (i, s) in [(0, &one), (1, &one), (2, &other), (3, &other), (4, &third)] {
+        tenants[i].fingerprint = Some(s.fingerprint());
+    }
+    let schemas: HashMap<String, Schema> = [
+        (one.fingerprint(), one),
+        (other.fingerprint(), other),
+        (third.fingerprint(), third.clone()),
+    ]
+    .into();
     let census = summarize("f", tenants, &schemas, true);
-    assert_eq!(census.count(CensusState::SchemaDrift), 0);
-    assert_eq!(census.drifted(), 0);
+    // Two groups of two: neither is drift. The lone third one is.
+    let drifting: Vec<&str> = census
+        .tenants
+        .iter()
+        .filter(|t| t.schema_drift)
+        .map(|t| t.tenant_id.as_str())
+        .collect();
+    assert_eq!(drifting, vec!["z"]);
+    assert_eq!(census.count(CensusState::SchemaDrift), 1);
+    let tied: Vec<u64> = census
+        .fingerprints
+        .iter()
+        .filter(|g| g.tied)
+        .map(|g| g.tenants)
+        .collect();
+    assert_eq!(tied, vec![2, 2], "{:?}", census.fingerprints);
+    let lone = census
+        .fingerprints
+        .iter()
+        .find(|g| g.fingerprint == third.fingerprint())
+        .expect("the third group");
+    assert!(!lone.tied && !lone.reference);
+    assert_eq!(census.fingerprints.len(), 3);
+}
+
+#[test]
+fn long_lists_are_capped_but_counted() {
+    // 30 scripts applied, none of them in the bundle: all ahead, 20 listed.
+    let b = bundle();
+    let rows: Vec<LogRow> = (1..=30)
+        .map(|v| LogRow {
+            id: v,
+            version: Some(format!("{}", 100 + v)),
+            script: format!("V{}__x.sql", 100 + v),
+            kind: "versioned".into(),
+            checksum: "sha256:x".into(),
+            status: LogStatus::Applied,
+            statements_done: None,
+        })
+        .collect();
+    let t = examine(&tenant("t", "h"), Some(&rows), Some(&b));
+    assert_eq!(t.state, CensusState::Ahead);
+    assert_eq!(t.ahead.len(), 20);
     assert!(
-        census.fingerprints.iter().all(|g| g.tied),
+        t.notes
+            .iter()
+            .any(|n| n == "10 more versions ahead than listed"),
         "{:?}",
-        census.fingerprints
+        t.notes
     );
-    assert_eq!(census.fingerprints.len(), 2);
 }

@@ -188,16 +188,16 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
     let fleet_tenants = meter
         .u64_observable_gauge("flotilla_fleet_tenants")
         .with_description(
-            "Tenants of each registered fleet per highest applied version (`none`, `unreachable`), from its last census",
+            "Tenants of each registered fleet per highest applied version (`none`, `unreachable`; past the 50 largest buckets, `other`), from its last scheduled census",
         )
         .with_callback(move |observer| {
             for census in for_versions.fleets().scheduled_censuses() {
-                for (version, n) in &census.histogram {
+                for (version, n) in version_buckets(&census.histogram) {
                     observer.observe(
-                        *n,
+                        n,
                         &[
                             KeyValue::new("fleet", census.fleet.clone()),
-                            KeyValue::new("version", version.clone()),
+                            KeyValue::new("version", version),
                         ],
                     );
                 }
@@ -208,7 +208,7 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
     let fleet_drifted = meter
         .u64_observable_gauge("flotilla_fleet_drifted")
         .with_description(
-            "Tenants of each fleet whose applied checksums or schema differ, from its last census",
+            "Tenants of each fleet whose applied checksums or schema differ, from its last scheduled census",
         )
         .with_callback(move |observer| {
             for census in for_drift.fleets().scheduled_censuses() {
@@ -220,7 +220,7 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
     let for_unreachable = engine.clone();
     let fleet_unreachable = meter
         .u64_observable_gauge("flotilla_fleet_unreachable")
-        .with_description("Tenants of each fleet its last census could not read")
+        .with_description("Tenants of each fleet its last scheduled census could not read")
         .with_callback(move |observer| {
             for census in for_unreachable.fleets().scheduled_censuses() {
                 let n = census.count(crate::census::CensusState::Unreachable);
@@ -254,5 +254,48 @@ pub fn observe_engine(engine: &Engine) -> EngineGauges {
             fleet_drifted,
             fleet_unreachable,
         ],
+    }
+}
+
+/// Version buckets exported per fleet: a fleet spread over hundreds of versions must not
+/// make hundreds of series.
+const MAX_VERSION_SERIES: usize = 50;
+
+/// A census histogram as exported: the largest [`MAX_VERSION_SERIES`] buckets as they
+/// are, the rest summed as `other`.
+fn version_buckets(histogram: &[(String, u64)]) -> Vec<(String, u64)> {
+    if histogram.len() <= MAX_VERSION_SERIES {
+        return histogram.to_vec();
+    }
+    let mut by_size: Vec<&(String, u64)> = histogram.iter().collect();
+    by_size.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut out: Vec<(String, u64)> = by_size[..MAX_VERSION_SERIES - 1]
+        .iter()
+        .map(|(v, n)| (v.clone(), *n))
+        .collect();
+    let other = by_size[MAX_VERSION_SERIES - 1..]
+        .iter()
+        .map(|(_, n)| n)
+        .sum();
+    out.push(("other".to_string(), other));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_versions_fold_into_other_and_keep_the_total() {
+        let histogram: Vec<(String, u64)> = (1..=80).map(|v| (v.to_string(), v)).collect();
+        let total: u64 = histogram.iter().map(|(_, n)| n).sum();
+        let buckets = version_buckets(&histogram);
+        assert_eq!(buckets.len(), MAX_VERSION_SERIES);
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), total);
+        assert!(buckets.iter().any(|(v, n)| v == "80" && *n == 80));
+        assert!(!buckets.iter().any(|(v, _)| v == "1"));
+        assert_eq!(buckets.last().map(|(v, _)| v.as_str()), Some("other"));
+        let few = &histogram[..3];
+        assert_eq!(version_buckets(few), few.to_vec());
     }
 }

@@ -101,13 +101,16 @@ impl ProgressStore for MemStore {
         &self,
         name: &str,
     ) -> Result<Vec<crate::store::FleetTenantRecord>, StoreError> {
-        Ok(self
-            .fleet_tenants
+        // As the sled store: a listed fleet without its tenants is undecodable.
+        self.fleet_tenants
             .lock()
             .expect("lock")
             .get(name)
             .cloned()
-            .unwrap_or_default())
+            .ok_or_else(|| StoreError::Decode {
+                what: format!("tenants of fleet {name}"),
+                message: "they are missing".into(),
+            })
     }
     fn delete_fleet(&self, name: &str) -> Result<bool, StoreError> {
         self.check()?;
