@@ -106,6 +106,9 @@ pub struct EngineGauges {
 
 /// Registers gauges read from `engine` at each collection.
 pub fn observe_engine(engine: &Engine) -> EngineGauges {
+    // Created now, before anything can scrape: creating an instrument takes the metrics
+    // pipeline's lock, which a scrape holds while its callbacks read the waves.
+    let _ = runs();
     let meter = opentelemetry::global::meter("flotilla");
     let for_tenants = engine.clone();
     let tenants = meter

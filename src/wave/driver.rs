@@ -106,6 +106,8 @@ pub(super) enum Body {
     Finished {
         record: Box<WaveRecord>,
         counts: Counts,
+        /// Per stage (a few at most), so status shows them without the tenants.
+        stages: Vec<super::machine::StageView>,
     },
 }
 
@@ -130,7 +132,11 @@ impl Slot {
     pub(super) fn status(&self) -> WaveStatus {
         match &self.body {
             Body::Active(m) => m.status(),
-            Body::Finished { record, counts } => WaveStatus {
+            Body::Finished {
+                record,
+                counts,
+                stages,
+            } => WaveStatus {
                 id: record.id.clone(),
                 bundle_id: record.bundle_id.clone(),
                 state: record.state,
@@ -143,6 +149,7 @@ impl Slot {
                 waivers: Vec::new(),
                 held: Vec::new(),
                 fleet: record.fleet.clone(),
+                stages: stages.clone(),
             },
         }
     }
@@ -168,10 +175,12 @@ impl Slot {
             && m.in_flight() == 0
         {
             let counts = m.counts();
+            let stages = m.stages();
             let record = m.record().clone();
             self.body = Body::Finished {
                 record: Box::new(record),
                 counts,
+                stages,
             };
         }
     }
@@ -730,19 +739,25 @@ impl Engine {
         generation: u64,
         outcome: &Outcome,
     ) -> Option<Writes> {
-        let mut slot = wave.lock();
-        if slot.forgotten {
-            return None;
-        }
-        let Body::Active(machine) = &mut slot.body else {
-            return None;
+        let (action, writes) = {
+            let mut slot = wave.lock();
+            if slot.forgotten {
+                return None;
+            }
+            let Body::Active(machine) = &mut slot.body else {
+                return None;
+            };
+            let (action, effects) = machine.on_outcome(seq, generation, outcome, now());
+            let action = action?;
+            slot.stops.remove(&seq);
+            (action, wave.dispatch_effects(&mut slot, effects))
         };
-        let (action, effects) = machine.on_outcome(seq, generation, outcome, now());
-        let action = action?;
-        slot.stops.remove(&seq);
+        // Outside the slot's lock: recording a metric can wait for the metrics
+        // pipeline, whose collection (a scrape) reads every wave's slot — holding both
+        // in opposite orders deadlocked a daemon in CI.
         self.inner.observer.tenant_finished(outcome, action);
         record_on_span(outcome, action);
-        wave.dispatch_effects(&mut slot, effects)
+        writes
     }
 
     /// Tenants in flight per server in this wave.
