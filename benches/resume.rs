@@ -33,6 +33,8 @@ fn seed(dir: &std::path::Path, state: WaveState) -> String {
         canary_passed: true,
         history: vec![],
         fleet: None,
+        stages: Vec::new(),
+        stage_open: 0,
     };
     let tenants: Vec<TenantRecord> = (0..TENANTS)
         .map(|seq| TenantRecord {

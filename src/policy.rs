@@ -22,6 +22,72 @@ pub enum Canary {
     Label { key: String, value: String },
 }
 
+/// A stage after the canary: the next tenants to open, once every earlier stage is
+/// done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "by")]
+pub enum Stage {
+    /// The next `count` tenants (in start order) of those no earlier stage took.
+    Count { count: u32 },
+    /// The tenants no earlier stage took whose label `key` equals `value`.
+    Label { key: String, value: String },
+    /// Every tenant no earlier stage took (only last).
+    Rest,
+}
+
+/// Most stages a wave may have after its canary.
+pub const MAX_STAGES: usize = 16;
+
+impl Stage {
+    /// From its spelling: `rest`, a count (`20`, `count=20`), or a label match
+    /// (`region=eu`).
+    pub fn parse(spec: &str) -> Result<Stage, PolicyError> {
+        let spec = spec.trim();
+        if spec == "rest" {
+            return Ok(Stage::Rest);
+        }
+        let count = spec.strip_prefix("count=").unwrap_or(spec);
+        if !count.is_empty() && count.bytes().all(|b| b.is_ascii_digit()) {
+            return match count.parse::<u32>() {
+                Ok(0) | Err(_) => Err(PolicyError(format!(
+                    "stage {spec:?}: a count must be within 1..{}",
+                    u32::MAX
+                ))),
+                Ok(count) => Ok(Stage::Count { count }),
+            };
+        }
+        match spec.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => Ok(Stage::Label {
+                key: key.trim().to_string(),
+                value: value.to_string(),
+            }),
+            _ => Err(PolicyError(format!(
+                "stage {spec:?} is not `rest`, a count (20) or a label match (key=value)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stage::Count { count } => write!(f, "{count}"),
+            Stage::Label { key, value } => write!(f, "{key}={value}"),
+            Stage::Rest => f.write_str("rest"),
+        }
+    }
+}
+
+impl std::fmt::Display for Canary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Canary::None => f.write_str("none"),
+            Canary::Count { count } => write!(f, "{count}"),
+            Canary::Label { key, value } => write!(f, "{key}={value}"),
+        }
+    }
+}
+
 /// What happens when every canary succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -86,6 +152,12 @@ pub struct Policy {
     pub rate: Option<f64>,
     pub canary: Canary,
     pub after_canary: AfterCanary,
+    /// The stages after the canary, in order (tenants no stage takes form a last one).
+    #[serde(default)]
+    pub stages: Vec<Stage>,
+    /// Pause at the end of every stage until an operator approves the next.
+    #[serde(default)]
+    pub approve_between_stages: bool,
     pub max_failures: FailureBudget,
     /// Attempts after the first, for retryable failures only.
     pub retries: u32,
@@ -206,6 +278,8 @@ impl Default for Policy {
             rate: None,
             canary: Canary::None,
             after_canary: AfterCanary::Continue,
+            stages: Vec::new(),
+            approve_between_stages: false,
             max_failures: FailureBudget::default(),
             retries: 3,
             backoff_base_ms: 1_000,
@@ -326,6 +400,35 @@ impl Policy {
             && key.trim().is_empty()
         {
             return bad("canary label needs a key (key=value)".into());
+        }
+        if !self.stages.is_empty() && self.canary == Canary::None {
+            return bad("stages need a canary: the first stage is the canary".into());
+        }
+        if self.approve_between_stages && self.canary == Canary::None {
+            return bad("approve_between_stages needs stages (at least a canary)".into());
+        }
+        if self.stages.len() > MAX_STAGES {
+            return bad(format!(
+                "at most {MAX_STAGES} stages after the canary (got {})",
+                self.stages.len()
+            ));
+        }
+        for (i, stage) in self.stages.iter().enumerate() {
+            match stage {
+                Stage::Count { count: 0 } => {
+                    return bad(format!("stage {}: a count must be at least 1", i + 2));
+                }
+                Stage::Label { key, .. } if key.trim().is_empty() => {
+                    return bad(format!("stage {}: a label match needs a key", i + 2));
+                }
+                Stage::Rest if i + 1 != self.stages.len() => {
+                    return bad(format!(
+                        "stage {}: `rest` takes every tenant left, so it can only be last",
+                        i + 2
+                    ));
+                }
+                _ => {}
+            }
         }
         if self.retries > MAX_RETRIES {
             return bad(format!(
@@ -543,6 +646,57 @@ mod tests {
             ..Policy::default()
         }
         .validate()
+    }
+
+    #[test]
+    fn stages_parse_and_validate() {
+        assert_eq!(Stage::parse("rest"), Ok(Stage::Rest));
+        assert_eq!(Stage::parse("20"), Ok(Stage::Count { count: 20 }));
+        assert_eq!(Stage::parse("count=7"), Ok(Stage::Count { count: 7 }));
+        assert_eq!(
+            Stage::parse("region=eu"),
+            Ok(Stage::Label {
+                key: "region".into(),
+                value: "eu".into()
+            })
+        );
+        for bad in ["0", "99999999999", "=eu", "", "eu"] {
+            assert!(Stage::parse(bad).is_err(), "{bad:?}");
+        }
+        for stage in ["20", "region=eu", "rest"] {
+            let parsed = Stage::parse(stage).expect("parses");
+            assert_eq!(parsed.to_string(), stage, "round trip");
+        }
+        let with = |canary: Canary, stages: Vec<Stage>, approve: bool| Policy {
+            canary,
+            stages,
+            approve_between_stages: approve,
+            ..Policy::default()
+        };
+        let one = Canary::Count { count: 1 };
+        assert!(
+            with(
+                one.clone(),
+                vec![Stage::Count { count: 2 }, Stage::Rest],
+                true
+            )
+            .validate()
+            .is_ok()
+        );
+        let refused = [
+            with(Canary::None, vec![Stage::Rest], false),
+            with(Canary::None, Vec::new(), true),
+            with(
+                one.clone(),
+                vec![Stage::Rest, Stage::Count { count: 2 }],
+                false,
+            ),
+            with(one.clone(), vec![Stage::Count { count: 0 }], false),
+            with(one, vec![Stage::Count { count: 1 }; MAX_STAGES + 1], false),
+        ];
+        for p in refused {
+            assert!(p.validate().is_err(), "{:?}", p.stages);
+        }
     }
 
     #[test]

@@ -70,6 +70,41 @@ pub struct WaveRecord {
     /// The registered fleet the wave's tenants were resolved from, if any.
     #[serde(default)]
     pub fleet: Option<String>,
+    /// The wave's stages in order, the canary first; their tenants are consecutive
+    /// `seq`s. Empty for a wave without stages (or stored before they existed): then
+    /// only the canary gate applies.
+    #[serde(default)]
+    pub stages: Vec<StageRecord>,
+    /// The last stage whose tenants may start (every earlier one is open too).
+    #[serde(default)]
+    pub stage_open: u32,
+}
+
+/// One stage of a wave, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// As given: `canary (5)`, `region=eu`, `rest`.
+    pub name: String,
+    /// How many tenants it holds.
+    pub tenants: u32,
+    /// Who opened the stage after this one, when approval was required.
+    #[serde(default)]
+    pub approval: Option<ApprovalRecord>,
+}
+
+/// An operator's approval of a finished stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// The token name.
+    pub by: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The stage's tenants when approved.
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Approved although some of them did not succeed (`--accept-failures`).
+    pub accepted_failures: bool,
 }
 
 /// A failure as stored and shown.
@@ -624,6 +659,8 @@ mod tests {
             canary_passed: false,
             history: vec![],
             fleet: None,
+            stages: Vec::new(),
+            stage_open: 0,
         }
     }
 

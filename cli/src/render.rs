@@ -52,6 +52,8 @@ fn policy_json(p: &v1::Policy) -> Value {
         "canary_count": (p.canary_count > 0).then_some(p.canary_count),
         "canary_label": (!p.canary_label.is_empty()).then_some(&p.canary_label),
         "pause_after_canary": p.pause_after_canary,
+        "stages": p.stages,
+        "approve_between_stages": p.approve_between_stages,
         "max_failures": match p.max_failures {
             Some(M::MaxFailuresCount(n)) => json!({"count": n}),
             Some(M::MaxFailuresRatio(r)) => json!({"ratio": r}),
@@ -86,6 +88,19 @@ pub fn wave_json(w: &v1::Wave) -> Value {
         "waivers": w.waivers,
         "held": w.held,
         "fleet": (!w.fleet.is_empty()).then_some(&w.fleet),
+        "stages": w.stages.iter().map(|s| json!({
+            "name": s.name,
+            "open": s.open,
+            "tenants": counts_json(s.tenants.as_ref()),
+            "approval": s.approval.as_ref().map(|a| json!({
+                "by": a.by,
+                "at": time(a.at.as_ref()),
+                "succeeded": a.succeeded,
+                "failed": a.failed,
+                "cancelled": a.cancelled,
+                "accepted_failures": a.accepted_failures,
+            })),
+        })).collect::<Vec<_>>(),
         "history": w.history.iter().map(|h| json!({
             "from": (h.from != 0).then(|| wave_state(h.from)),
             "to": wave_state(h.to),
@@ -206,6 +221,28 @@ pub fn print_wave(w: &v1::Wave) {
         if !p.baseline_version.is_empty() {
             println!("baseline up to version {}", p.baseline_version);
         }
+    }
+    for (i, s) in w.stages.iter().enumerate() {
+        let approval = match &s.approval {
+            Some(a) => format!(
+                " · approved by {} at {}{}",
+                a.by,
+                time(a.at.as_ref()).unwrap_or_default(),
+                if a.accepted_failures {
+                    " (failures accepted)"
+                } else {
+                    ""
+                }
+            ),
+            None if !s.open => " · not open".to_string(),
+            None => String::new(),
+        };
+        println!(
+            "stage {}  {}: {}{approval}",
+            i + 1,
+            printable(&s.name),
+            counts_line(s.tenants.as_ref())
+        );
     }
     for waiver in &w.waivers {
         println!("waived   {waiver}");

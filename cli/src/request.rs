@@ -271,8 +271,16 @@ pub struct PolicyArgs {
     #[arg(long, value_parser = parse_canary)]
     pub canary: Option<CanaryArg>,
     /// Pause the wave after the canary succeeded, for an operator to resume.
-    #[arg(long, requires = "canary")]
+    #[arg(long)]
     pub pause_after_canary: bool,
+    /// A stage, in order (repeat the flag): `canary=N` (only first, the canary), a count
+    /// N (the next N tenants), a label match key=value, or `rest`. Without --canary the
+    /// first stage is the canary. Tenants no stage takes form a last stage.
+    #[arg(long = "stage", value_name = "SPEC")]
+    pub stages: Vec<String>,
+    /// Pause at the end of every stage until `flotilla wave approve` opens the next.
+    #[arg(long)]
+    pub approve_between_stages: bool,
     /// Failed tenants before the wave pauses itself: a count (5), a percentage (10%), a
     /// ratio (0.1) or `unlimited` [default: 10%].
     #[arg(long, value_parser = parse_max_failures)]
@@ -355,7 +363,41 @@ impl PolicyArgs {
             d.map(|d| timeout_ms(flag, d, zero).map_err(|e| usage(e.to_string())))
                 .transpose()
         };
-        let (canary_count, canary_label) = match &self.canary {
+        // `--stage canary=5 --stage region=eu` is `--canary 5 --stage region=eu`.
+        let mut stages: Vec<String> = self.stages.clone();
+        let canary = match (&self.canary, stages.first()) {
+            (Some(_), _) if stages.iter().any(|s| s.trim().starts_with("canary=")) => {
+                return Err(usage(
+                    "--stage canary=…: the canary is --canary or the first --stage, not both"
+                        .into(),
+                ));
+            }
+            (Some(c), _) => Some(c.clone()),
+            (None, Some(first)) => {
+                let spec = first.trim();
+                let spec = spec.strip_prefix("canary=").unwrap_or(spec);
+                if spec == "rest" {
+                    return Err(usage(
+                        "--stage rest cannot be the first stage: the first is the canary".into(),
+                    ));
+                }
+                let canary = parse_canary(spec.strip_prefix("count=").unwrap_or(spec))
+                    .map_err(|e| usage(format!("--stage {first}: {e}")))?;
+                stages.remove(0);
+                Some(canary)
+            }
+            (None, None) => None,
+        };
+        if self.pause_after_canary && canary.is_none() {
+            return Err(usage(
+                "--pause-after-canary needs a canary (--canary or --stage)".into(),
+            ));
+        }
+        for spec in &stages {
+            flotilla::policy::Stage::parse(spec)
+                .map_err(|e| usage(format!("--stage {spec}: {}", e.0)))?;
+        }
+        let (canary_count, canary_label) = match &canary {
             None => (0, String::new()),
             Some(CanaryArg::Count(n)) => (*n, String::new()),
             Some(CanaryArg::Label(l)) => (0, l.clone()),
@@ -367,6 +409,8 @@ impl PolicyArgs {
             canary_count,
             canary_label,
             pause_after_canary: self.pause_after_canary,
+            stages,
+            approve_between_stages: self.approve_between_stages,
             max_failures: self.max_failures,
             retries: self.retries,
             transaction: match self.transaction {
@@ -442,5 +486,51 @@ mod tests {
         );
         assert!(parse_canary("0").is_err());
         assert!(parse_canary("=x").is_err());
+    }
+
+    /// `--stage` as the daemon gets it: the first stage is the canary.
+    #[test]
+    fn stage_forms() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            policy: PolicyArgs,
+        }
+        let policy = |args: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("flotilla").chain(args.iter().copied()),
+            )
+            .expect("flags parse");
+            cli.policy.to_proto()
+        };
+        let p =
+            policy(&["--stage", "canary=3", "--stage", "12", "--stage", "rest"]).expect("stages");
+        assert_eq!(
+            (p.canary_count, p.stages.clone()),
+            (3, vec!["12".into(), "rest".into()])
+        );
+        let p = policy(&["--stage", "region=eu", "--stage", "tier=free"]).expect("labels");
+        assert_eq!(p.canary_label, "region=eu");
+        assert_eq!(p.stages, vec!["tier=free".to_string()]);
+        let p = policy(&[
+            "--canary",
+            "2",
+            "--stage",
+            "region=eu",
+            "--approve-between-stages",
+        ])
+        .expect("canary and a stage");
+        assert_eq!((p.canary_count, p.stages.len()), (2, 1));
+        assert!(p.approve_between_stages);
+        for bad in [
+            &["--canary", "2", "--stage", "canary=3"][..],
+            &["--stage", "rest"],
+            &["--stage", "1", "--stage", "0"],
+            &["--stage", "1", "--stage", "=x"],
+            &["--pause-after-canary"],
+        ] {
+            let e = policy(bad).expect_err("refused");
+            assert_eq!(e.exit, Exit::Usage, "{bad:?}");
+        }
     }
 }

@@ -43,6 +43,15 @@ pub enum WaveCommand {
         #[arg(long)]
         accept_canary_failure: bool,
     },
+    /// Open the next stage of a wave paused at the end of a stage
+    /// (--approve-between-stages); the approval is recorded with your token's name.
+    Approve {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// Approve although some tenants of the stage failed or were cancelled.
+        #[arg(long)]
+        accept_failures: bool,
+    },
     /// Stop starting tenants and stop in-flight ones at their next script boundary.
     Cancel(ActionArgs),
     /// Put the failed tenants of a finished or paused wave back to pending.
@@ -233,6 +242,18 @@ pub async fn run(
             show_wave(&wave, output);
             Ok(Exit::Ok)
         }
+        WaveCommand::Approve {
+            action: a,
+            accept_failures,
+        } => {
+            let request = v1::WaveActionRequest {
+                accept_failures,
+                ..action(a)
+            };
+            let wave = client.approve_wave(request).await?.into_inner();
+            show_wave(&wave, output);
+            Ok(Exit::Ok)
+        }
         WaveCommand::Cancel(a) => {
             let wave = client.cancel_wave(action(a)).await?.into_inner();
             show_wave(&wave, output);
@@ -327,6 +348,7 @@ fn action(a: ActionArgs) -> v1::WaveActionRequest {
         wave_id: a.wave_id,
         reason: a.reason,
         accept_canary_failure: false,
+        accept_failures: false,
     }
 }
 

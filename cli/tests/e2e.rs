@@ -2314,3 +2314,195 @@ async fn a_mixed_fleet_is_registered_and_its_census_names_every_outlier() {
     assert_eq!(gone.code, 6, "{gone:?}");
     assert!(gone.stderr.contains("not found"), "{gone:?}");
 }
+
+/// Issue 19, stages: three stages over 30 tenants with approval between them. The wave
+/// pauses at the end of each; a resume is no approval; a viewer cannot approve; the
+/// operator's approval opens the next stage and is recorded with the token's name and
+/// the stage's counts; a stage with a failed tenant is approved only with
+/// `--accept-failures`; no tenant of a closed stage runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stages_pause_for_approval_and_a_failed_stage_needs_acceptance() {
+    let cluster = shared();
+    let rows = tenants(cluster, "stg_", 30).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let tokens = work.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[tokens]]\nname = \"release-manager\"\nrole = \"operator\"\nsha256 = \"{}\"\n\
+             [[tokens]]\nname = \"dashboard\"\nrole = \"viewer\"\nsha256 = \"{}\"\n",
+            flotilla::config::hash_token("rm-5e1d"),
+            flotilla::config::hash_token("view-2b7c"),
+        ),
+    )
+    .expect("tokens file");
+    let (daemon, _data) = start_daemon(&["--tokens-file", path(&tokens)]);
+    let server = daemon.url();
+    // stg_00010 is in stage 2 and fails there.
+    let dir = bundle(&[
+        (
+            "V1__create.sql",
+            "CREATE TABLE staged (id int PRIMARY KEY);",
+        ),
+        (
+            "V2__check.sql",
+            "DO $$ BEGIN IF current_database() = 'stg_00010' THEN \
+             RAISE EXCEPTION 'stg_00010 refuses'; END IF; END $$;",
+        ),
+    ]);
+    static OP: [&str; 4] = ["--token", "rm-5e1d", "--output", "json"];
+    static VIEW: [&str; 4] = ["--token", "view-2b7c", "--output", "json"];
+    let run = |who: &'static [&'static str; 4], args: Vec<String>| {
+        let server = server.clone();
+        async move {
+            let args: Vec<&str> = who
+                .iter()
+                .copied()
+                .chain(args.iter().map(String::as_str))
+                .collect();
+            flotilla(&server, &args).await
+        }
+    };
+    let started = flotilla(
+        &server,
+        &[
+            &OP[..],
+            &start_args(
+                dir.path(),
+                &csv,
+                &[
+                    "--stage",
+                    "canary=3",
+                    "--stage",
+                    "12",
+                    "--stage",
+                    "rest",
+                    "--approve-between-stages",
+                    "--max-failures",
+                    "unlimited",
+                ],
+            ),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(started.code, 0, "{started:?}");
+    let wave = started.json()["wave_id"].as_str().expect("id").to_string();
+    let status = |who: &'static [&'static str; 4]| {
+        run(who, vec!["wave".into(), "status".into(), wave.clone()])
+    };
+    let settled_paused = |done: u64| {
+        let status = &status;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let s = status(&VIEW).await.json();
+                if s["state"] == "PAUSED"
+                    && count(&s, "running") == 0
+                    && count(&s, "succeeded") + count(&s, "failed") == done
+                {
+                    return s;
+                }
+                assert!(Instant::now() < deadline, "paused after {done}: {s}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // Stage 1: the canary, three tenants; nothing else ran.
+    let s = settled_paused(3).await;
+    assert_eq!(count(&s, "pending"), 27, "{s}");
+    assert!(
+        s["reason"].as_str().unwrap_or("").contains("approve"),
+        "{s}"
+    );
+    assert_eq!(s["stages"][0]["tenants"]["succeeded"], 3, "{s}");
+    assert_eq!(s["stages"][1]["open"], false, "{s}");
+    assert!(
+        log_counts(cluster, "stg_00004").await.is_empty(),
+        "stage 2 ran early"
+    );
+    let resumed = run(&OP, vec!["wave".into(), "resume".into(), wave.clone()]).await;
+    assert_eq!(resumed.code, 6, "a resume is no approval: {resumed:?}");
+    assert!(resumed.stderr.contains("approve"), "{resumed:?}");
+    let by_viewer = run(&VIEW, vec!["wave".into(), "approve".into(), wave.clone()]).await;
+    assert_eq!(by_viewer.code, 5, "{by_viewer:?}");
+    let approved = run(
+        &OP,
+        vec![
+            "wave".into(),
+            "approve".into(),
+            wave.clone(),
+            "--reason".into(),
+            "canary looks healthy".into(),
+        ],
+    )
+    .await;
+    assert_eq!(approved.code, 0, "{approved:?}");
+
+    // Stage 2: twelve tenants, one fails; stage 3 stays closed.
+    let s = settled_paused(15).await;
+    assert_eq!(count(&s, "failed"), 1, "{s}");
+    assert_eq!(count(&s, "pending"), 15, "{s}");
+    assert!(
+        log_counts(cluster, "stg_00016").await.is_empty(),
+        "stage 3 ran early"
+    );
+    let refused = run(&OP, vec!["wave".into(), "approve".into(), wave.clone()]).await;
+    assert_eq!(refused.code, 6, "{refused:?}");
+    assert!(refused.stderr.contains("--accept-failures"), "{refused:?}");
+    let still = status(&VIEW).await.json();
+    assert_eq!(still["state"], "PAUSED");
+    assert_eq!(still["stages"][2]["open"], false, "{still}");
+    let accepted = run(
+        &OP,
+        vec![
+            "wave".into(),
+            "approve".into(),
+            wave.clone(),
+            "--accept-failures".into(),
+        ],
+    )
+    .await;
+    assert_eq!(accepted.code, 0, "{accepted:?}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let s = status(&VIEW).await.json();
+        if s["state"] == "FAILED" && count(&s, "running") == 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the wave's end: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(count(&done, "succeeded"), 29, "{done}");
+    let approval = &done["stages"][0]["approval"];
+    assert_eq!(approval["by"], "release-manager", "{done}");
+    assert_eq!(approval["succeeded"], 3);
+    let approval = &done["stages"][1]["approval"];
+    assert_eq!(approval["accepted_failures"], true, "{done}");
+    assert_eq!(
+        (approval["succeeded"].clone(), approval["failed"].clone()),
+        (11.into(), 1.into())
+    );
+    let approvals: Vec<&Value> = done["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|h| {
+            h["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("approved stage")
+        })
+        .collect();
+    assert_eq!(approvals.len(), 2, "{done}");
+    assert!(approvals.iter().all(|h| h["actor"] == "release-manager"));
+    assert!(
+        approvals[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("canary looks healthy"),
+        "{done}"
+    );
+}

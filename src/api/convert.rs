@@ -124,6 +124,23 @@ pub fn wave(w: &WaveStatus) -> v1::Wave {
         waivers: w.waivers.clone(),
         held: w.held.clone(),
         fleet: w.fleet.clone().unwrap_or_default(),
+        stages: w
+            .stages
+            .iter()
+            .map(|s| v1::Stage {
+                name: s.name.clone(),
+                tenants: Some(counts(&s.counts)),
+                open: s.open,
+                approval: s.approval.as_ref().map(|a| v1::Approval {
+                    by: a.by.clone(),
+                    at: Some(timestamp(a.at_ms)),
+                    succeeded: a.succeeded,
+                    failed: a.failed,
+                    cancelled: a.cancelled,
+                    accepted_failures: a.accepted_failures,
+                }),
+            })
+            .collect(),
     }
 }
 
@@ -240,6 +257,8 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         canary_count,
         canary_label,
         pause_after_canary: p.after_canary == AfterCanary::Pause,
+        stages: p.stages.iter().map(ToString::to_string).collect(),
+        approve_between_stages: p.approve_between_stages,
         max_failures: Some(match p.max_failures {
             FailureBudget::Count(n) => MaxFailures::MaxFailuresCount(n),
             FailureBudget::Ratio(r) => MaxFailures::MaxFailuresRatio(r),
@@ -404,6 +423,15 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
     } else {
         AfterCanary::Continue
     };
+    let stages = p
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            crate::policy::Stage::parse(spec)
+                .map_err(|e| ApiError::Invalid(format!("policy.stages[{i}]: {}", e.0)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let max_failures = match p.max_failures {
         None => defaults.max_failures,
         Some(MaxFailures::MaxFailuresCount(n)) => FailureBudget::Count(n),
@@ -430,6 +458,8 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         rate: (p.rate != 0.0).then_some(p.rate),
         canary,
         after_canary,
+        stages,
+        approve_between_stages: p.approve_between_stages,
         max_failures,
         retries,
         transaction,
@@ -945,6 +975,19 @@ mod tests {
             Policy {
                 canary: Canary::Count { count: 5 },
                 max_failures: FailureBudget::Unlimited,
+                ..Policy::default()
+            },
+            Policy {
+                canary: Canary::Count { count: 1 },
+                stages: vec![
+                    crate::policy::Stage::Count { count: 20 },
+                    crate::policy::Stage::Label {
+                        key: "region".into(),
+                        value: "eu".into(),
+                    },
+                    crate::policy::Stage::Rest,
+                ],
+                approve_between_stages: true,
                 ..Policy::default()
             },
         ];

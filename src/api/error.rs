@@ -51,7 +51,10 @@ impl ApiError {
                 EngineError::InvalidState { .. }
                 | EngineError::NothingToRetry(_)
                 | EngineError::Unloadable { .. }
-                | EngineError::CanaryFailed { .. } => Code::FailedPrecondition,
+                | EngineError::CanaryFailed { .. }
+                | EngineError::AwaitingApproval { .. }
+                | EngineError::NothingToApprove { .. }
+                | EngineError::StageFailed { .. } => Code::FailedPrecondition,
                 EngineError::Policy(_) | EngineError::Targets(_) | EngineError::Unsafe(_) => {
                     Code::InvalidArgument
                 }

@@ -813,6 +813,21 @@ impl RolloutService for RolloutApi {
         ))
     }
 
+    async fn approve_wave(
+        &self,
+        request: Request<v1::WaveActionRequest>,
+    ) -> Result<Response<v1::Wave>, Status> {
+        let accept_failures = request.get_ref().accept_failures;
+        Ok(Response::new(
+            self.act(
+                request,
+                "approving a stage",
+                move |engine, id, actor, reason| engine.approve(id, actor, reason, accept_failures),
+            )
+            .await?,
+        ))
+    }
+
     async fn cancel_wave(
         &self,
         request: Request<v1::WaveActionRequest>,
@@ -933,6 +948,7 @@ mod tests {
             waivers: Vec::new(),
             held: Vec::new(),
             fleet: None,
+            stages: Vec::new(),
         }
     }
 

@@ -23,7 +23,7 @@ use super::{CanaryFailure, Counts, EngineError, TenantView, WaveEvent, WaveStatu
 use crate::apply::Outcome;
 use crate::failure::Retryability;
 use crate::policy::{AfterCanary, Canary};
-use crate::store::{ErrorRecord, StateChange, TenantRecord, WaveRecord};
+use crate::store::{ApprovalRecord, ErrorRecord, StateChange, TenantRecord, WaveRecord};
 
 /// The actor name of the daemon's own decisions.
 pub const DAEMON_ACTOR: &str = "flotillad";
@@ -131,6 +131,9 @@ pub enum Command {
     Cancel,
     /// Failed tenants back to pending.
     Retry,
+    /// Open the stage after the finished one (a wave with `approve_between_stages`);
+    /// `accept_failures` when some of its tenants did not succeed.
+    Approve { accept_failures: bool },
 }
 
 impl Command {
@@ -141,6 +144,7 @@ impl Command {
             Command::Resume(_) => "resume",
             Command::Cancel => "cancel",
             Command::Retry => "retry",
+            Command::Approve { .. } => "approve",
         }
     }
 }
@@ -211,6 +215,21 @@ pub struct Machine {
     /// Hosts held by a failing health gate: why, and since when (wall ms). Not
     /// persisted: a restarted daemon reads health again before it starts anyone.
     holds: BTreeMap<String, (String, u64)>,
+    /// Where each stage's tenants end (exclusive `seq`), from the record's stages.
+    stage_ends: Vec<u32>,
+}
+
+/// A stage as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageView {
+    /// `canary (5)`, `region=eu`, `rest`.
+    pub name: String,
+    /// Its tenants per state.
+    pub counts: Counts,
+    /// Its tenants may start.
+    pub open: bool,
+    /// Who opened the next stage, when approval was required.
+    pub approval: Option<ApprovalRecord>,
 }
 
 impl Machine {
@@ -238,6 +257,22 @@ impl Machine {
             }
             canaries += u32::from(t.canary);
         }
+        let mut stage_ends = Vec::with_capacity(record.stages.len());
+        let mut end = 0u32;
+        for stage in &record.stages {
+            end = end.saturating_add(stage.tenants);
+            stage_ends.push(end);
+        }
+        if !record.stages.is_empty()
+            && (end as usize != tenants.len() || record.stage_open as usize >= record.stages.len())
+        {
+            return Err(format!(
+                "its stages hold {end} tenants ({} open of {}), it has {}",
+                record.stage_open + 1,
+                record.stages.len(),
+                tenants.len()
+            ));
+        }
         Ok(Self {
             record,
             tenants,
@@ -246,7 +281,127 @@ impl Machine {
             canaries,
             rng: fastrand::Rng::with_seed(seed),
             holds: BTreeMap::new(),
+            stage_ends,
         })
+    }
+
+    /// The `seq`s of stage `i`.
+    fn stage_range(&self, i: usize) -> std::ops::Range<usize> {
+        let start = if i == 0 {
+            0
+        } else {
+            self.stage_ends[i - 1] as usize
+        };
+        start..self.stage_ends[i] as usize
+    }
+
+    /// Stage `i`'s tenants per state.
+    fn stage_counts(&self, i: usize) -> Counts {
+        let mut c = Counts::default();
+        for t in &self.tenants[self.stage_range(i)] {
+            c.total += 1;
+            *c.slot(t.state) += 1;
+            c.add_baselined(t.baselined);
+        }
+        c
+    }
+
+    /// `stage 2 (region=eu)`.
+    fn stage_name(&self, i: usize) -> String {
+        match self.record.stages.get(i) {
+            Some(s) => format!("{} ({})", i + 1, s.name),
+            None => format!("{}", i + 1),
+        }
+    }
+
+    /// The wave's stages with their counts (empty for a wave without stages).
+    pub fn stages(&self) -> Vec<StageView> {
+        (0..self.record.stages.len())
+            .map(|i| StageView {
+                name: self.record.stages[i].name.clone(),
+                counts: self.stage_counts(i),
+                open: i <= self.record.stage_open as usize,
+                approval: self.record.stages[i].approval.clone(),
+            })
+            .collect()
+    }
+
+    /// The stage whose end awaits an operator's approval: the open one, when the wave
+    /// requires approval between stages, a stage follows it, and every tenant of the
+    /// open stages is done. Derived, never stored: a restart cannot lose it.
+    pub fn awaiting_approval(&self) -> Option<usize> {
+        let open = self.record.stage_open as usize;
+        (self.record.policy.approve_between_stages
+            && open + 1 < self.record.stages.len()
+            && self.stages_done(open))
+        .then_some(open)
+    }
+
+    /// Every tenant of stages `..=open` is done. Cheap while tenants run (their stage
+    /// is not done); otherwise scanned from the end, where the ones still waiting are
+    /// (tenants start in `seq` order), so a 100,000-tenant stage is not read whole at
+    /// every outcome.
+    fn stages_done(&self, open: usize) -> bool {
+        self.queue.running() == 0
+            && self.tenants[..self.stage_ends[open] as usize]
+                .iter()
+                .rev()
+                .all(|t| t.state.is_terminal())
+    }
+
+    /// At the end of the open stage: open the next one, or (approval required) pause
+    /// for it. True when the record changed. Called after every tenant outcome and
+    /// before every start, so a decision lost to a crash is taken again.
+    fn end_of_stage(&mut self, now: Now) -> bool {
+        let open = self.record.stage_open as usize;
+        if open + 1 >= self.record.stages.len() || !self.stages_done(open) {
+            return false;
+        }
+        let c = self.stage_counts(open);
+        // A failed canary keeps its own rule: resume --accept-canary-failure (or
+        // approve --accept-failures) passes it, nothing else.
+        if open == 0
+            && !self.record.canary_passed
+            && (c.failed > 0 || c.cancelled > 0)
+            && !self.record.policy.approve_between_stages
+        {
+            return false;
+        }
+        let done = format!(
+            "stage {} finished: {} succeeded, {} failed, {} cancelled",
+            self.stage_name(open),
+            c.succeeded,
+            c.failed,
+            c.cancelled
+        );
+        if self.record.policy.approve_between_stages {
+            if self.record.state != WaveState::Running {
+                return false;
+            }
+            let why = format!(
+                "{done}; `flotilla wave approve` opens stage {}",
+                self.stage_name(open + 1)
+            );
+            self.transition(WaveState::Paused, DAEMON_ACTOR, &why, now);
+            return true;
+        }
+        if open == 0 {
+            self.record.canary_passed = true;
+        }
+        self.record.stage_open += 1;
+        let opened = format!("{done}; stage {} opens", self.stage_name(open + 1));
+        if open == 0 && self.record.policy.after_canary == AfterCanary::Pause {
+            let checkpoint = format!("{opened} when resumed");
+            match self.record.state {
+                WaveState::Running => {
+                    self.transition(WaveState::Paused, DAEMON_ACTOR, &checkpoint, now)
+                }
+                _ => self.note(DAEMON_ACTOR, &checkpoint, now),
+            }
+        } else {
+            self.note(DAEMON_ACTOR, &opened, now);
+        }
+        true
     }
 
     /// Hosts with tenants waiting to start: whose health the driver reads.
@@ -369,6 +524,7 @@ impl Machine {
             waivers: Vec::new(),
             held: self.holds(),
             fleet: self.record.fleet.clone(),
+            stages: self.stages(),
         }
     }
 
@@ -447,14 +603,17 @@ impl Machine {
 
     fn limits(&self) -> Limits {
         let p = &self.record.policy;
+        let gate = if let Some(end) = self.stage_ends.get(self.record.stage_open as usize) {
+            *end
+        } else if self.record.canary_passed || self.canaries == 0 {
+            u32::MAX
+        } else {
+            self.canaries
+        };
         Limits {
             concurrency: p.concurrency,
             per_host: p.per_host,
-            gate: if self.record.canary_passed || self.canaries == 0 {
-                u32::MAX
-            } else {
-                self.canaries
-            },
+            gate,
         }
     }
 
@@ -491,6 +650,16 @@ impl Machine {
                     // anyway, so recording the start would buy a write per tenant.
                     let effects = vec![self.event(Some(seq))];
                     (Step::Start { seq, generation }, effects)
+                } else if self.end_of_stage(now) {
+                    // Taken again here, not only after an outcome: a decision lost to
+                    // a crash (the wave record not yet written) is not lost for good.
+                    let mut effects =
+                        vec![Effect::PersistWave(self.record.clone()), self.event(None)];
+                    // Opened: start the next stage's first tenant now (at most once per
+                    // stage, so this recursion is shallow). Paused: wait.
+                    let (step, more) = self.next_start(now, draining);
+                    effects.extend(more);
+                    (step, effects)
                 } else if self.queue.running() == 0 && self.queue.is_empty() {
                     if self.tenants.iter().all(|t| t.state.is_terminal()) {
                         let c = self.counts;
@@ -689,7 +858,8 @@ impl Machine {
                 .iter()
                 .filter(|c| c.canary)
                 .all(|c| c.state == TenantState::Succeeded);
-            if all_passed {
+            // With stages, the end of the canary is the end of stage 1 (below).
+            if all_passed && self.record.stages.is_empty() {
                 self.record.canary_passed = true;
                 if self.record.policy.after_canary == AfterCanary::Pause {
                     let checkpoint = "canary stage succeeded; resume to continue";
@@ -708,8 +878,9 @@ impl Machine {
                 return true;
             }
         }
+        let stage_changed = self.end_of_stage(now);
         if self.record.state != WaveState::Running {
-            return false;
+            return stage_changed;
         }
         let budget = self.record.policy.max_failures;
         let failed = self
@@ -723,7 +894,27 @@ impl Machine {
             self.transition(WaveState::Paused, DAEMON_ACTOR, &reason, now);
             return true;
         }
-        false
+        stage_changed
+    }
+
+    /// What resuming resets: time spent paused is not time spent busy, nor time held
+    /// (a resumed wave gives its held servers a new `max_hold`, else the first reading
+    /// would pause it again at once). A running tenant's record is stored with its
+    /// outcome (its start never is), so only the others are `changed`.
+    fn unpause(&mut self, changed: &mut Vec<u32>, now: Now) {
+        for t in self
+            .tenants
+            .iter_mut()
+            .filter(|t| t.busy_since_ms.is_some())
+        {
+            t.busy_since_ms = None;
+            if t.state != TenantState::Running {
+                changed.push(t.seq);
+            }
+        }
+        for (_, since) in self.holds.values_mut() {
+            *since = now.wall_ms;
+        }
     }
 
     /// An operator's (or the daemon's) command. Refused with the reason when the wave's
@@ -756,6 +947,12 @@ impl Machine {
                 if !matches!(state, WaveState::Paused | WaveState::Pending) {
                     return Err(refuse("resume"));
                 }
+                if let Some(stage) = self.awaiting_approval() {
+                    return Err(EngineError::AwaitingApproval {
+                        wave: id,
+                        stage: self.stage_name(stage),
+                    });
+                }
                 if !self.record.canary_passed
                     && let Some(failed) = self
                         .tenants
@@ -771,24 +968,62 @@ impl Machine {
                     self.record.canary_passed = true;
                     self.note(actor, "the canary stage's failures are accepted", now);
                 }
-                // Time spent paused is not time spent busy. A running tenant's record is
-                // stored with its outcome (its start never is).
-                for t in self
-                    .tenants
-                    .iter_mut()
-                    .filter(|t| t.busy_since_ms.is_some())
-                {
-                    t.busy_since_ms = None;
-                    if t.state != TenantState::Running {
-                        changed.push(t.seq);
-                    }
-                }
-                // Nor time held: a resumed wave gives its held servers a new max_hold
-                // (else the first reading would pause it again at once).
-                for (_, since) in self.holds.values_mut() {
-                    *since = now.wall_ms;
-                }
+                self.unpause(&mut changed, now);
                 self.transition(WaveState::Running, actor, reason, now);
+            }
+            Command::Approve { accept_failures } => {
+                if state != WaveState::Paused {
+                    return Err(refuse("approve"));
+                }
+                let Some(stage) = self.awaiting_approval() else {
+                    let why = if !self.record.policy.approve_between_stages {
+                        "it was started without --approve-between-stages".to_string()
+                    } else if self.record.stage_open as usize + 1 >= self.record.stages.len() {
+                        "its last stage is open".to_string()
+                    } else {
+                        format!(
+                            "stage {} has tenants still to run; resume it",
+                            self.stage_name(self.record.stage_open as usize)
+                        )
+                    };
+                    return Err(EngineError::NothingToApprove { wave: id, why });
+                };
+                let c = self.stage_counts(stage);
+                let failures = c.failed > 0 || c.cancelled > 0;
+                if failures && !accept_failures {
+                    return Err(EngineError::StageFailed {
+                        wave: id,
+                        stage: self.stage_name(stage),
+                        failed: c.failed,
+                        cancelled: c.cancelled,
+                    });
+                }
+                self.record.stages[stage].approval = Some(ApprovalRecord {
+                    by: actor.to_string(),
+                    at_ms: now.wall_ms,
+                    succeeded: c.succeeded,
+                    failed: c.failed,
+                    cancelled: c.cancelled,
+                    accepted_failures: failures,
+                });
+                if stage == 0 {
+                    self.record.canary_passed = true;
+                }
+                self.record.stage_open += 1;
+                let mut why = format!(
+                    "approved stage {}: {} succeeded, {} failed, {} cancelled{}; stage {} opens",
+                    self.stage_name(stage),
+                    c.succeeded,
+                    c.failed,
+                    c.cancelled,
+                    if failures { " (failures accepted)" } else { "" },
+                    self.stage_name(stage + 1)
+                );
+                if !reason.is_empty() {
+                    why = format!("{why}: {reason}");
+                }
+                self.unpause(&mut changed, now);
+                self.transition(WaveState::Running, actor, &why, now);
             }
             Command::Cancel => {
                 if state.is_finished() {
@@ -856,6 +1091,75 @@ impl Machine {
         out.extend(effects);
         Ok(out)
     }
+}
+
+/// The stages of a wave over tenants in start order: for each tenant the stage it is
+/// in, and each stage's name. Stage 0 is the canary; each later stage takes, of the
+/// tenants no earlier stage took, its count (the first ones) or its label's matches;
+/// tenants left over form a last stage `rest`. A stage that would take nobody is an
+/// error naming it (an empty stage would pass at once). `None` for a policy without
+/// stages (only the canary gate, as before stages existed).
+pub fn assign_stages(
+    policy: &crate::policy::Policy,
+    labels: &[&std::collections::BTreeMap<String, String>],
+) -> Result<Option<StagePlan>, String> {
+    use crate::policy::Stage;
+    if policy.stages.is_empty() && !policy.approve_between_stages {
+        return Ok(None);
+    }
+    let unassigned = u32::MAX;
+    let mut stage_of = vec![unassigned; labels.len()];
+    let mut names = Vec::new();
+    for (i, canary) in canary_flags(&policy.canary, labels).into_iter().enumerate() {
+        if canary {
+            stage_of[i] = 0;
+        }
+    }
+    names.push(format!("canary ({})", policy.canary));
+    for stage in &policy.stages {
+        let index = names.len() as u32;
+        let mut taken = 0usize;
+        for (i, l) in labels.iter().enumerate() {
+            if stage_of[i] != unassigned {
+                continue;
+            }
+            let takes = match stage {
+                Stage::Count { count } => taken < *count as usize,
+                Stage::Label { key, value } => l.get(key) == Some(value),
+                Stage::Rest => true,
+            };
+            if takes {
+                stage_of[i] = index;
+                taken += 1;
+            }
+        }
+        names.push(stage.to_string());
+    }
+    if stage_of.contains(&unassigned) {
+        let index = names.len() as u32;
+        for s in stage_of.iter_mut().filter(|s| **s == unassigned) {
+            *s = index;
+        }
+        names.push("rest".to_string());
+    }
+    for (i, name) in names.iter().enumerate() {
+        if !stage_of.contains(&(i as u32)) {
+            return Err(format!(
+                "stage {} ({name}) takes no tenant of the wave",
+                i + 1
+            ));
+        }
+    }
+    Ok(Some(StagePlan { stage_of, names }))
+}
+
+/// Which stage each tenant of a wave is in, and the stages' names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePlan {
+    /// Per tenant, in start order.
+    pub stage_of: Vec<u32>,
+    /// Per stage, the canary first.
+    pub names: Vec<String>,
 }
 
 /// Which tenants of an ordered list are canaries under `canary` (first N, or a label).

@@ -79,6 +79,21 @@ pub enum EngineError {
         "wave {wave}: canary tenant {tenant:?} failed; retry it, or resume with --accept-canary-failure to go on without it"
     )]
     CanaryFailed { wave: String, tenant: String },
+    #[error(
+        "wave {wave}: stage {stage} awaits approval; `flotilla wave approve {wave}` opens the next"
+    )]
+    AwaitingApproval { wave: String, stage: String },
+    #[error("wave {wave}: nothing awaits approval ({why})")]
+    NothingToApprove { wave: String, why: String },
+    #[error(
+        "wave {wave}: stage {stage} did not all succeed ({failed} failed, {cancelled} cancelled); retry them, or approve with --accept-failures"
+    )]
+    StageFailed {
+        wave: String,
+        stage: String,
+        failed: u64,
+        cancelled: u64,
+    },
     #[error("{}", unsafe_message(.0))]
     Unsafe(Vec<crate::bundle::safety::Finding>),
 }
@@ -163,6 +178,8 @@ pub struct WaveStatus {
     pub held: Vec<String>,
     /// The registered fleet the tenants were resolved from, if any.
     pub fleet: Option<String>,
+    /// Its stages, the canary first (empty for a wave without stages).
+    pub stages: Vec<machine::StageView>,
 }
 
 /// A tenant run as operators see it: no secrets.
@@ -370,12 +387,12 @@ impl Engine {
         }
         let body = if record.state.is_finished() {
             // Only the counts stay in memory; the tenants are read when asked for.
-            let counts = Machine::new(record.clone(), tenants, 0)
-                .map_err(|message| tenants_undecodable(&record.id, message))?
-                .counts();
+            let machine = Machine::new(record.clone(), tenants, 0)
+                .map_err(|message| tenants_undecodable(&record.id, message))?;
             Body::Finished {
                 record: Box::new(record),
-                counts,
+                counts: machine.counts(),
+                stages: machine.stages(),
             }
         } else {
             let id = record.id.clone();
@@ -464,6 +481,8 @@ impl Engine {
         }
         let labels: Vec<_> = ordered.iter().map(|t| &t.labels).collect();
         let is_canary = machine::canary_flags(&policy.canary, &labels);
+        let staged = machine::assign_stages(&policy, &labels)
+            .map_err(|message| EngineError::Policy(PolicyError(message)))?;
         if let crate::policy::Canary::Label { key, value } = &policy.canary
             && !is_canary.iter().any(|c| *c)
         {
@@ -472,14 +491,38 @@ impl Engine {
                 "canary label {key}={value} matches no tenant of the wave"
             ))));
         }
-        let mut indexed: Vec<(bool, Tenant)> = is_canary.into_iter().zip(ordered).collect();
-        indexed.sort_by_key(|(canary, _)| !*canary);
+        // Canaries first (stage by stage, with stages); the sort is stable, so the
+        // start order holds within each.
+        let stage_of: Vec<u32> = match &staged {
+            Some(plan) => plan.stage_of.clone(),
+            None => is_canary.iter().map(|c| u32::from(!*c)).collect(),
+        };
+        let mut indexed: Vec<(u32, bool, Tenant)> = stage_of
+            .into_iter()
+            .zip(is_canary)
+            .zip(ordered)
+            .map(|((stage, canary), t)| (stage, canary, t))
+            .collect();
+        indexed.sort_by_key(|(stage, _, _)| *stage);
+        let stages: Vec<crate::store::StageRecord> = match &staged {
+            Some(plan) => plan
+                .names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| crate::store::StageRecord {
+                    name: name.clone(),
+                    tenants: indexed.iter().filter(|(s, _, _)| *s == i as u32).count() as u32,
+                    approval: None,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
 
         let id = uuid::Uuid::now_v7().to_string();
         let records: Vec<TenantRecord> = indexed
             .iter()
             .enumerate()
-            .map(|(seq, (canary, t))| TenantRecord {
+            .map(|(seq, (_, canary, t))| TenantRecord {
                 format: FORMAT,
                 seq: seq as u32,
                 tenant_id: t.id.clone(),
@@ -520,6 +563,8 @@ impl Engine {
                 at_ms: now,
             }],
             fleet,
+            stages,
+            stage_open: 0,
         };
         // Everything the runtime needs is computed before the first write: a wave that
         // is stored can always be loaded again.
@@ -549,6 +594,20 @@ impl Engine {
         canary_failure: CanaryFailure,
     ) -> Result<WaveStatus, EngineError> {
         self.command(id, actor, reason, Command::Resume(canary_failure))
+    }
+
+    /// Opens the stage after the finished one of a wave paused for approval
+    /// (`approve_between_stages`), recording who approved it and the stage's counts.
+    /// A stage whose tenants did not all succeed is approved only with
+    /// `accept_failures`.
+    pub fn approve(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+        accept_failures: bool,
+    ) -> Result<WaveStatus, EngineError> {
+        self.command(id, actor, reason, Command::Approve { accept_failures })
     }
 
     /// Stops new starts; in-flight tenants stop at their next script boundary; waiting
@@ -868,5 +927,6 @@ fn unloadable_status(id: &str, reason: &str) -> WaveStatus {
         waivers: Vec::new(),
         held: Vec::new(),
         fleet: None,
+        stages: Vec::new(),
     }
 }

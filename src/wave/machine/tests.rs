@@ -59,8 +59,291 @@ fn machine(n: u32, hosts: u32, canaries: u32, policy: Policy) -> Machine {
         canary_passed: false,
         history: Vec::new(),
         fleet: None,
+        stages: Vec::new(),
+        stage_open: 0,
     };
     Machine::new(record, tenants, 42).expect("machine")
+}
+
+/// `n` tenants in stages of `sizes` (the first is the canary; they must add up to `n`).
+fn staged(n: u32, hosts: u32, sizes: &[u32], policy: Policy) -> Machine {
+    let m = machine(n, hosts, sizes[0], policy);
+    let (mut record, tenants) = m.into_parts();
+    record.stages = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, size)| crate::store::StageRecord {
+            name: format!("s{}", i + 1),
+            tenants: *size,
+            approval: None,
+        })
+        .collect();
+    Machine::new(record, tenants, 42).expect("staged machine")
+}
+
+/// Finishes every running tenant with `outcome`.
+fn finish_running(m: &mut Machine, outcome: &Outcome, now: Now) {
+    let running: Vec<(u32, u64)> = m
+        .tenants()
+        .iter()
+        .filter(|t| t.state == TenantState::Running)
+        .map(|t| (t.seq, t.generation))
+        .collect();
+    for (seq, generation) in running {
+        m.on_outcome(seq, generation, outcome, now);
+    }
+}
+
+/// Runs the open stage to its end, every tenant applied.
+fn run_open_stage(m: &mut Machine, now: Now) -> Vec<u32> {
+    let mut started = Vec::new();
+    loop {
+        let batch = start_all(m, now);
+        if batch.is_empty() {
+            return started;
+        }
+        started.extend(batch.iter().map(|s| s.0));
+        finish_running(m, &applied(), now);
+    }
+}
+
+#[test]
+fn three_stages_pause_after_each_and_an_approval_opens_the_next() {
+    let base = Instant::now();
+    let p = Policy {
+        approve_between_stages: true,
+        ..policy()
+    };
+    let mut m = staged(30, 3, &[5, 10, 15], p);
+    let first = run_open_stage(&mut m, at(base, 0));
+    assert_eq!(first, (0..5).collect::<Vec<_>>(), "only the canary stage");
+    assert_eq!(m.record().state, WaveState::Paused);
+    let reason = m.record().reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("stage 1 (s1) finished: 5 succeeded") && reason.contains("approve"),
+        "{reason}"
+    );
+    assert_eq!(m.awaiting_approval(), Some(0));
+    // A resume is no approval.
+    let refused = m.command(
+        Command::Resume(CanaryFailure::Accept),
+        "bob",
+        "",
+        at(base, 1),
+    );
+    assert!(
+        matches!(refused, Err(EngineError::AwaitingApproval { .. })),
+        "{refused:?}"
+    );
+    m.command(
+        Command::Approve {
+            accept_failures: false,
+        },
+        "alice",
+        "looks good",
+        at(base, 2),
+    )
+    .expect("approve");
+    assert_eq!(m.record().state, WaveState::Running);
+    assert!(m.record().canary_passed);
+    let approval = m.record().stages[0].approval.clone().expect("recorded");
+    assert_eq!(
+        (approval.by.as_str(), approval.succeeded, approval.failed),
+        ("alice", 5, 0)
+    );
+    let last = m.record().history.last().cloned().expect("history");
+    assert_eq!(last.actor, "alice");
+    assert!(
+        last.reason.contains("approved stage 1 (s1)") && last.reason.contains("looks good"),
+        "{}",
+        last.reason
+    );
+
+    let second = run_open_stage(&mut m, at(base, 3));
+    assert_eq!(second, (5..15).collect::<Vec<_>>(), "only stage 2");
+    assert_eq!(m.record().state, WaveState::Paused);
+    m.command(
+        Command::Approve {
+            accept_failures: false,
+        },
+        "alice",
+        "",
+        at(base, 4),
+    )
+    .expect("approve stage 2");
+    let third = run_open_stage(&mut m, at(base, 5));
+    assert_eq!(third, (15..30).collect::<Vec<_>>());
+    // The last stage needs no approval: the wave completes.
+    assert_eq!(m.next_start(at(base, 6), false).0, Step::Exit);
+    assert_eq!(m.record().state, WaveState::Completed);
+    let stages = m.stages();
+    assert_eq!(
+        stages
+            .iter()
+            .map(|s| s.counts.succeeded)
+            .collect::<Vec<_>>(),
+        [5, 10, 15]
+    );
+    assert!(stages[2].approval.is_none());
+    assert_eq!(m.counts(), m.recount());
+}
+
+#[test]
+fn a_stage_that_did_not_all_succeed_is_approved_only_on_purpose() {
+    let base = Instant::now();
+    let p = Policy {
+        approve_between_stages: true,
+        ..policy()
+    };
+    let mut m = staged(9, 1, &[1, 4, 4], p);
+    run_open_stage(&mut m, at(base, 0));
+    m.command(
+        Command::Approve {
+            accept_failures: false,
+        },
+        "op",
+        "",
+        at(base, 1),
+    )
+    .expect("canary approved");
+    // Stage 2: one tenant fails for good, the others succeed.
+    let started = start_all(&mut m, at(base, 2));
+    assert_eq!(started.first().map(|s| s.0), Some(1));
+    m.on_outcome(started[0].0, started[0].1, &failed(PERMANENT), at(base, 3));
+    run_open_stage(&mut m, at(base, 4));
+    assert_eq!(m.record().state, WaveState::Paused);
+    let approve = |accept_failures| Command::Approve { accept_failures };
+    let refused = m.command(approve(false), "op", "", at(base, 5));
+    assert!(
+        matches!(refused, Err(EngineError::StageFailed { failed: 1, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(m.record().stage_open, 1, "still closed");
+    assert!(start_all(&mut m, at(base, 6)).is_empty());
+    // A retry makes the stage unfinished again: resumable, not approvable.
+    m.command(Command::Retry, "op", "", at(base, 7))
+        .expect("retry");
+    let nothing = m.command(approve(false), "op", "", at(base, 8));
+    assert!(
+        matches!(nothing, Err(EngineError::NothingToApprove { .. })),
+        "{nothing:?}"
+    );
+    m.command(
+        Command::Resume(CanaryFailure::Refuse),
+        "op",
+        "",
+        at(base, 9),
+    )
+    .expect("resume the retried tenant");
+    let again = start_all(&mut m, at(base, 10));
+    assert_eq!(again.len(), 1);
+    m.on_outcome(again[0].0, again[0].1, &failed(PERMANENT), at(base, 11));
+    assert_eq!(m.record().state, WaveState::Paused);
+    m.command(approve(true), "carol", "known bad tenant", at(base, 12))
+        .expect("accepted");
+    let approval = m.record().stages[1].approval.clone().expect("recorded");
+    assert!(approval.accepted_failures);
+    assert_eq!((approval.succeeded, approval.failed), (3, 1));
+    assert_eq!(run_open_stage(&mut m, at(base, 13)), vec![5, 6, 7, 8]);
+}
+
+#[test]
+fn without_approval_each_stage_opens_when_the_one_before_is_done() {
+    let base = Instant::now();
+    let mut m = staged(6, 2, &[2, 2, 2], policy());
+    let started = start_all(&mut m, at(base, 0));
+    assert_eq!(started.iter().map(|s| s.0).collect::<Vec<_>>(), [0, 1]);
+    finish_running(&mut m, &applied(), at(base, 1));
+    // Stage 2 opens by itself; stage 3 waits for it even with room to spare.
+    let started = start_all(&mut m, at(base, 2));
+    assert_eq!(started.iter().map(|s| s.0).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(m.record().state, WaveState::Running);
+    // A failure outside the canary does not hold the next stage (the budget does).
+    m.on_outcome(started[0].0, started[0].1, &failed(PERMANENT), at(base, 3));
+    m.on_outcome(started[1].0, started[1].1, &applied(), at(base, 3));
+    let started = start_all(&mut m, at(base, 4));
+    assert_eq!(started.iter().map(|s| s.0).collect::<Vec<_>>(), [4, 5]);
+    let opened: Vec<&str> = m
+        .record()
+        .history
+        .iter()
+        .map(|h| h.reason.as_str())
+        .filter(|r| r.contains("opens"))
+        .collect();
+    assert_eq!(opened.len(), 2, "{opened:?}");
+}
+
+/// A crash between a stage's last outcome and the wave record that opens (or pauses
+/// at) the next: the machine loaded from the store decides again before any start.
+#[test]
+fn the_end_of_a_stage_is_decided_again_after_a_restart() {
+    let base = Instant::now();
+    for approve in [false, true] {
+        let p = Policy {
+            approve_between_stages: approve,
+            ..policy()
+        };
+        let m = staged(4, 1, &[2, 2], p);
+        let (record, mut tenants) = m.into_parts();
+        for t in &mut tenants[..2] {
+            t.state = TenantState::Succeeded;
+        }
+        // The wave record as before the stage ended: stage 1 open, running.
+        let mut m = Machine::new(record, tenants, 7).expect("reload");
+        let (step, effects) = m.next_start(at(base, 0), false);
+        assert!(
+            effects.iter().any(|e| matches!(e, Effect::PersistWave(_))),
+            "the decision is stored"
+        );
+        if approve {
+            assert_eq!(step, Step::Wait);
+            assert_eq!(m.record().state, WaveState::Paused);
+            assert_eq!(m.awaiting_approval(), Some(0));
+        } else {
+            assert!(matches!(step, Step::Start { seq: 2, .. }), "{step:?}");
+            assert_eq!(m.record().stage_open, 1);
+        }
+    }
+}
+
+#[test]
+fn stages_are_assigned_in_order_and_an_empty_one_is_refused() {
+    use crate::policy::{Canary, Stage};
+    let labels: Vec<BTreeMap<String, String>> = ["eu", "us", "eu", "us", "eu", "ap"]
+        .iter()
+        .map(|r| [("region".to_string(), r.to_string())].into())
+        .collect();
+    let refs: Vec<&BTreeMap<String, String>> = labels.iter().collect();
+    let p = Policy {
+        canary: Canary::Count { count: 1 },
+        stages: vec![
+            Stage::Label {
+                key: "region".into(),
+                value: "eu".into(),
+            },
+            Stage::Count { count: 1 },
+        ],
+        ..policy()
+    };
+    let plan = assign_stages(&p, &refs).expect("valid").expect("staged");
+    // t0 canary; t2, t4 (eu); t1 (the next one); t3, t5 left over: rest.
+    assert_eq!(plan.stage_of, [0, 2, 1, 3, 1, 3]);
+    assert_eq!(plan.names, ["canary (1)", "region=eu", "1", "rest"]);
+    let empty = Policy {
+        stages: vec![Stage::Label {
+            key: "region".into(),
+            value: "mars".into(),
+        }],
+        ..p.clone()
+    };
+    let e = assign_stages(&empty, &refs).expect_err("empty stage");
+    assert!(e.contains("stage 2 (region=mars)"), "{e}");
+    let none = Policy {
+        stages: Vec::new(),
+        approve_between_stages: false,
+        ..p
+    };
+    assert_eq!(assign_stages(&none, &refs), Ok(None));
 }
 
 fn at(base: Instant, ms: u64) -> Now {
@@ -346,10 +629,20 @@ fn commands_in_every_state() {
                 state,
                 WaveState::Failed | WaveState::Completed | WaveState::Paused
             ),
+            // A wave without stages has nothing to approve.
+            Approve { .. } => false,
         }
     };
     for state in WaveState::ALL {
-        for command in [Pause, Resume(CanaryFailure::Refuse), Cancel, Retry] {
+        for command in [
+            Pause,
+            Resume(CanaryFailure::Refuse),
+            Cancel,
+            Retry,
+            Approve {
+                accept_failures: true,
+            },
+        ] {
             let mut m = machine(2, 1, 0, policy());
             // One failed tenant so that a retry has something to do.
             let base = Instant::now();
@@ -454,7 +747,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => Just(Op::Next),
         6 => (0..8usize, kind).prop_map(|(n, k)| Op::Finish(n, k)),
         1 => (0..8usize).prop_map(Op::Stale),
-        2 => (0..4u8).prop_map(Op::Command),
+        2 => (0..6u8).prop_map(Op::Command),
         2 => (0..3_000u64).prop_map(Op::Advance),
     ]
 }
@@ -538,10 +831,33 @@ proptest! {
         concurrency in 1u32..5,
         per_host in proptest::option::of(1u32..3),
         budget in prop_oneof![Just(FailureBudget::Unlimited), (0u32..3).prop_map(FailureBudget::Count)],
+        extra_stages in 0u32..3,
+        approve in any::<bool>(),
         ops in proptest::collection::vec(op(), 1..120),
     ) {
-        let p = Policy { concurrency, per_host, max_failures: budget, busy_timeout_ms: 2_000, ..policy() };
-        let mut m = machine(n, hosts, canaries.min(n), p);
+        let canaries = if extra_stages > 0 { canaries.max(1) } else { canaries };
+        let p = Policy {
+            concurrency, per_host, max_failures: budget, busy_timeout_ms: 2_000,
+            approve_between_stages: approve && extra_stages > 0,
+            ..policy()
+        };
+        let mut m = if extra_stages > 0 && n > canaries {
+            // The canary, then the rest split into `extra_stages` (the last takes the
+            // remainder).
+            let rest = n - canaries;
+            let each = (rest / extra_stages).max(1);
+            let mut sizes = vec![canaries];
+            let mut left = rest;
+            for i in 0..extra_stages {
+                if left == 0 { break; }
+                let size = if i + 1 == extra_stages { left } else { each.min(left) };
+                sizes.push(size);
+                left -= size;
+            }
+            staged(n, hosts, &sizes, p)
+        } else {
+            machine(n, hosts, canaries.min(n), Policy { approve_between_stages: false, ..p })
+        };
         let mut stored = Stored { wave: m.record().clone(), tenants: m.tenants().to_vec() };
         let base = Instant::now();
         let mut t = 0u64;
@@ -554,9 +870,18 @@ proptest! {
                 Op::Next => {
                     let state = m.record().state;
                     let gated = !m.record().canary_passed && canaries.min(n) > 0;
+                    let open_end: u32 = m.stages().iter().filter(|s| s.open).map(|s| s.counts.total as u32).sum();
+                    let staged_wave = !m.record().stages.is_empty();
                     let (step, effects) = m.next_start(now, false);
                     if let Step::Start { seq, .. } = step {
                         prop_assert_eq!(state, WaveState::Running, "no start unless running");
+                        if staged_wave {
+                            let open_now: u32 = m.stages().iter().filter(|s| s.open).map(|s| s.counts.total as u32).sum();
+                            prop_assert!(
+                                seq < open_now.max(open_end),
+                                "tenant {} of a closed stage started", seq
+                            );
+                        }
                         prop_assert!(!succeeded_once.contains(&seq), "a succeeded tenant runs again");
                         if gated {
                             prop_assert!(
@@ -629,7 +954,8 @@ proptest! {
                         0 => Command::Pause,
                         1 => Command::Resume(CanaryFailure::Accept),
                         2 => Command::Cancel,
-                        _ => Command::Retry,
+                        3 => Command::Retry,
+                        c => Command::Approve { accept_failures: c == 4 },
                     };
                     let running: Vec<u32> = m.tenants().iter()
                         .filter(|t| t.state == TenantState::Running)
