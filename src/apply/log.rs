@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS flotilla.execution_log (
     bundle_id text NOT NULL,
     wave_id text NOT NULL,
     status text NOT NULL CONSTRAINT execution_log_status_check
-        CHECK (status IN ('applied', 'started', 'baselined', 'undone')),
+        CHECK (status IN ('applied', 'started', 'baselined', 'undone', 'skipped')),
     applied_at timestamptz,
     applied_by text NOT NULL DEFAULT current_user,
     xact_id text,
@@ -63,7 +63,9 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     // upgrade) costs two catalog lookups on every run, nothing more.
     "ELSIF (to_regclass('flotilla.execution_log_version_once') IS NULL \
      OR NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
-     AND attname = 'source' AND NOT attisdropped)) \
+     AND attname = 'source' AND NOT attisdropped) \
+     OR EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
+     AND conname = 'execution_log_status_check' AND pg_get_constraintdef(oid) NOT LIKE '%skipped%')) \
      AND EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
      AND granted AND objsubid = 1 AND classid = 1181511540 AND objid = 1768713313) THEN\n",
     "IF to_regclass('flotilla.execution_log_version_once') IS NULL THEN \
@@ -74,10 +76,10 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
      ALTER TABLE flotilla.execution_log ADD COLUMN source text; END IF;\n",
     "IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
      AND conname = 'execution_log_status_check' \
-     AND pg_get_constraintdef(oid) NOT LIKE '%baselined%') THEN \
+     AND pg_get_constraintdef(oid) NOT LIKE '%skipped%') THEN \
      ALTER TABLE flotilla.execution_log DROP CONSTRAINT execution_log_status_check; \
      ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
-     CHECK (status IN ('applied', 'started', 'baselined', 'undone')); END IF;\n",
+     CHECK (status IN ('applied', 'started', 'baselined', 'undone', 'skipped')); END IF;\n",
     "END IF; END $flotilla$"
 );
 
@@ -315,10 +317,10 @@ IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_l
 AND attname = 'source' AND NOT attisdropped) THEN \
 ALTER TABLE flotilla.execution_log ADD COLUMN source text; END IF;
 IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
-AND conname = 'execution_log_status_check' AND pg_get_constraintdef(oid) NOT LIKE '%baselined%') THEN \
+AND conname = 'execution_log_status_check' AND pg_get_constraintdef(oid) NOT LIKE '%skipped%') THEN \
 ALTER TABLE flotilla.execution_log DROP CONSTRAINT execution_log_status_check; \
 ALTER TABLE flotilla.execution_log ADD CONSTRAINT execution_log_status_check \
-CHECK (status IN ('applied', 'started', 'baselined', 'undone')); END IF;
+CHECK (status IN ('applied', 'started', 'baselined', 'undone', 'skipped')); END IF;
 IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
 AND conname = 'execution_log_kind_check' AND pg_get_constraintdef(oid) NOT LIKE '%''baseline''%') THEN \
 ALTER TABLE flotilla.execution_log DROP CONSTRAINT execution_log_kind_check; \
@@ -344,6 +346,59 @@ pub fn insert_baselined_sql(
         quote_optional(applied_at),
         quote_optional(applied_by),
         quote_literal(source),
+    )
+}
+
+/// The SQLSTATE a precondition that is not true raises (class `FL`, Flotilla's own).
+pub const PRECONDITION_SQLSTATE: &str = "FLPC1";
+
+/// Raises [`PRECONDITION_SQLSTATE`] unless `precondition` is true, inside the script's
+/// transaction (PostgreSQL then skips the rest of the block and of the message).
+pub fn precondition_check_sql(script: &str, precondition: &str) -> String {
+    let tag = crate::bundle::PRECONDITION_TAG;
+    format!(
+        "DO {tag} BEGIN IF NOT COALESCE(({precondition}), false) THEN \
+         RAISE EXCEPTION USING ERRCODE = '{PRECONDITION_SQLSTATE}', MESSAGE = {}; \
+         END IF; END {tag};",
+        quote_literal(&format!(
+            "precondition of {script} is not true: {precondition}"
+        )),
+    )
+}
+
+/// Raises a serialization failure (retryable) if `precondition` has become true since
+/// it was found false: a script is recorded as skipped only while it still is.
+pub fn precondition_still_false_sql(script: &str, precondition: &str) -> String {
+    let tag = crate::bundle::PRECONDITION_TAG;
+    format!(
+        "DO {tag} BEGIN IF COALESCE(({precondition}), false) THEN \
+         RAISE EXCEPTION USING ERRCODE = '40001', MESSAGE = {}; \
+         END IF; END {tag};",
+        quote_literal(&format!(
+            "the precondition of {script} became true while it was being skipped; the tenant is tried again"
+        )),
+    )
+}
+
+/// A `skipped` row: the script did not run because its precondition was not true
+/// (`on-fail=skip`); the next wave asks again.
+pub fn insert_skipped_sql(row: &RowIdentity<'_>, source: &str) -> String {
+    format!(
+        "INSERT INTO flotilla.execution_log \
+         ({IDENTITY_COLUMNS}, status, applied_at, applied_by, xact_id, source) \
+         VALUES ({}, 'skipped', clock_timestamp(), current_user, txid_current()::text, {});",
+        row.values(),
+        quote_literal(source),
+    )
+}
+
+/// Removes a version's `skipped` row before the version is recorded again (one row per
+/// version: the log's unique index).
+pub fn delete_skipped_sql(version: &str) -> String {
+    format!(
+        "DELETE FROM flotilla.execution_log WHERE kind = 'versioned' AND version = {} \
+         AND status = 'skipped';",
+        quote_literal(version)
     )
 }
 
@@ -393,6 +448,7 @@ pub fn parse_rows(messages: &[SimpleQueryMessage]) -> Result<Vec<LogRow>, Decode
             Some("started") => LogStatus::Started,
             Some("baselined") => LogStatus::Baselined,
             Some("undone") => LogStatus::Undone,
+            Some("skipped") => LogStatus::Skipped,
             other => {
                 return Err(DecodeError(format!(
                     "row {id} has unknown status {other:?}"

@@ -519,9 +519,36 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         stop,
         watch: watch.as_ref(),
         applied: Vec::new(),
+        committed: 0,
+        unmet: std::collections::HashSet::new(),
+        skipped_rows: plan
+            .skipped
+            .iter()
+            .map(|&i| run.bundle.scripts()[i].name.clone())
+            .collect(),
     };
     // The advisory lock ends with the session: no extra round trip to unlock.
-    let outcome = match runner.execute(&plan).await {
+    let result = runner.execute(&plan).await;
+    let mut unmet: Vec<&String> = runner.unmet.iter().collect();
+    unmet.sort();
+    for script in unmet {
+        if let Some(p) = run
+            .bundle
+            .scripts()
+            .iter()
+            .find(|s| &s.name == script)
+            .and_then(|s| s.directives.precondition.as_ref())
+        {
+            notes.push(format!(
+                "{script}: precondition not true, {}",
+                match p.on_fail {
+                    crate::bundle::OnFail::MarkApplied => "recorded as applied without running",
+                    _ => "skipped (asked again next wave)",
+                }
+            ));
+        }
+    }
+    let outcome = match result {
         Ok(Completion::Done) => Outcome::Applied {
             baselined: baselined + covered_by_baseline_scripts(run.bundle, &runner.applied),
             scripts: runner.applied,
@@ -949,6 +976,13 @@ struct Runner<'r, 'a> {
     stop: &'r StopSignal,
     watch: Option<&'r crate::guard::Watch>,
     applied: Vec<AppliedScript>,
+    /// Scripts committed in this run (applied, or recorded as skipped or marked).
+    committed: usize,
+    /// Scripts whose precondition was found not true (`on-fail=skip|mark-applied`):
+    /// recorded instead of run when their block is sent again.
+    unmet: std::collections::HashSet<String>,
+    /// Versions whose `skipped` row goes when they are recorded again.
+    skipped_rows: std::collections::HashSet<String>,
 }
 
 impl Runner<'_, '_> {
@@ -1001,7 +1035,32 @@ impl Runner<'_, '_> {
                 TransactionMode::PerScript => group.iter().map(|s| vec![*s]).collect(),
             };
             let span = script_span(&group);
-            let stopped = self.run_message(&blocks).instrument(span.clone()).await;
+            let committed_before = self.committed;
+            let stopped = match self.run_message(&blocks).instrument(span.clone()).await {
+                // A precondition that is not true, of a script that is then skipped or
+                // marked: the message stopped at it (its block rolled back); send the
+                // rest again from the first script that did not commit, this one
+                // recorded instead of run.
+                Err(ApplyError::Script {
+                    ref script,
+                    ref failure,
+                    ..
+                }) if failure.sqlstate.as_deref() == Some(log::PRECONDITION_SQLSTATE)
+                    && !self.unmet.contains(script)
+                    && group.iter().any(|s| {
+                        &s.name == script
+                            && s.directives
+                                .precondition
+                                .as_ref()
+                                .is_some_and(|p| p.on_fail != crate::bundle::OnFail::Fail)
+                    }) =>
+                {
+                    self.unmet.insert(script.clone());
+                    i += self.committed - committed_before;
+                    continue;
+                }
+                other => other,
+            };
             if traced(&span, stopped)? {
                 return Ok(Completion::Stopped);
             }
@@ -1215,7 +1274,32 @@ impl Runner<'_, '_> {
                     message.push(log::BASELINE_SHAPE_SQL);
                     message.push("\n");
                 }
+                if self.skipped_rows.contains(&script.name)
+                    && let Some(version) = script.version()
+                {
+                    message.push(&log::delete_skipped_sql(&version.to_string()));
+                    message.push("\n");
+                }
+                if let Some(p) = &script.directives.precondition
+                    && self.unmet.contains(&script.name)
+                {
+                    // Recorded, not run: the precondition is asked once more, in this
+                    // transaction, so a script is never recorded skipped while true.
+                    script_at.push(message.chars);
+                    message.push(&log::precondition_still_false_sql(&script.name, &p.sql));
+                    message.push("\n");
+                    message.push(&self.unmet_row_sql(script, p));
+                    message.push("\n");
+                    n += 1;
+                    continue;
+                }
                 message.push(&self.timeout_overrides(script, "LOCAL "));
+                // In a DO block: an error in the precondition is reported by its own
+                // position (inside the block), never as a position in the message.
+                if let Some(p) = &script.directives.precondition {
+                    message.push(&log::precondition_check_sql(&script.name, &p.sql));
+                    message.push("\n");
+                }
                 script_at.push(message.chars);
                 message.push(&script.sql);
                 // A newline first: the script may end in a `--` comment.
@@ -1358,10 +1442,33 @@ impl Runner<'_, '_> {
         }
     }
 
-    /// The scripts of the blocks before `upto_block` as applied, with their durations.
+    /// The row of a script whose precondition is not true: `skipped`, or `baselined`
+    /// for `on-fail=mark-applied`; `source` names the precondition.
+    fn unmet_row_sql(&self, script: &Script, p: &crate::bundle::Precondition) -> String {
+        let version = script.version().map(|v| v.to_string());
+        let row = self.identity(script, version.as_deref());
+        let source = format!(
+            "precondition not true (on-fail={}): {}",
+            p.on_fail.as_str(),
+            p.sql
+        );
+        match p.on_fail {
+            crate::bundle::OnFail::MarkApplied => {
+                log::insert_baselined_sql(&row, &source, None, None)
+            }
+            _ => log::insert_skipped_sql(&row, &source),
+        }
+    }
+
+    /// The scripts of the blocks before `upto_block` as applied, with their durations
+    /// (those recorded without running, their precondition not true, only counted).
     fn push_applied(&mut self, flat: &[(usize, &Script)], progress: &Progress, upto_block: usize) {
         for (i, (b, script)) in flat.iter().enumerate() {
             if *b < upto_block {
+                self.committed += 1;
+                if self.unmet.contains(&script.name) {
+                    continue;
+                }
                 self.applied.push(AppliedScript {
                     script: script.name.clone(),
                     version: script

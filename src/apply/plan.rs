@@ -24,6 +24,8 @@ pub enum LogStatus {
     Baselined,
     /// Rolled back by its undo script: as if never applied.
     Undone,
+    /// Not run: its precondition was not true (`on-fail=skip`); asked again next time.
+    Skipped,
 }
 
 impl LogStatus {
@@ -107,6 +109,9 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// Not errors: versions the bundle does not know, drift that was allowed.
     pub notes: Vec<String>,
+    /// Scripts (indexes into [`Bundle::scripts`]) of versions whose log row says
+    /// `skipped`: that row goes when the version is recorded again.
+    pub skipped: Vec<usize>,
 }
 
 /// Why a tenant cannot be migrated as it is. All permanent: a person must look.
@@ -222,6 +227,12 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
                         None
                     }
                     Some(row) if row.status == LogStatus::Started => Some(interrupted(row)?),
+                    // Skipped by its precondition when its turn came: asked again, in
+                    // order as it was then (not out of order).
+                    Some(row) if row.status == LogStatus::Skipped => {
+                        out.skipped.push(index);
+                        Some(StepAction::Apply)
+                    }
                     // Never applied, or undone since.
                     Some(_) | None => {
                         if let Some((newest, newest_text)) = &newest_applied
@@ -251,6 +262,7 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
                     Some(StepAction::Supersede { log_id: row.id })
                 }
                 Some(row) if row.status == LogStatus::Started => Some(interrupted(row)?),
+                Some(row) if row.status == LogStatus::Skipped => Some(StepAction::Reapply),
                 Some(row) if row.checksum == script.checksum => None,
                 Some(_) => Some(StepAction::Reapply),
                 None => Some(StepAction::Apply),
@@ -320,6 +332,35 @@ mod tests {
             .iter()
             .map(|s| (s.script, s.action.clone()))
             .collect()
+    }
+
+    /// A version skipped by its precondition is asked again, not out of order,
+    /// and its row is named for replacement.
+    #[test]
+    fn a_skipped_version_is_pending_in_its_place() {
+        let b = three();
+        let mut skipped = applied(&b, 1, 2);
+        skipped.status = LogStatus::Skipped;
+        let log = [
+            applied(&b, 0, 1),
+            skipped,
+            applied(&b, 2, 3),
+            applied(&b, 3, 4),
+        ];
+        let p = plan(&b, &log, PlanOptions::default()).expect("not out of order");
+        assert_eq!(actions(&p), [(1, StepAction::Apply)]);
+        assert_eq!(p.skipped, [1]);
+        // A repeatable skipped at the same checksum runs again.
+        let mut view = applied(&b, 3, 5);
+        view.status = LogStatus::Skipped;
+        let log = [
+            applied(&b, 0, 1),
+            applied(&b, 1, 2),
+            applied(&b, 2, 3),
+            view,
+        ];
+        let p = plan(&b, &log, PlanOptions::default()).expect("plan");
+        assert_eq!(actions(&p), [(3, StepAction::Reapply)]);
     }
 
     #[test]

@@ -96,7 +96,48 @@ pub struct Directives {
     /// `allow <rule> <reason>` (repeatable): safety-lint rules waived for this script,
     /// with why.
     pub allow: Vec<(String, String)>,
+    /// `precondition [on-fail=MODE] <SQL>`: evaluated in the script's transaction
+    /// before it; what happens when it is not true.
+    pub precondition: Option<Precondition>,
 }
+
+/// A script's `-- flotilla:precondition`, Liquibase's `preConditions` with `onFail`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Precondition {
+    /// One query returning one boolean (NULL and no row are false).
+    pub sql: String,
+    /// What happens when it is not true.
+    pub on_fail: OnFail,
+}
+
+/// What a precondition that is not true does (Liquibase's HALT, CONTINUE, MARK_RAN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OnFail {
+    /// The tenant fails, naming the precondition; nothing of the script runs.
+    Fail,
+    /// The script does not run; a `skipped` log row says so, and the next wave asks
+    /// again.
+    Skip,
+    /// The script does not run and is recorded as done (`baselined`, its `source`
+    /// naming the precondition): no wave runs it again.
+    MarkApplied,
+}
+
+impl OnFail {
+    /// As written in the directive.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFail::Fail => "fail",
+            OnFail::Skip => "skip",
+            OnFail::MarkApplied => "mark-applied",
+        }
+    }
+}
+
+/// The dollar-quote tag a precondition runs in; its text must not hold it.
+pub const PRECONDITION_TAG: &str = "$flotilla_precondition$";
+/// The longest precondition accepted.
+const MAX_PRECONDITION_BYTES: usize = 4096;
 
 impl Default for Directives {
     fn default() -> Self {
@@ -106,6 +147,7 @@ impl Default for Directives {
             statement_timeout: None,
             max_block: None,
             allow: Vec::new(),
+            precondition: None,
         }
     }
 }
@@ -130,6 +172,10 @@ impl fmt::Display for Directives {
         allowed.sort_unstable();
         for rule in allowed {
             parts.push(format!("allow={rule}"));
+        }
+        if let Some(p) = &self.precondition {
+            // The query itself is in the script's text, which the checksum covers.
+            parts.push(format!("precondition={}", p.on_fail.as_str()));
         }
         f.write_str(&parts.join(","))
     }
@@ -1143,6 +1189,18 @@ fn parse_script(
             }
         }
     }
+    if let Some(d) = &directives
+        && d.precondition.is_some()
+        && (d.transaction == TransactionUse::NoTransaction
+            || matches!(kind, ScriptKind::Baseline(_)))
+    {
+        problems.push(problem(
+            None,
+            "a precondition is evaluated in the script's transaction: a no-transaction or \
+             baseline script cannot have one"
+                .to_string(),
+        ));
+    }
     if let (Some(d), ScriptKind::Baseline(_)) = (&directives, &kind)
         && d.transaction == TransactionUse::NoTransaction
     {
@@ -1167,6 +1225,50 @@ fn parse_script(
         tenant_placeholders,
         statements,
     })
+}
+
+/// `[on-fail=MODE] SQL` or `SQL on-fail=MODE`, as the words after the directive.
+fn parse_precondition(words: &[&str]) -> Result<Precondition, String> {
+    let mode = |w: &str| w.strip_prefix("on-fail=").map(str::to_string);
+    let (on_fail, sql_words): (Option<String>, &[&str]) = match words {
+        [first, rest @ ..] if mode(first).is_some() => (mode(first), rest),
+        [rest @ .., last] if mode(last).is_some() => (mode(last), rest),
+        all => (None, all),
+    };
+    let on_fail = match on_fail.as_deref() {
+        None | Some("fail") => OnFail::Fail,
+        Some("skip") => OnFail::Skip,
+        Some("mark-applied") => OnFail::MarkApplied,
+        Some(other) => {
+            return Err(format!(
+                "flotilla:precondition on-fail={other}: not fail, skip or mark-applied"
+            ));
+        }
+    };
+    let sql = sql_words.join(" ");
+    let sql = sql.trim().trim_end_matches(';').trim().to_string();
+    if sql.is_empty() {
+        return Err("flotilla:precondition needs a query returning one boolean, e.g. \
+                    `-- flotilla:precondition on-fail=skip SELECT to_regclass('legacy') IS NOT NULL`"
+            .to_string());
+    }
+    if sql.len() > MAX_PRECONDITION_BYTES || sql.contains(PRECONDITION_TAG) {
+        return Err(format!(
+            "flotilla:precondition: at most {MAX_PRECONDITION_BYTES} bytes, without {PRECONDITION_TAG}"
+        ));
+    }
+    match sql::split(&sql) {
+        Ok(statements) if statements.iter().filter(|s| !s.is_blank()).count() == 1 => {}
+        Ok(_) => {
+            return Err(
+                "flotilla:precondition must be one query (one boolean), not several \
+                        statements"
+                    .to_string(),
+            );
+        }
+        Err(e) => return Err(format!("flotilla:precondition: {e}")),
+    }
+    Ok(Precondition { sql, on_fail })
 }
 
 /// Reads `-- flotilla:` directives from the comment lines at the top of a script.
@@ -1271,12 +1373,15 @@ fn parse_directives(sql: &str) -> Result<Directives, (u32, String)> {
                 }
                 d.allow.push((rule.to_string(), reason.join(" ")));
             }
+            "precondition" => {
+                d.precondition = Some(parse_precondition(&arg).map_err(|e| (line_no, e))?);
+            }
             other => {
                 return Err((
                     line_no,
                     format!(
                         "unknown directive flotilla:{other} (known: no-transaction, \
-                         lock-timeout, statement-timeout, max-block, allow)"
+                         lock-timeout, statement-timeout, max-block, allow, precondition)"
                     ),
                 ));
             }
