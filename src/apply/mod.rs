@@ -25,7 +25,7 @@ use tokio_postgres::SimpleQueryMessage;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::bundle::{Bundle, Script, TransactionUse, rules};
+use crate::bundle::{Bundle, Callback, Script, TransactionUse, rules};
 use crate::connect::{Session, SessionSettings};
 use crate::dsn::Dsn;
 use crate::failure::{CancelCause, DbFailure, FailureKind, Retryability};
@@ -504,7 +504,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         }
     };
     notes.extend(plan.notes.iter().cloned());
-    if plan.steps.is_empty() {
+    if plan.steps.is_empty() && !run.bundle.has_callbacks() {
         return (Outcome::UpToDate { notes, baselined }, Some(session));
     }
     // Watched from here on: the scripts are about to take their locks.
@@ -528,7 +528,35 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
             .collect(),
     };
     // The advisory lock ends with the session: no extra round trip to unlock.
-    let result = runner.execute(&plan).await;
+    // Flyway's order: beforeMigrate, the scripts (each between beforeEachMigrate and
+    // afterEachMigrate), afterMigrate; afterMigrateError when any of it failed.
+    let mut result = match runner.callbacks(Callback::BeforeMigrate).await {
+        Ok(false) => runner.execute(&plan).await,
+        Ok(true) => Ok(Completion::Stopped),
+        Err(e) => Err(e),
+    };
+    if matches!(result, Ok(Completion::Done)) {
+        result = match runner.callbacks(Callback::AfterMigrate).await {
+            Ok(false) => Ok(Completion::Done),
+            Ok(true) => Ok(Completion::Stopped),
+            Err(e) => Err(e),
+        };
+    }
+    if let Err(error) = &result
+        && !error.connection_lost()
+        && run
+            .bundle
+            .callbacks(Callback::AfterMigrateError)
+            .next()
+            .is_some()
+    {
+        // Best effort, after the failed transaction rolled back: its own failure is
+        // logged, never put in the place of the error that made the run fail.
+        if let Err(e) = runner.callbacks(Callback::AfterMigrateError).await {
+            tracing::warn!(error = %e, "afterMigrateError callback failed");
+            notes.push(format!("afterMigrateError failed: {e}"));
+        }
+    }
     let mut unmet: Vec<&String> = runner.unmet.iter().collect();
     unmet.sort();
     for script in unmet {
@@ -549,6 +577,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         }
     }
     let outcome = match result {
+        Ok(Completion::Done) if plan.steps.is_empty() => Outcome::UpToDate { notes, baselined },
         Ok(Completion::Done) => Outcome::Applied {
             baselined: baselined + covered_by_baseline_scripts(run.bundle, &runner.applied),
             scripts: runner.applied,
@@ -1300,10 +1329,12 @@ impl Runner<'_, '_> {
                     message.push(&log::precondition_check_sql(&script.name, &p.sql));
                     message.push("\n");
                 }
+                message.push(&self.each_callbacks_sql(Callback::BeforeEachMigrate));
                 script_at.push(message.chars);
                 message.push(&script.sql);
                 // A newline first: the script may end in a `--` comment.
                 message.push("\n;\n");
+                message.push(&self.each_callbacks_sql(Callback::AfterEachMigrate));
                 message.push(&self.restore_timeouts(script));
                 message.push(&self.log_rows_sql(script));
                 message.push("\n");
@@ -1442,6 +1473,59 @@ impl Runner<'_, '_> {
         }
     }
 
+    /// Runs the callbacks of `event`, each in a transaction of its own. True when a stop
+    /// interrupted them.
+    async fn callbacks(&mut self, event: Callback) -> Result<bool, ApplyError> {
+        let bundle = self.run.bundle;
+        for callback in bundle.callbacks(event) {
+            if self.stop.is_stopping() && event != Callback::AfterMigrateError {
+                return Ok(true);
+            }
+            self.watch_for(callback);
+            let mut message = MessageText::default();
+            message.push("BEGIN;\n");
+            message.push(&self.timeout_overrides(callback, "LOCAL "));
+            let at = message.chars;
+            message.push(&callback.sql);
+            message.push("\n;\nCOMMIT;");
+            let started = Instant::now();
+            match self.batch(&message.sql).await {
+                Ok(_) => {}
+                Err(BatchError::Cancelled) => {
+                    self.rollback().await;
+                    return Ok(true);
+                }
+                Err(BatchError::Db(e)) => {
+                    self.rollback().await;
+                    let line = e.as_db_error().and_then(|db| match db.position() {
+                        Some(tokio_postgres::error::ErrorPosition::Original(pos)) => {
+                            line_in_message(&[at], 0, callback, *pos)
+                        }
+                        _ => None,
+                    });
+                    return Err(ApplyError::Script {
+                        script: callback.name.clone(),
+                        line,
+                        failure: self.failure(callback, &e, started.elapsed()),
+                    });
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The `beforeEachMigrate` (or `afterEachMigrate`) callbacks' text, to run in a
+    /// script's own transaction.
+    fn each_callbacks_sql(&self, event: Callback) -> String {
+        let mut sql = String::new();
+        for callback in self.run.bundle.callbacks(event) {
+            sql.push_str(&callback.sql);
+            // A newline first: the callback may end in a `--` comment.
+            sql.push_str("\n;\n");
+        }
+        sql
+    }
+
     /// The row of a script whose precondition is not true: `skipped`, or `baselined`
     /// for `on-fail=mark-applied`; `source` names the precondition.
     fn unmet_row_sql(&self, script: &Script, p: &crate::bundle::Precondition) -> String {
@@ -1552,8 +1636,11 @@ impl Runner<'_, '_> {
                 {
                     return fail(e, None, no_time);
                 }
+                // beforeEachMigrate commits with the started row (one implicit
+                // transaction); a resumed script does not run it again.
                 let sql = format!(
-                    "{overrides}{}",
+                    "{overrides}{}{}",
+                    self.each_callbacks_sql(Callback::BeforeEachMigrate),
                     log::insert_started_sql(&self.identity(script, version.as_deref()))
                 );
                 match self.batch(&sql).await {
@@ -1624,10 +1711,18 @@ impl Runner<'_, '_> {
         // as they would on a fresh session (as after a crash); the startup settings
         // (timeouts) survive RESET. Before the UPDATE: a SET ROLE must not decide who
         // may write the log.
-        finish = format!("{}\n{finish}", log::RESET_SESSION_SQL);
+        // afterEachMigrate commits with the row that says the script finished: if it
+        // fails, the script stays `started` with every statement done, and the next run
+        // only finishes it (and runs afterEachMigrate again).
+        finish = format!(
+            "{}\n{}{finish}",
+            log::RESET_SESSION_SQL,
+            self.each_callbacks_sql(Callback::AfterEachMigrate)
+        );
         if let Err(e) = self.batch(&finish).await {
             return fail(e, None, no_time);
         }
+        self.committed += 1;
         self.applied.push(AppliedScript {
             script: script.name.clone(),
             version,

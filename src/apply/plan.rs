@@ -267,6 +267,8 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
                 Some(_) => Some(StepAction::Reapply),
                 None => Some(StepAction::Apply),
             },
+            // Run around the steps, never as one.
+            ScriptKind::Callback(_) => None,
         };
         if let Some(action) = action {
             out.steps.push(Step {

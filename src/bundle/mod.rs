@@ -43,7 +43,87 @@ pub enum ScriptKind {
     Versioned(Version),
     /// `R__…`: applied after every versioned script, and again when its checksum changes.
     Repeatable,
+    /// `beforeMigrate.sql`, `afterMigrate__check.sql`, …: Flyway's callbacks, run on each
+    /// tenant at that point of its run; never recorded in the log, never planned.
+    Callback(Callback),
 }
+
+/// When a callback runs (Flyway's event names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Callback {
+    /// Once per tenant run, after the lock and before any script (also when nothing is
+    /// pending), in a transaction of its own.
+    BeforeMigrate,
+    /// Before each script, in the script's transaction.
+    BeforeEachMigrate,
+    /// After each script, in the script's transaction (before its log row).
+    AfterEachMigrate,
+    /// Once per tenant run, after every script succeeded (also when nothing was
+    /// pending), in a transaction of its own: where checks go.
+    AfterMigrate,
+    /// Once per tenant run that failed (a script, or a callback), after the rollback.
+    AfterMigrateError,
+}
+
+impl Callback {
+    /// Every event, longest name first (so `afterMigrateError` is not read as
+    /// `afterMigrate`).
+    pub const ALL: [Callback; 5] = [
+        Callback::AfterMigrateError,
+        Callback::BeforeEachMigrate,
+        Callback::AfterEachMigrate,
+        Callback::BeforeMigrate,
+        Callback::AfterMigrate,
+    ];
+
+    /// Flyway's name of the event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Callback::BeforeMigrate => "beforeMigrate",
+            Callback::BeforeEachMigrate => "beforeEachMigrate",
+            Callback::AfterEachMigrate => "afterEachMigrate",
+            Callback::AfterMigrate => "afterMigrate",
+            Callback::AfterMigrateError => "afterMigrateError",
+        }
+    }
+}
+
+/// Flyway callback events Flotilla does not run: a file named for one is refused, not
+/// silently left out (a check that never runs is worse than none).
+const OTHER_FLYWAY_EVENTS: &[&str] = &[
+    "beforeEachMigrateStatement",
+    "afterEachMigrateStatement",
+    "afterEachMigrateStatementError",
+    "afterEachMigrateError",
+    "afterMigrateApplied",
+    "afterVersioned",
+    "beforeRepeatables",
+    "afterMigrateOperationFinish",
+    "beforeClean",
+    "afterClean",
+    "afterCleanError",
+    "beforeInfo",
+    "afterInfo",
+    "afterInfoError",
+    "beforeValidate",
+    "afterValidate",
+    "afterValidateError",
+    "beforeBaseline",
+    "afterBaseline",
+    "afterBaselineError",
+    "beforeRepair",
+    "afterRepair",
+    "afterRepairError",
+    "beforeUndo",
+    "beforeEachUndo",
+    "afterEachUndo",
+    "afterEachUndoError",
+    "afterUndo",
+    "afterUndoError",
+    "beforeConnect",
+    "afterConnect",
+    "createSchemas",
+];
 
 impl ScriptKind {
     /// `versioned` or `repeatable`, as the execution log's `kind` column stores it.
@@ -52,6 +132,7 @@ impl ScriptKind {
             ScriptKind::Baseline(_) => "baseline",
             ScriptKind::Versioned(_) => "versioned",
             ScriptKind::Repeatable => "repeatable",
+            ScriptKind::Callback(_) => "callback",
         }
     }
 
@@ -59,7 +140,15 @@ impl ScriptKind {
     pub fn version(&self) -> Option<&Version> {
         match self {
             ScriptKind::Versioned(v) => Some(v),
-            ScriptKind::Baseline(_) | ScriptKind::Repeatable => None,
+            ScriptKind::Baseline(_) | ScriptKind::Repeatable | ScriptKind::Callback(_) => None,
+        }
+    }
+
+    /// The event, for a callback.
+    pub fn callback(&self) -> Option<Callback> {
+        match self {
+            ScriptKind::Callback(c) => Some(*c),
+            _ => None,
         }
     }
 
@@ -519,9 +608,22 @@ impl Bundle {
         &self.id
     }
 
-    /// The scripts in the order they apply.
+    /// The scripts in the order they apply (callbacks last: they are never planned).
     pub fn scripts(&self) -> &[std::sync::Arc<Script>] {
         &self.scripts
+    }
+
+    /// The callbacks of `event`, by name.
+    pub fn callbacks(&self, event: Callback) -> impl Iterator<Item = &Script> {
+        self.scripts
+            .iter()
+            .filter(move |s| s.kind.callback() == Some(event))
+            .map(|s| &**s)
+    }
+
+    /// Whether the bundle has any callback.
+    pub fn has_callbacks(&self) -> bool {
+        self.scripts.iter().any(|s| s.kind.callback().is_some())
     }
 
     /// The bundle's files as given (scripts and config files), to upload or store.
@@ -940,6 +1042,21 @@ fn parse_name(name: &str, naming: &flyway::Naming) -> Result<(ScriptKind, String
         .suffix_of(name)
         .and_then(|suffix| name.strip_suffix(suffix))
         .ok_or_else(|| format!("not a script ({})", naming.suffixes.join(", ")))?;
+    let is_event = |event: &str| {
+        stem == event
+            || stem
+                .strip_prefix(event)
+                .is_some_and(|rest| rest.starts_with(naming.separator.as_str()))
+    };
+    if let Some(event) = Callback::ALL.into_iter().find(|c| is_event(c.as_str())) {
+        return Ok((ScriptKind::Callback(event), event.as_str().to_string()));
+    }
+    if let Some(other) = OTHER_FLYWAY_EVENTS.iter().find(|e| is_event(e)) {
+        return Err(format!(
+            "Flyway callback {other}: Flotilla runs only beforeMigrate, beforeEachMigrate, \
+             afterEachMigrate, afterMigrate and afterMigrateError callbacks; remove or rename it"
+        ));
+    }
     let describe = |d: &str| -> Result<String, String> {
         if d.trim().is_empty() {
             Err(format!(
@@ -1188,6 +1305,16 @@ fn parse_script(
                 ));
             }
         }
+    }
+    if let (Some(d), ScriptKind::Callback(_)) = (&directives, &kind)
+        && (d.transaction == TransactionUse::NoTransaction || d.precondition.is_some())
+    {
+        problems.push(problem(
+            None,
+            "a callback runs in a transaction, unconditionally: no-transaction and \
+             precondition are for migrations"
+                .to_string(),
+        ));
     }
     if let Some(d) = &directives
         && d.precondition.is_some()
@@ -1508,7 +1635,7 @@ mod tests {
         assert_eq!(
             problems(&[("V1__a.sql", "\n-- flotilla:no-transactoin\nselect 1;")]),
             [
-                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout, max-block, allow)"
+                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout, max-block, allow, precondition)"
             ]
         );
         let p = problems(&[("V1__a.sql", "-- flotilla:lock-timeout soon\nselect 1;")]);
