@@ -57,6 +57,7 @@ fn seed(dir: &std::path::Path, state: WaveState) -> String {
             started_at_ms: Some(1),
             finished_at_ms: Some(2),
             baselined: 0,
+            rows_changed: 0,
         })
         .collect();
     store.create_wave(&wave, &tenants).expect("wave");

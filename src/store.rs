@@ -148,6 +148,9 @@ pub struct TenantRecord {
     /// baseline script).
     #[serde(default)]
     pub baselined: u32,
+    /// Rows its batch scripts changed, over every run reported (a backfill's progress).
+    #[serde(default)]
+    pub rows_changed: u64,
 }
 
 /// A registered fleet, as stored: where its tenants come from, resolved again each time
@@ -683,6 +686,7 @@ mod tests {
             started_at_ms: None,
             finished_at_ms: None,
             baselined: 0,
+            rows_changed: 0,
         }
     }
 

@@ -121,6 +121,7 @@ pub fn tenant_json(t: &v1::TenantRun) -> Value {
         "labels": t.labels,
         "started_at": time(t.started_at.as_ref()),
         "finished_at": time(t.finished_at.as_ref()),
+        "rows_changed": t.rows_changed,
         "error": t.last_error.as_ref().map(|e| json!({
             "script": (!e.script.is_empty()).then_some(&e.script),
             "sqlstate": (!e.sqlstate.is_empty()).then_some(&e.sqlstate),

@@ -320,7 +320,7 @@ pub async fn run(
                     "tenants": tenants.iter().map(render::tenant_json).collect::<Vec<_>>(),
                 })),
                 Output::Table => print_table(
-                    &["TENANT", "HOST", "STATE", "ATTEMPTS", "ERROR"],
+                    &["TENANT", "HOST", "STATE", "ATTEMPTS", "ROWS", "ERROR"],
                     &tenants
                         .iter()
                         .map(|t| {
@@ -329,6 +329,7 @@ pub async fn run(
                                 t.host.clone(),
                                 render::tenant_state(t.state).to_string(),
                                 t.attempts.to_string(),
+                                t.rows_changed.to_string(),
                                 t.last_error
                                     .as_ref()
                                     .map(render::failure_line)

@@ -2506,3 +2506,80 @@ async fn stages_pause_for_approval_and_a_failed_stage_needs_acceptance() {
         "{done}"
     );
 }
+
+/// Issue 19, backfills: `kill -9` of the daemon in the middle of a batched backfill;
+/// the restarted daemon finishes it, every row changed exactly once, and `wave tenants`
+/// reports each tenant's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_survives_a_kill_9_of_the_daemon() {
+    let cluster = shared();
+    let rows = tenants(cluster, "bfk_", 2).await;
+    for (db, _) in &rows {
+        cluster
+            .connect(db)
+            .await
+            .expect("connect")
+            .batch_execute(
+                "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
+                 INSERT INTO items (id) SELECT g FROM generate_series(1, 8000) g;",
+            )
+            .await
+            .expect("items");
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let csv = targets_csv(work.path(), &rows);
+    let dir = bundle(&[(
+        "V1__backfill.sql",
+        "-- flotilla:batch\n-- flotilla:batch-pause 100ms\n\
+         UPDATE items SET n = n + 1, done = true \
+         WHERE id IN (SELECT id FROM items WHERE NOT done ORDER BY id LIMIT 500);",
+    )]);
+    let (mut daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let wave = start_wave(&server, dir.path(), &csv, &["--concurrency", "2"]).await;
+    let batches = |db: String| async move {
+        let c = cluster.connect(&db).await.expect("connect");
+        c.query_opt(
+            "SELECT COALESCE(statements_done, 0) FROM flotilla.execution_log",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get::<_, i32>(0))
+        .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while batches(rows[0].0.clone()).await < 2 {
+        assert!(Instant::now() < deadline, "the backfill never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill9().expect("kill -9");
+    let cut_at = batches(rows[0].0.clone()).await;
+    assert!(cut_at < 16, "killed mid-backfill, after {cut_at} batches");
+    daemon.restart().expect("restart");
+    let status = wait_for(&server, &wave, "the wave to finish", |s| {
+        s["state"] != "RUNNING"
+    })
+    .await;
+    assert_eq!(
+        status["state"],
+        "COMPLETED",
+        "{status}\n{}",
+        daemon.log_text()
+    );
+    let listed = flotilla(&server, &["--output", "json", "wave", "tenants", &wave]).await;
+    for t in listed.json()["tenants"].as_array().expect("tenants") {
+        assert_eq!(t["rows_changed"], 8000, "{t}");
+    }
+    for (db, _) in &rows {
+        let c = cluster.connect(db).await.expect("connect");
+        let wrong: i64 = c
+            .query_one("SELECT count(*) FROM items WHERE n <> 1 OR NOT done", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(wrong, 0, "{db}: every row changed exactly once");
+        assert_eq!(batches(db.clone()).await, 16, "{db}");
+    }
+}

@@ -198,6 +198,7 @@ pub fn tenant(t: &TenantView) -> v1::TenantRun {
         started_at: t.started_at_ms.map(timestamp),
         finished_at: t.finished_at_ms.map(timestamp),
         labels: t.labels.clone().into_iter().collect(),
+        rows_changed: t.rows_changed,
     }
 }
 

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS flotilla.execution_log (
     duration_ms bigint,
     statements_done integer,
     started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    source text
+    source text,
+    rows_changed bigint
 );
 CREATE UNIQUE INDEX IF NOT EXISTS execution_log_version_once
     ON flotilla.execution_log (version) WHERE kind = 'versioned';
@@ -59,11 +60,11 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     log_ddl!(),
     // A log made by an older build is brought up to date, only under our lock: a
     // runner that is busy must not queue behind the holder. An up-to-date log (the
-    // index and the `source` column there: both come with the current DDL and the
-    // upgrade) costs two catalog lookups on every run, nothing more.
+    // index, the `rows_changed` column and the `skipped` status there: they come with
+    // the current DDL and the upgrade) costs three catalog lookups on every run.
     "ELSIF (to_regclass('flotilla.execution_log_version_once') IS NULL \
      OR NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
-     AND attname = 'source' AND NOT attisdropped) \
+     AND attname = 'rows_changed' AND NOT attisdropped) \
      OR EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
      AND conname = 'execution_log_status_check' AND pg_get_constraintdef(oid) NOT LIKE '%skipped%')) \
      AND EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory' \
@@ -74,6 +75,9 @@ pub const ENSURE_IF_MISSING_SQL: &str = concat!(
     "IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
      AND attname = 'source' AND NOT attisdropped) THEN \
      ALTER TABLE flotilla.execution_log ADD COLUMN source text; END IF;\n",
+    "IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'flotilla.execution_log'::regclass \
+     AND attname = 'rows_changed' AND NOT attisdropped) THEN \
+     ALTER TABLE flotilla.execution_log ADD COLUMN rows_changed bigint; END IF;\n",
     "IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'flotilla.execution_log'::regclass \
      AND conname = 'execution_log_status_check' \
      AND pg_get_constraintdef(oid) NOT LIKE '%skipped%') THEN \
@@ -400,6 +404,36 @@ pub fn delete_skipped_sql(version: &str) -> String {
          AND status = 'skipped';",
         quote_literal(version)
     )
+}
+
+/// The column name of the row one run of a batch script returns: how many rows it
+/// changed.
+pub const BATCH_ROWS_TAG: &str = "flotilla_batch_rows";
+
+/// One run of a batch script: its statement and the progress of its `started` row
+/// (non-empty runs in `statements_done`, rows in `rows_changed`) in one short
+/// transaction, so a crash leaves the count exact; returns the rows it changed and the
+/// server process. The statement is the script's own (one DML, checked at load).
+pub fn batch_run_sql(log_id: i64, statement: &str) -> String {
+    let tag = crate::bundle::BATCH_TAG;
+    let statement = statement.trim().trim_end_matches(';');
+    format!(
+        "BEGIN;\n\
+         DO {tag} DECLARE flotilla_rows bigint; BEGIN\n{statement}\n;\n\
+         GET DIAGNOSTICS flotilla_rows = ROW_COUNT;\n\
+         UPDATE flotilla.execution_log SET \
+         statements_done = COALESCE(statements_done, 0) + (flotilla_rows > 0)::int, \
+         rows_changed = COALESCE(rows_changed, 0) + flotilla_rows WHERE id = {log_id};\n\
+         PERFORM set_config('flotilla.batch_rows', flotilla_rows::text, true);\n\
+         END {tag};\n\
+         SELECT current_setting('flotilla.batch_rows') AS {BATCH_ROWS_TAG}, pg_backend_pid();\n\
+         COMMIT;"
+    )
+}
+
+/// The rows a batch script changed in all, read when it finishes.
+pub fn rows_changed_sql(log_id: i64) -> String {
+    format!("SELECT COALESCE(rows_changed, 0) FROM flotilla.execution_log WHERE id = {log_id};")
 }
 
 /// The `started` row of a non-transactional script, committed before it runs.

@@ -81,6 +81,8 @@ pub struct AppliedScript {
     pub script: String,
     pub version: Option<String>,
     pub duration: Duration,
+    /// Rows a batch script changed in all (over every run of it, resumed ones too).
+    pub rows: Option<u64>,
 }
 
 /// Why a tenant run failed. `retryability` says whether the scheduler may try again.
@@ -1024,6 +1026,18 @@ impl Runner<'_, '_> {
             }
             let step = &plan.steps[i];
             let script = &scripts[step.script];
+            if script.directives.batch {
+                let span = script_span(&[script]);
+                let stopped = self
+                    .run_batches(script, &step.action)
+                    .instrument(span.clone())
+                    .await;
+                if traced(&span, stopped)? {
+                    return Ok(Completion::Stopped);
+                }
+                i += 1;
+                continue;
+            }
             if script.directives.transaction == TransactionUse::NoTransaction {
                 let span = script_span(&[script]);
                 let stopped = self
@@ -1049,6 +1063,7 @@ impl Runner<'_, '_> {
                 && end - i < limit
                 && scripts[plan.steps[end].script].directives.transaction
                     == TransactionUse::Transactional
+                && !scripts[plan.steps[end].script].directives.batch
                 && (self.run.mode == TransactionMode::PerTenant
                     || bytes + scripts[plan.steps[end].script].sql.len() <= BYTES_PER_MESSAGE)
             {
@@ -1562,6 +1577,7 @@ impl Runner<'_, '_> {
                     duration: Duration::from_millis(
                         progress.durations.get(i).copied().flatten().unwrap_or(0),
                     ),
+                    rows: None,
                 });
             }
         }
@@ -1581,6 +1597,129 @@ impl Runner<'_, '_> {
             Ok(rows) => first_value(&rows).as_deref() == Some("committed"),
             Err(_) => false,
         }
+    }
+
+    /// Runs a `batch` script: its `started` row first, then its statement again and
+    /// again, each run a short transaction of its own that also records the run's rows
+    /// in the row, resting `batch-pause` between runs, until a run changes nothing. A
+    /// resumed script simply goes on (the statement's own WHERE is the cursor). Returns
+    /// true when a stop interrupted it between two runs (its `started` row stays).
+    async fn run_batches(
+        &mut self,
+        script: &Script,
+        action: &StepAction,
+    ) -> Result<bool, ApplyError> {
+        let version = script.version().map(|v| v.to_string());
+        self.watch_for(script);
+        let started = Instant::now();
+        let fail = |e: BatchError, ran: Duration| -> Result<bool, ApplyError> {
+            match e {
+                BatchError::Cancelled => Ok(true),
+                BatchError::Db(e) => Err(ApplyError::Script {
+                    script: script.name.clone(),
+                    line: None,
+                    failure: self.failure(script, &e, ran),
+                }),
+            }
+        };
+        let statement = script
+            .executable_statements()
+            .next()
+            .map(|s| s.sql(&script.sql))
+            .unwrap_or_default();
+        let log_id = match action {
+            StepAction::Resume { log_id, .. } => *log_id,
+            StepAction::Apply | StepAction::Reapply | StepAction::Supersede { .. } => {
+                // The row first: its id is the first value of the answer, whatever a
+                // callback returns.
+                let sql = format!(
+                    "{}\n{}",
+                    log::insert_started_sql(&self.identity(script, version.as_deref())),
+                    self.each_callbacks_sql(Callback::BeforeEachMigrate),
+                );
+                match self.batch(&sql).await {
+                    Ok(rows) => {
+                        first_value(&rows)
+                            .and_then(|v| v.parse().ok())
+                            .ok_or_else(|| {
+                                ApplyError::Log(DbFailure::of_kind(
+                                    FailureKind::Unexpected,
+                                    "inserting the started row returned no id",
+                                ))
+                            })?
+                    }
+                    Err(e) => return fail(e, Duration::ZERO),
+                }
+            }
+        };
+        let overrides = self.timeout_overrides(script, "LOCAL ");
+        let pause = script.directives.batch_pause.unwrap_or(Duration::ZERO);
+        let mut runs = 0u64;
+        loop {
+            if runs > 0 && self.stop.is_stopping() {
+                return Ok(true);
+            }
+            let mut sql = log::batch_run_sql(log_id, statement);
+            if !overrides.is_empty() {
+                sql = sql.replacen("BEGIN;\n", &format!("BEGIN;\n{overrides}"), 1);
+            }
+            let run_started = Instant::now();
+            let rows = match self.batch(&sql).await {
+                Ok(messages) => {
+                    let values = first_row(&messages);
+                    self.backend.same_as(values.get(1).map(String::as_str))?;
+                    values
+                        .first()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            ApplyError::Log(DbFailure::of_kind(
+                                FailureKind::Unexpected,
+                                "a batch run returned no row count",
+                            ))
+                        })?
+                }
+                Err(e) => {
+                    self.rollback().await;
+                    return fail(e, run_started.elapsed());
+                }
+            };
+            runs += 1;
+            if rows == 0 {
+                break;
+            }
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = self.stop.boundary.cancelled() => return Ok(true),
+                    _ = self.stop.now.cancelled() => return Ok(true),
+                }
+            }
+        }
+        // The count first: it is the first value of the answer, whatever a callback
+        // returns.
+        let finish = format!(
+            "{}\n{}\n{}{}",
+            log::RESET_SESSION_SQL,
+            log::rows_changed_sql(log_id),
+            self.each_callbacks_sql(Callback::AfterEachMigrate),
+            log::finish_started_sql(
+                log_id,
+                &self.identity(script, version.as_deref()),
+                started.elapsed().as_millis(),
+            ),
+        );
+        let total = match self.batch(&finish).await {
+            Ok(messages) => first_value(&messages).and_then(|v| v.parse::<u64>().ok()),
+            Err(e) => return fail(e, Duration::ZERO),
+        };
+        self.committed += 1;
+        self.applied.push(AppliedScript {
+            script: script.name.clone(),
+            version,
+            duration: started.elapsed(),
+            rows: total,
+        });
+        Ok(false)
     }
 
     /// Runs a `no-transaction` script statement by statement. Returns true when a stop
@@ -1639,9 +1778,9 @@ impl Runner<'_, '_> {
                 // beforeEachMigrate commits with the started row (one implicit
                 // transaction); a resumed script does not run it again.
                 let sql = format!(
-                    "{overrides}{}{}",
+                    "{overrides}{}\n{}",
+                    log::insert_started_sql(&self.identity(script, version.as_deref())),
                     self.each_callbacks_sql(Callback::BeforeEachMigrate),
-                    log::insert_started_sql(&self.identity(script, version.as_deref()))
                 );
                 match self.batch(&sql).await {
                     Ok(rows) => {
@@ -1727,6 +1866,7 @@ impl Runner<'_, '_> {
             script: script.name.clone(),
             version,
             duration: started.elapsed(),
+            rows: None,
         });
         Ok(false)
     }

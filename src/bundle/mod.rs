@@ -188,7 +188,15 @@ pub struct Directives {
     /// `precondition [on-fail=MODE] <SQL>`: evaluated in the script's transaction
     /// before it; what happens when it is not true.
     pub precondition: Option<Precondition>,
+    /// `batch`: the script's one data-changing statement runs again and again, each
+    /// run its own short transaction, until it changes no row.
+    pub batch: bool,
+    /// `batch-pause <duration>`: the rest between two runs of a batch script.
+    pub batch_pause: Option<Duration>,
 }
+
+/// The dollar-quote tag a batch statement runs in; its text must not hold it.
+pub const BATCH_TAG: &str = "$flotilla_batch$";
 
 /// A script's `-- flotilla:precondition`, Liquibase's `preConditions` with `onFail`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -225,6 +233,8 @@ impl OnFail {
 
 /// The dollar-quote tag a precondition runs in; its text must not hold it.
 pub const PRECONDITION_TAG: &str = "$flotilla_precondition$";
+/// The longest rest between two runs of a batch script.
+const MAX_BATCH_PAUSE: Duration = Duration::from_secs(3600);
 /// The longest precondition accepted.
 const MAX_PRECONDITION_BYTES: usize = 4096;
 
@@ -237,6 +247,8 @@ impl Default for Directives {
             max_block: None,
             allow: Vec::new(),
             precondition: None,
+            batch: false,
+            batch_pause: None,
         }
     }
 }
@@ -265,6 +277,12 @@ impl fmt::Display for Directives {
         if let Some(p) = &self.precondition {
             // The query itself is in the script's text, which the checksum covers.
             parts.push(format!("precondition={}", p.on_fail.as_str()));
+        }
+        if self.batch {
+            parts.push("batch".to_string());
+        }
+        if let Some(d) = self.batch_pause {
+            parts.push(format!("batch-pause={}ms", d.as_millis()));
         }
         f.write_str(&parts.join(","))
     }
@@ -1306,6 +1324,11 @@ fn parse_script(
             }
         }
     }
+    if let Some(d) = &directives {
+        for message in batch_problems(d, &kind, &statements, &sql) {
+            problems.push(problem(None, message));
+        }
+    }
     if let (Some(d), ScriptKind::Callback(_)) = (&directives, &kind)
         && (d.transaction == TransactionUse::NoTransaction || d.precondition.is_some())
     {
@@ -1352,6 +1375,78 @@ fn parse_script(
         tenant_placeholders,
         statements,
     })
+}
+
+/// What is wrong with a `batch` script: it must be a versioned script of one
+/// data-changing statement (UPDATE, DELETE or INSERT, possibly under WITH) that
+/// bounds itself with a LIMIT, so that each run is short and the statement's own
+/// WHERE is the cursor.
+fn batch_problems(
+    d: &Directives,
+    kind: &ScriptKind,
+    statements: &[Statement],
+    sql: &str,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if !d.batch {
+        if d.batch_pause.is_some() {
+            out.push("flotilla:batch-pause needs flotilla:batch".to_string());
+        }
+        return out;
+    }
+    if !matches!(kind, ScriptKind::Versioned(_)) {
+        out.push("a batch script must be versioned (V…)".to_string());
+    }
+    if d.transaction == TransactionUse::NoTransaction || d.precondition.is_some() {
+        out.push(
+            "a batch script runs each batch in a transaction of its own: it cannot be \
+             no-transaction or have a precondition"
+                .to_string(),
+        );
+    }
+    let executable: Vec<&Statement> = statements.iter().filter(|s| !s.is_blank()).collect();
+    let [statement] = executable.as_slice() else {
+        out.push(format!(
+            "a batch script holds exactly one data-changing statement (it has {})",
+            executable.len()
+        ));
+        return out;
+    };
+    let text = statement.sql(sql);
+    let tokens = sql::tokens(text);
+    let word = |w: &str| {
+        tokens
+            .iter()
+            .any(|t| matches!(t, sql::Token::Word(x) if x == w))
+    };
+    let first = match tokens.first() {
+        Some(sql::Token::Word(w)) => w.as_str(),
+        _ => "",
+    };
+    let dml = match first {
+        "update" | "delete" | "insert" => true,
+        "with" => word("update") || word("delete") || word("insert"),
+        _ => false,
+    };
+    if !dml {
+        out.push(
+            "a batch script's statement must change rows (UPDATE, DELETE or INSERT)".to_string(),
+        );
+    } else if !word("limit") {
+        out.push(
+            "a batch statement must bound each run with a LIMIT, e.g. `UPDATE t SET … WHERE \
+             id IN (SELECT id FROM t WHERE <not yet done> LIMIT 1000)`; without one it is a \
+             single long transaction"
+                .to_string(),
+        );
+    }
+    if word("returning") {
+        out.push("a batch statement cannot return rows (RETURNING)".to_string());
+    }
+    if text.contains(BATCH_TAG) {
+        out.push(format!("a batch statement cannot hold {BATCH_TAG}"));
+    }
+    out
 }
 
 /// `[on-fail=MODE] SQL` or `SQL on-fail=MODE`, as the words after the directive.
@@ -1503,12 +1598,32 @@ fn parse_directives(sql: &str) -> Result<Directives, (u32, String)> {
             "precondition" => {
                 d.precondition = Some(parse_precondition(&arg).map_err(|e| (line_no, e))?);
             }
+            "batch" => {
+                if !arg.is_empty() {
+                    return Err((line_no, "flotilla:batch takes no argument".to_string()));
+                }
+                d.batch = true;
+            }
+            "batch-pause" => {
+                let value = duration()?;
+                if value > MAX_BATCH_PAUSE {
+                    return Err((
+                        line_no,
+                        format!(
+                            "flotilla:batch-pause is at most {}",
+                            humantime::format_duration(MAX_BATCH_PAUSE)
+                        ),
+                    ));
+                }
+                d.batch_pause = Some(value);
+            }
             other => {
                 return Err((
                     line_no,
                     format!(
                         "unknown directive flotilla:{other} (known: no-transaction, \
-                         lock-timeout, statement-timeout, max-block, allow, precondition)"
+                         lock-timeout, statement-timeout, max-block, allow, precondition, \
+                         batch, batch-pause)"
                     ),
                 ));
             }
@@ -1635,7 +1750,7 @@ mod tests {
         assert_eq!(
             problems(&[("V1__a.sql", "\n-- flotilla:no-transactoin\nselect 1;")]),
             [
-                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout, max-block, allow, precondition)"
+                "V1__a.sql:2: unknown directive flotilla:no-transactoin (known: no-transaction, lock-timeout, statement-timeout, max-block, allow, precondition, batch, batch-pause)"
             ]
         );
         let p = problems(&[("V1__a.sql", "-- flotilla:lock-timeout soon\nselect 1;")]);

@@ -23,6 +23,7 @@ pub struct RunMetrics {
     retries: Counter<u64>,
     failures: Counter<u64>,
     lock_timeouts: Counter<u64>,
+    backfill_rows: Counter<u64>,
 }
 
 /// The run instruments, created from the global meter on first use.
@@ -56,6 +57,10 @@ pub fn runs() -> &'static RunMetrics {
                 .u64_counter("flotilla_lock_timeouts")
                 .with_description("Runs that hit lock_timeout (SQLSTATE 55P03)")
                 .build(),
+            backfill_rows: meter
+                .u64_counter("flotilla_backfill_rows")
+                .with_description("Rows changed by batch scripts (-- flotilla:batch)")
+                .build(),
         }
     })
 }
@@ -73,6 +78,10 @@ impl RunMetrics {
         };
         for s in scripts {
             self.script_duration.record(s.duration.as_secs_f64(), &[]);
+        }
+        let rows: u64 = scripts.iter().filter_map(|s| s.rows).sum();
+        if rows > 0 {
+            self.backfill_rows.add(rows, &[]);
         }
         if let Outcome::Failed { error, .. } = outcome {
             let sqlstate = error.sqlstate().unwrap_or("none").to_string();

@@ -719,6 +719,15 @@ impl Machine {
         let Some(t) = self.tenants.get_mut(seq as usize) else {
             return (None, Vec::new());
         };
+        // A batch script reports its rows once, when it finishes (a run cut short
+        // reports none; the run that finishes it, every row).
+        if let Outcome::Applied { scripts, .. }
+        | Outcome::Cancelled { scripts }
+        | Outcome::Failed { scripts, .. } = outcome
+        {
+            let rows: u64 = scripts.iter().filter_map(|s| s.rows).sum();
+            t.rows_changed = t.rows_changed.saturating_add(rows);
+        }
         let action = match outcome {
             Outcome::UpToDate { .. } | Outcome::Applied { .. } => TenantAction::Succeed,
             Outcome::Cancelled { .. } => TenantAction::Cancel,

@@ -196,6 +196,8 @@ pub struct TenantView {
     pub last_error: Option<ErrorRecord>,
     pub started_at_ms: Option<u64>,
     pub finished_at_ms: Option<u64>,
+    /// Rows its batch scripts changed.
+    pub rows_changed: u64,
 }
 
 impl From<&TenantRecord> for TenantView {
@@ -212,6 +214,7 @@ impl From<&TenantRecord> for TenantView {
             last_error: t.last_error.clone(),
             started_at_ms: t.started_at_ms,
             finished_at_ms: t.finished_at_ms,
+            rows_changed: t.rows_changed,
         }
     }
 }
@@ -540,6 +543,7 @@ impl Engine {
                 started_at_ms: None,
                 finished_at_ms: None,
                 baselined: 0,
+                rows_changed: 0,
             })
             .collect();
         let now = now_ms();

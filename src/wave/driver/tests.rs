@@ -35,6 +35,7 @@ impl Applier for Scripted {
                     script: "V1__a.sql".into(),
                     version: Some("1".into()),
                     duration: self.delay,
+                    rows: None,
                 }],
                 notes: Vec::new(),
                 baselined: 0,

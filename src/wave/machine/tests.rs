@@ -46,6 +46,7 @@ fn machine(n: u32, hosts: u32, canaries: u32, policy: Policy) -> Machine {
             started_at_ms: None,
             finished_at_ms: None,
             baselined: 0,
+            rows_changed: 0,
         })
         .collect();
     let record = WaveRecord {
@@ -359,6 +360,7 @@ fn applied() -> Outcome {
             script: "V1__a.sql".into(),
             version: Some("1".into()),
             duration: Duration::from_millis(1),
+            rows: None,
         }],
         notes: Vec::new(),
         baselined: 0,
