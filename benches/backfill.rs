@@ -132,6 +132,7 @@ async fn main() {
         prior: None,
         guard: None,
         max_block: Duration::from_secs(1),
+        undo: flotilla::apply::Undo::None,
     };
     let started = Instant::now();
     let outcome = apply_tenant(&run, &StopSignal::new()).await;

@@ -158,6 +158,14 @@ pub struct Policy {
     /// Pause at the end of every stage until an operator approves the next.
     #[serde(default)]
     pub approve_between_stages: bool,
+    /// `--undo-to V`: the wave undoes every version above V on each tenant (canonical
+    /// version text) instead of applying anything.
+    #[serde(default)]
+    pub undo_to: Option<String>,
+    /// `--rehearse-undo`: each canary applies, undoes what it applied, and applies it
+    /// again, before the next stage may start.
+    #[serde(default)]
+    pub rehearse_undo: bool,
     pub max_failures: FailureBudget,
     /// Attempts after the first, for retryable failures only.
     pub retries: u32,
@@ -280,6 +288,8 @@ impl Default for Policy {
             after_canary: AfterCanary::Continue,
             stages: Vec::new(),
             approve_between_stages: false,
+            undo_to: None,
+            rehearse_undo: false,
             max_failures: FailureBudget::default(),
             retries: 3,
             backoff_base_ms: 1_000,
@@ -430,6 +440,26 @@ impl Policy {
                 _ => {}
             }
         }
+        if let Some(v) = &self.undo_to {
+            let canonical = v
+                .parse::<crate::bundle::Version>()
+                .map(|p| p.to_string())
+                .ok();
+            if canonical.as_deref() != Some(v.as_str()) {
+                return bad(format!(
+                    "undo_to {v:?} is not a version in canonical form (integers separated by ., e.g. 3 or 2.1)"
+                ));
+            }
+            if self.baseline_version.is_some() || self.adopt.is_some() || self.rehearse_undo {
+                return bad(
+                    "undo_to undoes: it goes with neither baseline_version, adopt nor rehearse_undo"
+                        .into(),
+                );
+            }
+        }
+        if self.rehearse_undo && self.canary == Canary::None {
+            return bad("rehearse_undo needs a canary: the canaries rehearse the undo".into());
+        }
         if self.retries > MAX_RETRIES {
             return bad(format!(
                 "retries must be within 0..{MAX_RETRIES} (got {})",
@@ -536,6 +566,18 @@ impl Policy {
     }
 
     /// What an empty log records first: `adopt` or `baseline_version` (validated).
+    /// What a tenant run does about undo scripts: the whole wave undoes (`undo_to`),
+    /// or canaries rehearse (`rehearse_undo`).
+    pub fn undo_for(&self, canary: bool) -> crate::apply::Undo {
+        if let Some(v) = self.undo_to.as_deref().and_then(|v| v.parse().ok()) {
+            return crate::apply::Undo::To(v);
+        }
+        if self.rehearse_undo && canary {
+            return crate::apply::Undo::Rehearse;
+        }
+        crate::apply::Undo::None
+    }
+
     pub fn prior(&self) -> Option<crate::apply::Prior> {
         if let Some(source) = self.adopt.as_deref().and_then(|a| a.parse().ok()) {
             return Some(crate::apply::Prior::Adopt(source));

@@ -228,6 +228,10 @@ struct BundleRecord {
     /// before, and its scripts run as written.
     #[serde(default)]
     replaces_placeholders: bool,
+    /// Written by daemons that run undo scripts; a record without it was stored
+    /// before, and its `U…` files stay left out (they are not in its id).
+    #[serde(default)]
+    includes_undo: bool,
 }
 
 /// Why the store failed.
@@ -432,6 +436,7 @@ impl ProgressStore for SledStore {
                 .collect(),
             placeholders: bundle.placeholders().clone(),
             replaces_placeholders: true,
+            includes_undo: true,
         };
         self.bundles.insert(bundle.id(), encode(&record))?;
         self.flush()
@@ -462,6 +467,7 @@ impl ProgressStore for SledStore {
         let options = crate::bundle::BundleOptions {
             placeholders: record.placeholders,
             as_written: !record.replaces_placeholders,
+            leaves_out_undo: !record.includes_undo,
         };
         let bundle = Bundle::from_files_with(files, &options, &format!("stored bundle {id}"))
             .map_err(|source| StoreError::Bundle {

@@ -38,6 +38,7 @@ async fn run(bundle: &Bundle, dsn: &Dsn, prior: Option<Prior>) -> Outcome {
         prior,
         guard: None,
         max_block: Duration::from_secs(1),
+        undo: flotilla::apply::Undo::None,
     };
     apply_tenant(&run, &StopSignal::new()).await
 }

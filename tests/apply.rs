@@ -71,6 +71,7 @@ async fn run_with(
         prior: None,
         guard: None,
         max_block: std::time::Duration::from_secs(1),
+        undo: flotilla::apply::Undo::None,
     };
     apply_tenant(&run, stop).await
 }
@@ -1223,6 +1224,7 @@ async fn run_with_baseline(bundle: &Bundle, dsn: &Dsn, upto: &str) -> Outcome {
         )),
         guard: None,
         max_block: std::time::Duration::from_secs(1),
+        undo: flotilla::apply::Undo::None,
     };
     apply_tenant(&run, &StopSignal::new()).await
 }

@@ -30,6 +30,7 @@ async fn run(bundle: &Bundle, dsn: &Dsn, mode: TransactionMode) -> Outcome {
         prior: None,
         guard: None,
         max_block: Duration::from_secs(1),
+        undo: flotilla::apply::Undo::None,
     };
     apply_tenant(&run, &StopSignal::new()).await
 }

@@ -236,6 +236,7 @@ async fn census_reads_logs_and_reports_what_it_cannot_read() {
             prior: None,
             guard: None,
             max_block: std::time::Duration::from_secs(1),
+            undo: flotilla::apply::Undo::None,
         },
         &flotilla::apply::StopSignal::default(),
     )

@@ -55,6 +55,7 @@ async fn run(bundle: &Bundle, dsn: &Dsn, guard: Option<Arc<Guard>>) -> Outcome {
         prior: None,
         guard,
         max_block: Duration::from_millis(300),
+        undo: flotilla::apply::Undo::None,
     };
     apply_tenant(&run, &StopSignal::new()).await
 }

@@ -56,7 +56,7 @@ enum Command {
     #[command(subcommand)]
     Wave(wave_cmd::WaveCommand),
     /// Dry run: what each tenant would get, read from its own execution log.
-    Plan(plan_cmd::PlanArgs),
+    Plan(Box<plan_cmd::PlanArgs>),
     /// Register named fleets and take their census.
     #[command(subcommand)]
     Fleet(fleet_cmd::FleetCommand),
@@ -80,7 +80,7 @@ async fn main() -> std::process::ExitCode {
         Command::Bundle(cmd) => Ok(bundle_cmd::run(cmd, cli.output)),
         Command::Wave(cmd) => wave_cmd::run(cmd, &target, cli.output).await,
         Command::Fleet(cmd) => fleet_cmd::run(cmd, &target, cli.output).await,
-        Command::Plan(args) => plan_cmd::plan(args, &target, cli.output).await,
+        Command::Plan(args) => plan_cmd::plan(*args, &target, cli.output).await,
         Command::Tenant(cmd) => plan_cmd::tenant(cmd, &target, cli.output).await,
         Command::Demo(args) => demo::run(args, cli.output).await,
     };

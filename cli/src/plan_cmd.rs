@@ -38,6 +38,10 @@ pub struct PlanArgs {
     pub adopt: Option<String>,
     #[command(flatten)]
     pub allow: AllowArgs,
+    /// Plan as a wave with --undo-to V would: per tenant, the undo scripts that would
+    /// run, newest first, or why the undo is refused.
+    #[arg(long, value_name = "V", conflicts_with_all = ["baseline_version", "adopt"])]
+    pub undo_to: Option<String>,
 }
 
 /// Runs a plan; exits 1 when some tenant could not be planned or would fail (drift,
@@ -59,9 +63,11 @@ pub async fn plan(
             baseline_version: args.baseline_version.clone().unwrap_or_default(),
             adopt: args.adopt.clone().unwrap_or_default(),
             allow: args.allow.allow.clone(),
+            undo_to: args.undo_to.clone().unwrap_or_default(),
         })
         .await?
         .into_inner();
+    let without_undo = plans.versions_without_undo;
     let (plans, findings) = (plans.tenants, plans.findings);
     let unwaived = findings.iter().filter(|f| !f.waived).count();
     // Problems block (a wave would fail the tenant); notes do not.
@@ -134,6 +140,7 @@ pub async fn plan(
                 })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "safety": findings.iter().map(crate::render::safety_json).collect::<Vec<_>>(),
+            "versions_without_undo": without_undo,
         })),
         Output::Table => {
             print_table(
@@ -180,6 +187,12 @@ pub async fn plan(
                 baselining,
                 blocked
             );
+            if !without_undo.is_empty() {
+                println!(
+                    "versions without an undo script (U<version>__…): {}",
+                    without_undo.join(", ")
+                );
+            }
             for f in &findings {
                 eprintln!("{}", crate::render::safety_line(f));
             }

@@ -281,6 +281,14 @@ pub struct PolicyArgs {
     /// Pause at the end of every stage until `flotilla wave approve` opens the next.
     #[arg(long)]
     pub approve_between_stages: bool,
+    /// Undo instead of apply: on each tenant, run the undo script (U<version>__…) of
+    /// every applied version above V, newest first, marking each `undone`.
+    #[arg(long, value_name = "V")]
+    pub undo_to: Option<String>,
+    /// Each canary applies, undoes what it applied, and applies it again before the
+    /// next stage starts: the undo scripts run on real tenants first.
+    #[arg(long)]
+    pub rehearse_undo: bool,
     /// Failed tenants before the wave pauses itself: a count (5), a percentage (10%), a
     /// ratio (0.1) or `unlimited` [default: 10%].
     #[arg(long, value_parser = parse_max_failures)]
@@ -411,6 +419,8 @@ impl PolicyArgs {
             pause_after_canary: self.pause_after_canary,
             stages,
             approve_between_stages: self.approve_between_stages,
+            undo_to: self.undo_to.clone().unwrap_or_default(),
+            rehearse_undo: self.rehearse_undo,
             max_failures: self.max_failures,
             retries: self.retries,
             transaction: match self.transaction {

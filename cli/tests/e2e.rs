@@ -2583,3 +2583,138 @@ async fn a_backfill_survives_a_kill_9_of_the_daemon() {
         assert_eq!(batches(db.clone()).await, 16, "{db}");
     }
 }
+
+const UNDO_V1: (&str, &str) = (
+    "V1__accounts.sql",
+    "CREATE TABLE accounts (id int PRIMARY KEY);",
+);
+const UNDO_V2: (&str, &str) = (
+    "V2__orders.sql",
+    "CREATE TABLE orders (id int PRIMARY KEY);",
+);
+const UNDO_V3: (&str, &str) = (
+    "V3__email.sql",
+    "ALTER TABLE accounts ADD COLUMN email text;",
+);
+const UNDO_U2: (&str, &str) = ("U2__orders.sql", "DROP TABLE orders;");
+const UNDO_U3: (&str, &str) = ("U3__email.sql", "ALTER TABLE accounts DROP COLUMN email;");
+
+/// Issue 19, undo: `plan --undo-to` shows what would run and which versions lack an
+/// undo script; `wave start --undo-to` undoes every tenant, newest first; a canary
+/// rehearsal with a wrong undo script stops the wave at the canary, the rest untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_waves_and_a_rehearsal_that_stops_at_the_canary() {
+    let cluster = shared();
+    let rows = tenants(cluster, "und_", 6).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let (daemon, _data) = start_daemon(&[]);
+    let server = daemon.url();
+    let statuses = |db: String| async move {
+        let c = cluster.connect(&db).await.expect("connect");
+        c.query(
+            "SELECT version || ':' || status FROM flotilla.execution_log ORDER BY version",
+            &[],
+        )
+        .await
+        .map(|r| r.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+        .unwrap_or_default()
+    };
+
+    // Tenants 1-3: forward to V3, then undone to V1.
+    let first = targets_csv(work.path(), &rows[..3]);
+    let good = bundle(&[UNDO_V1, UNDO_V2, UNDO_V3, UNDO_U2, UNDO_U3]);
+    let run = flotilla(&server, &start_args(good.path(), &first, &["--wait"])).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let plan = flotilla(
+        &server,
+        &[
+            "--output",
+            "json",
+            "plan",
+            "--bundle",
+            path(good.path()),
+            "--targets",
+            path(&first),
+            "--undo-to",
+            "1",
+        ],
+    )
+    .await;
+    assert_eq!(plan.code, 0, "{plan:?}");
+    let plan = plan.json();
+    assert_eq!(plan["versions_without_undo"], serde_json::json!(["1"]));
+    let steps: Vec<&str> = plan["tenants"][0]["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["script"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(steps, ["U3__email.sql", "U2__orders.sql"], "{plan}");
+    let undo = flotilla(
+        &server,
+        &start_args(good.path(), &first, &["--undo-to", "1", "--wait"]),
+    )
+    .await;
+    assert_eq!(undo.code, 0, "{undo:?}");
+    for (db, _) in &rows[..3] {
+        assert_eq!(
+            statuses(db.clone()).await,
+            ["1:applied", "2:undone", "3:undone"],
+            "{db}"
+        );
+    }
+
+    // Tenants 4-6 at V1, then a rehearsal whose U3 forgets the column.
+    let second = work.path().join("second");
+    std::fs::create_dir_all(&second).expect("dir");
+    let second = targets_csv(&second, &rows[3..]);
+    let v1 = bundle(&[UNDO_V1]);
+    let run = flotilla(&server, &start_args(v1.path(), &second, &["--wait"])).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let wrong = bundle(&[
+        UNDO_V1,
+        UNDO_V2,
+        UNDO_V3,
+        UNDO_U2,
+        ("U3__email.sql", "SELECT 1;"),
+    ]);
+    let started = flotilla(
+        &server,
+        &[
+            &["--output", "json"][..],
+            &start_args(wrong.path(), &second, &["--canary", "1", "--rehearse-undo"]),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(started.code, 0, "{started:?}");
+    let wave = started.json()["wave_id"].as_str().expect("id").to_string();
+    let status = wait_for(&server, &wave, "the canary to stop the wave", |s| {
+        s["state"] == "PAUSED" && count(s, "running") == 0
+    })
+    .await;
+    assert_eq!(count(&status, "failed"), 1, "{status}");
+    assert_eq!(count(&status, "pending"), 2, "{status}");
+    assert!(
+        status["reason"].as_str().unwrap_or("").contains("canary"),
+        "{status}"
+    );
+    let failed = flotilla(
+        &server,
+        &[
+            "--output", "json", "wave", "tenants", &wave, "--state", "failed",
+        ],
+    )
+    .await;
+    let message = failed.json()["tenants"][0]["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        message.contains("undo rehearsal, applying again"),
+        "{message}"
+    );
+    for (db, _) in &rows[4..] {
+        assert_eq!(statuses(db.clone()).await, ["1:applied"], "{db}: untouched");
+    }
+}

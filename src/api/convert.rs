@@ -260,6 +260,8 @@ pub fn policy_to_proto(p: &Policy) -> v1::Policy {
         pause_after_canary: p.after_canary == AfterCanary::Pause,
         stages: p.stages.iter().map(ToString::to_string).collect(),
         approve_between_stages: p.approve_between_stages,
+        undo_to: p.undo_to.clone().unwrap_or_default(),
+        rehearse_undo: p.rehearse_undo,
         max_failures: Some(match p.max_failures {
             FailureBudget::Count(n) => MaxFailures::MaxFailuresCount(n),
             FailureBudget::Ratio(r) => MaxFailures::MaxFailuresRatio(r),
@@ -311,6 +313,7 @@ pub fn plan_action_name(action: v1::PlanAction) -> &'static str {
         v1::PlanAction::Resume => "resume",
         v1::PlanAction::Supersede => "supersede",
         v1::PlanAction::Baseline => "baseline",
+        v1::PlanAction::Undo => "undo",
     }
 }
 
@@ -325,6 +328,8 @@ pub fn plan_problem(error: &crate::apply::ApplyError) -> v1::PlanProblem {
             v1::PlanProblemKind::Unexpected
         }
         ApplyError::Adopt(_) => v1::PlanProblemKind::AdoptionRefused,
+        ApplyError::Undo(_) => v1::PlanProblemKind::UndoRefused,
+        ApplyError::Rehearsal { .. } => v1::PlanProblemKind::Unexpected,
         ApplyError::Plan(p) => match p {
             crate::apply::PlanError::Drift { .. } => v1::PlanProblemKind::Drift,
             crate::apply::PlanError::OutOfOrder { .. } => v1::PlanProblemKind::OutOfOrder,
@@ -461,6 +466,17 @@ pub fn policy_from_proto(p: Option<v1::Policy>) -> Result<Policy, ApiError> {
         after_canary,
         stages,
         approve_between_stages: p.approve_between_stages,
+        // Canonical text, as the log stores versions; the policy's validation names a
+        // malformed one.
+        undo_to: match p.undo_to.trim() {
+            "" => None,
+            v => Some(
+                v.parse::<crate::bundle::Version>()
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|_| v.to_string()),
+            ),
+        },
+        rehearse_undo: p.rehearse_undo,
         max_failures,
         retries,
         transaction,

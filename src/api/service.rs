@@ -244,16 +244,37 @@ impl RolloutApi {
             .await?
             .tenants;
         let options = convert::plan_options(r.allow_drift, r.allow_out_of_order);
+        let undo_to =
+            match r.undo_to.trim() {
+                "" => None,
+                v => Some(v.parse::<crate::bundle::Version>().map_err(|e| {
+                    ApiError::Invalid(format!("undo_to: {v:?} is not a version: {e}"))
+                })?),
+            };
+        let versions_without_undo = bundle
+            .versions_without_undo()
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
         let reach = reach.clone();
         let plans =
             crate::target::visit_bounded(tenants, PLAN_CONCURRENCY, PLAN_PER_HOST, move |tenant| {
                 let (bundle, prior, reach) = (bundle.clone(), prior.clone(), reach.clone());
-                async move { plan_tenant(&bundle, &tenant, options, prior.as_ref(), &reach).await }
+                let undo_to = undo_to.clone();
+                async move {
+                    match undo_to {
+                        Some(target) => plan_undo_tenant(&bundle, &tenant, &target, &reach).await,
+                        None => {
+                            plan_tenant(&bundle, &tenant, options, prior.as_ref(), &reach).await
+                        }
+                    }
+                }
             })
             .await;
         Ok(v1::PlanResponse {
             tenants: plans.into_iter().flatten().collect(),
             findings,
+            versions_without_undo,
         })
     }
 
@@ -657,6 +678,49 @@ async fn forward_events(
 
 /// What one tenant would get, read from its own log; problems instead of errors, so one
 /// unreachable tenant does not hide the plan of the others.
+/// What an undo to `target` would run on one tenant (its log read, nothing run).
+async fn plan_undo_tenant(
+    bundle: &Bundle,
+    tenant: &Tenant,
+    target: &crate::bundle::Version,
+    reach: &crate::reach::Reach,
+) -> v1::TenantPlan {
+    let mut out = v1::TenantPlan {
+        tenant_id: tenant.id.clone(),
+        ..Default::default()
+    };
+    let refuse = |out: &mut v1::TenantPlan, error: crate::apply::ApplyError| {
+        let problem = convert::plan_problem(&error);
+        out.problems.push(problem.message.clone());
+        out.problem_details.push(problem);
+    };
+    let settings = Policy::default().session_settings();
+    let rows = match crate::apply::read_log(&tenant.dsn, &settings, reach).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            refuse(&mut out, e);
+            return out;
+        }
+    };
+    match crate::apply::plan::plan_undo(bundle, &rows, Some(target)) {
+        Ok(plan) => out.steps.extend(plan.steps.iter().map(|step| {
+            let script = &bundle.scripts()[step.script];
+            v1::PlannedStep {
+                script: script.name.clone(),
+                version: script
+                    .kind
+                    .undo_version()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                action: convert::plan_action_name(v1::PlanAction::Undo).to_string(),
+                kind: v1::PlanAction::Undo as i32,
+            }
+        })),
+        Err(e) => refuse(&mut out, e.into()),
+    }
+    out
+}
+
 async fn plan_tenant(
     bundle: &Bundle,
     tenant: &Tenant,

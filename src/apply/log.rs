@@ -396,13 +396,30 @@ pub fn insert_skipped_sql(row: &RowIdentity<'_>, source: &str) -> String {
     )
 }
 
-/// Removes a version's `skipped` row before the version is recorded again (one row per
-/// version: the log's unique index).
-pub fn delete_skipped_sql(version: &str) -> String {
+/// Removes a version's `skipped` or `undone` row before the version is recorded again
+/// (one row per version: the log's unique index).
+pub fn delete_replaced_sql(version: &str) -> String {
     format!(
         "DELETE FROM flotilla.execution_log WHERE kind = 'versioned' AND version = {} \
-         AND status = 'skipped';",
+         AND status IN ('skipped', 'undone');",
         quote_literal(version)
+    )
+}
+
+/// Marks a version `undone` in its undo script's transaction: who undid it, when, in
+/// which wave, and how long the undo script took (returned as the `applied` insert
+/// returns it, so a message of several undo scripts reads the same way).
+pub fn mark_undone_sql(version: &str, bundle_id: &str, wave_id: &str) -> String {
+    format!(
+        "UPDATE flotilla.execution_log SET status = 'undone', applied_at = clock_timestamp(), \
+         applied_by = current_user, xact_id = txid_current()::text, duration_ms = {}, \
+         bundle_id = {}, wave_id = {} \
+         WHERE kind = 'versioned' AND version = {} AND status IN ('applied', 'baselined') \
+         RETURNING duration_ms AS {DURATION_TAG}, xact_id;",
+        duration_since_mark(),
+        quote_literal(bundle_id),
+        quote_literal(wave_id),
+        quote_literal(version),
     )
 }
 

@@ -100,6 +100,15 @@ pub enum ApplyError {
     /// The tenant's state forbids applying (drift, out of order, changed interrupted script).
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The tenant cannot be undone as asked (a version without an undo script, …).
+    #[error(transparent)]
+    Undo(#[from] plan::UndoError),
+    /// A phase of an undo rehearsal failed: the undo, or applying again after it.
+    #[error("undo rehearsal, {phase}: {error}")]
+    Rehearsal {
+        phase: &'static str,
+        error: Box<ApplyError>,
+    },
     /// The previous tool's history forbids adopting the tenant (a failed or dirty row,
     /// a script changed since it ran, no history on a database with a schema).
     #[error("adopt: {0}")]
@@ -142,9 +151,11 @@ impl ApplyError {
             | ApplyError::Script { failure: f, .. } => f.retryability,
             ApplyError::Decode(_) => FailureKind::Unexpected.retryability(),
             // The tenant's state forbids applying until a person acts.
-            ApplyError::Plan(_) | ApplyError::Adopt(_) | ApplyError::TenantPlaceholder(_) => {
-                FailureKind::Refused.retryability()
-            }
+            ApplyError::Plan(_)
+            | ApplyError::Undo(_)
+            | ApplyError::Adopt(_)
+            | ApplyError::TenantPlaceholder(_) => FailureKind::Refused.retryability(),
+            ApplyError::Rehearsal { error, .. } => error.retryability(),
         }
     }
 
@@ -155,6 +166,7 @@ impl ApplyError {
             | ApplyError::Log(f)
             | ApplyError::History { failure: f, .. }
             | ApplyError::Script { failure: f, .. } => f.sqlstate.as_deref(),
+            ApplyError::Rehearsal { error, .. } => error.sqlstate(),
             _ => None,
         }
     }
@@ -163,6 +175,7 @@ impl ApplyError {
     pub fn script(&self) -> Option<&str> {
         match self {
             ApplyError::Script { script, .. } => Some(script),
+            ApplyError::Rehearsal { error, .. } => error.script(),
             _ => None,
         }
     }
@@ -210,6 +223,24 @@ pub struct TenantRun<'a> {
     /// How long an application query may wait on this run's session (scripts' own
     /// `max-block` directives override it).
     pub max_block: Duration,
+    /// Whether this run undoes versions instead of (or as well as) applying them.
+    pub undo: Undo,
+}
+
+/// What a tenant run does about undo scripts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Undo {
+    /// Apply what is pending; undo scripts do not run.
+    #[default]
+    None,
+    /// Undo every version above this one, newest first, each by its undo script with
+    /// its log row marked `undone` in the same transaction (`--undo-to`); nothing is
+    /// applied, and no migrate callback runs.
+    To(crate::bundle::Version),
+    /// Apply what is pending, undo what this run applied, then apply it again
+    /// (`--rehearse-undo`, for canaries): the undo scripts are executed on a real
+    /// tenant before the rest of the fleet depends on them.
+    Rehearse,
 }
 
 /// What a tenant whose log is empty records as `baselined` before anything runs: the
@@ -495,20 +526,32 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         },
         None => log_rows,
     };
-    let plan = match plan::plan(run.bundle, &log_rows, run.plan_options) {
+    let plan = match &run.undo {
+        Undo::To(target) => {
+            plan::plan_undo(run.bundle, &log_rows, Some(target)).map_err(ApplyError::from)
+        }
+        Undo::None | Undo::Rehearse => {
+            plan::plan(run.bundle, &log_rows, run.plan_options).map_err(ApplyError::from)
+        }
+    };
+    let plan = match plan {
         Ok(p) => p,
-        Err(e) => {
+        Err(error) => {
             let failed = Outcome::Failed {
                 scripts: Vec::new(),
-                error: e.into(),
+                error,
             };
             return (failed, Some(session));
         }
     };
     notes.extend(plan.notes.iter().cloned());
-    if plan.steps.is_empty() && !run.bundle.has_callbacks() {
+    // Migrate callbacks are for migrating; an undo wave runs none of them.
+    let callbacks = !matches!(run.undo, Undo::To(_)) && run.bundle.has_callbacks();
+    if plan.steps.is_empty() && !callbacks {
         return (Outcome::UpToDate { notes, baselined }, Some(session));
     }
+    // What a rehearsal undoes back to: the version the tenant had before this run.
+    let had = highest_applied(&log_rows);
     // Watched from here on: the scripts are about to take their locks.
     let watch = run.guard.as_ref().and_then(|g| {
         let pid = backend.pid.parse::<i32>().ok()?;
@@ -523,21 +566,45 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         applied: Vec::new(),
         committed: 0,
         unmet: std::collections::HashSet::new(),
-        skipped_rows: plan
-            .skipped
-            .iter()
-            .map(|&i| run.bundle.scripts()[i].name.clone())
-            .collect(),
+        replaced_rows: std::collections::HashSet::new(),
     };
     // The advisory lock ends with the session: no extra round trip to unlock.
     // Flyway's order: beforeMigrate, the scripts (each between beforeEachMigrate and
     // afterEachMigrate), afterMigrate; afterMigrateError when any of it failed.
-    let mut result = match runner.callbacks(Callback::BeforeMigrate).await {
+    let before = if callbacks {
+        runner.callbacks(Callback::BeforeMigrate).await
+    } else {
+        Ok(false)
+    };
+    let mut result = match before {
         Ok(false) => runner.execute(&plan).await,
         Ok(true) => Ok(Completion::Stopped),
         Err(e) => Err(e),
     };
-    if matches!(result, Ok(Completion::Done)) {
+    if matches!(result, Ok(Completion::Done))
+        && run.undo == Undo::Rehearse
+        && !runner.applied.is_empty()
+    {
+        let forward = runner.applied.len();
+        result = runner.rehearse(had.as_ref()).await;
+        if matches!(result, Ok(Completion::Done)) {
+            let undone: Vec<&str> = runner.applied[forward..]
+                .iter()
+                .filter(|a| {
+                    run.bundle
+                        .scripts()
+                        .iter()
+                        .any(|s| s.name == a.script && s.kind.undo_version().is_some())
+                })
+                .map(|a| a.script.as_str())
+                .collect();
+            notes.push(format!(
+                "undo rehearsed: {} ran, then the versions were applied again",
+                undone.join(", ")
+            ));
+        }
+    }
+    if callbacks && matches!(result, Ok(Completion::Done)) {
         result = match runner.callbacks(Callback::AfterMigrate).await {
             Ok(false) => Ok(Completion::Done),
             Ok(true) => Ok(Completion::Stopped),
@@ -545,6 +612,7 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         };
     }
     if let Err(error) = &result
+        && callbacks
         && !error.connection_lost()
         && run
             .bundle
@@ -594,6 +662,25 @@ async fn run_session(run: &TenantRun<'_>, stop: &StopSignal) -> (Outcome, Option
         },
     };
     (outcome, Some(session))
+}
+
+/// The highest version the log holds applied (or baselined), latest row per version.
+fn highest_applied(log: &[plan::LogRow]) -> Option<crate::bundle::Version> {
+    let mut latest: std::collections::HashMap<&str, &plan::LogRow> =
+        std::collections::HashMap::new();
+    for row in log.iter().filter(|r| r.kind == "versioned") {
+        if let Some(v) = row.version.as_deref() {
+            let slot = latest.entry(v).or_insert(row);
+            if row.id > slot.id {
+                *slot = row;
+            }
+        }
+    }
+    latest
+        .into_iter()
+        .filter(|(_, r)| r.status.counts_as_applied())
+        .filter_map(|(v, _)| v.parse::<crate::bundle::Version>().ok())
+        .max()
 }
 
 /// How many versioned scripts the baseline scripts among `applied` recorded.
@@ -1012,13 +1099,18 @@ struct Runner<'r, 'a> {
     /// Scripts whose precondition was found not true (`on-fail=skip|mark-applied`):
     /// recorded instead of run when their block is sent again.
     unmet: std::collections::HashSet<String>,
-    /// Versions whose `skipped` row goes when they are recorded again.
-    skipped_rows: std::collections::HashSet<String>,
+    /// Versions whose `skipped` or `undone` row goes when they are recorded again.
+    replaced_rows: std::collections::HashSet<String>,
 }
 
 impl Runner<'_, '_> {
     async fn execute(&mut self, plan: &Plan) -> Result<Completion, ApplyError> {
         let scripts = self.run.bundle.scripts();
+        self.replaced_rows = plan
+            .replaced
+            .iter()
+            .map(|&i| scripts[i].name.clone())
+            .collect();
         let mut i = 0;
         while i < plan.steps.len() {
             if self.stop.is_stopping() {
@@ -1217,6 +1309,13 @@ impl Runner<'_, '_> {
     /// baseline script (kind `baseline`), also one `baselined` row per version it
     /// covers, which is what later runs plan against.
     fn log_rows_sql(&self, script: &Script) -> String {
+        if let Some(undoes) = script.kind.undo_version() {
+            return log::mark_undone_sql(
+                &undoes.to_string(),
+                self.run.bundle.id(),
+                self.run.wave_id,
+            );
+        }
         let Some(covers) = script.kind.baseline_version() else {
             let version = script.version().map(|v| v.to_string());
             return log::insert_applied_sql(&self.identity(script, version.as_deref()));
@@ -1318,10 +1417,10 @@ impl Runner<'_, '_> {
                     message.push(log::BASELINE_SHAPE_SQL);
                     message.push("\n");
                 }
-                if self.skipped_rows.contains(&script.name)
+                if self.replaced_rows.contains(&script.name)
                     && let Some(version) = script.version()
                 {
-                    message.push(&log::delete_skipped_sql(&version.to_string()));
+                    message.push(&log::delete_replaced_sql(&version.to_string()));
                     message.push("\n");
                 }
                 if let Some(p) = &script.directives.precondition
@@ -1344,12 +1443,18 @@ impl Runner<'_, '_> {
                     message.push(&log::precondition_check_sql(&script.name, &p.sql));
                     message.push("\n");
                 }
-                message.push(&self.each_callbacks_sql(Callback::BeforeEachMigrate));
+                // Migrate callbacks go around migrations, not undo scripts.
+                let migrating = script.kind.undo_version().is_none();
+                if migrating {
+                    message.push(&self.each_callbacks_sql(Callback::BeforeEachMigrate));
+                }
                 script_at.push(message.chars);
                 message.push(&script.sql);
                 // A newline first: the script may end in a `--` comment.
                 message.push("\n;\n");
-                message.push(&self.each_callbacks_sql(Callback::AfterEachMigrate));
+                if migrating {
+                    message.push(&self.each_callbacks_sql(Callback::AfterEachMigrate));
+                }
                 message.push(&self.restore_timeouts(script));
                 message.push(&self.log_rows_sql(script));
                 message.push("\n");
@@ -1486,6 +1591,43 @@ impl Runner<'_, '_> {
                 })
             }
         }
+    }
+
+    /// The second and third parts of an undo rehearsal, after the forward run applied
+    /// something: undo every version above `had` (what the tenant had before), then
+    /// apply again what is pending. Each part plans from the log as it is then.
+    async fn rehearse(
+        &mut self,
+        had: Option<&crate::bundle::Version>,
+    ) -> Result<Completion, ApplyError> {
+        let wrap = |phase: &'static str| {
+            move |error: ApplyError| ApplyError::Rehearsal {
+                phase,
+                error: Box::new(error),
+            }
+        };
+        let log = self.read_log().await.map_err(wrap("reading the log"))?;
+        let undo =
+            plan::plan_undo(self.run.bundle, &log, had).map_err(|e| wrap("undo")(e.into()))?;
+        match self.execute(&undo).await.map_err(wrap("undo"))? {
+            Completion::Done => {}
+            Completion::Stopped => return Ok(Completion::Stopped),
+        }
+        let log = self.read_log().await.map_err(wrap("reading the log"))?;
+        let again = plan::plan(self.run.bundle, &log, self.run.plan_options)
+            .map_err(|e| wrap("applying again")(e.into()))?;
+        self.execute(&again).await.map_err(wrap("applying again"))
+    }
+
+    /// The log as it is now (the lock is held: no other runner changes it).
+    async fn read_log(&self) -> Result<Vec<plan::LogRow>, ApplyError> {
+        let messages = self
+            .session
+            .client()
+            .simple_query(log::READ_SQL)
+            .await
+            .map_err(|e| ApplyError::Log(DbFailure::from(&e)))?;
+        Ok(log::parse_rows(&messages)?)
     }
 
     /// Runs the callbacks of `event`, each in a transaction of its own. True when a stop

@@ -110,8 +110,9 @@ pub struct Plan {
     /// Not errors: versions the bundle does not know, drift that was allowed.
     pub notes: Vec<String>,
     /// Scripts (indexes into [`Bundle::scripts`]) of versions whose log row says
-    /// `skipped`: that row goes when the version is recorded again.
-    pub skipped: Vec<usize>,
+    /// `skipped` or `undone`: that row goes when the version is recorded again (one
+    /// row per version).
+    pub replaced: Vec<usize>,
 }
 
 /// Why a tenant cannot be migrated as it is. All permanent: a person must look.
@@ -148,6 +149,93 @@ pub enum PlanError {
         logged_checksum: String,
         bundle_checksum: String,
     },
+}
+
+/// Why a tenant cannot be undone as asked. All permanent: nothing ran.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UndoError {
+    #[error(
+        "undo: version {version} ({script}) is applied and the bundle has no undo script \
+         for it (U{version}__…sql); nothing was undone"
+    )]
+    Missing { version: String, script: String },
+    #[error(
+        "undo: {script} is no-transaction; an undo runs each script in a transaction with \
+         its log row, so it cannot undo version {version}; nothing was undone"
+    )]
+    NotTransactional { version: String, script: String },
+    #[error(
+        "undo: {script} (version {version}) was interrupted (its log row is 'started'); \
+         finish or repair it first; nothing was undone"
+    )]
+    Interrupted { version: String, script: String },
+}
+
+/// The undo of every version above `target` (every version, for `None`) that the
+/// tenant's log holds applied or baselined, newest first, each by its undo script: the
+/// steps run the bundle's `U…` scripts, whose log rows mark the version `undone`. A
+/// version without an undo script (or one the bundle does not know), an interrupted
+/// one, or a `no-transaction` undo script refuses the whole undo before anything runs.
+/// Pure, as [`plan`].
+pub fn plan_undo(
+    bundle: &Bundle,
+    log: &[LogRow],
+    target: Option<&Version>,
+) -> Result<Plan, UndoError> {
+    let mut latest: HashMap<Version, &LogRow> = HashMap::new();
+    for row in log.iter().filter(|r| r.kind == "versioned") {
+        let Some(v) = row
+            .version
+            .as_deref()
+            .and_then(|v| v.parse::<Version>().ok())
+        else {
+            continue;
+        };
+        let slot = latest.entry(v).or_insert(row);
+        if row.id > slot.id {
+            *slot = row;
+        }
+    }
+    let mut above: Vec<(Version, &LogRow)> = latest
+        .into_iter()
+        .filter(|(v, _)| target.is_none_or(|t| v > t))
+        .collect();
+    above.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut out = Plan::default();
+    for (version, row) in above {
+        match row.status {
+            LogStatus::Started => {
+                return Err(UndoError::Interrupted {
+                    version: version.to_string(),
+                    script: row.script.clone(),
+                });
+            }
+            s if !s.counts_as_applied() => continue,
+            _ => {}
+        }
+        let Some(index) = bundle
+            .scripts()
+            .iter()
+            .position(|s| s.kind.undo_version() == Some(&version))
+        else {
+            return Err(UndoError::Missing {
+                version: version.to_string(),
+                script: row.script.clone(),
+            });
+        };
+        let script = &bundle.scripts()[index];
+        if script.directives.transaction == crate::bundle::TransactionUse::NoTransaction {
+            return Err(UndoError::NotTransactional {
+                version: version.to_string(),
+                script: script.name.clone(),
+            });
+        }
+        out.steps.push(Step {
+            script: index,
+            action: StepAction::Apply,
+        });
+    }
+    Ok(out)
 }
 
 /// Plans `bundle` against `log`.
@@ -230,11 +318,17 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
                     // Skipped by its precondition when its turn came: asked again, in
                     // order as it was then (not out of order).
                     Some(row) if row.status == LogStatus::Skipped => {
-                        out.skipped.push(index);
+                        out.replaced.push(index);
                         Some(StepAction::Apply)
                     }
                     // Never applied, or undone since.
                     Some(_) | None => {
+                        if versioned
+                            .get(key.as_str())
+                            .is_some_and(|r| r.status == LogStatus::Undone)
+                        {
+                            out.replaced.push(index);
+                        }
                         if let Some((newest, newest_text)) = &newest_applied
                             && version < newest
                             && options.order == OrderPolicy::Strict
@@ -269,6 +363,8 @@ pub fn plan(bundle: &Bundle, log: &[LogRow], options: PlanOptions) -> Result<Pla
             },
             // Run around the steps, never as one.
             ScriptKind::Callback(_) => None,
+            // Run only by an undo plan ([`plan_undo`]).
+            ScriptKind::Undo(_) => None,
         };
         if let Some(action) = action {
             out.steps.push(Step {
@@ -351,7 +447,7 @@ mod tests {
         ];
         let p = plan(&b, &log, PlanOptions::default()).expect("not out of order");
         assert_eq!(actions(&p), [(1, StepAction::Apply)]);
-        assert_eq!(p.skipped, [1]);
+        assert_eq!(p.replaced, [1]);
         // A repeatable skipped at the same checksum runs again.
         let mut view = applied(&b, 3, 5);
         view.status = LogStatus::Skipped;

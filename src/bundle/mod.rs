@@ -46,6 +46,10 @@ pub enum ScriptKind {
     /// `beforeMigrate.sql`, `afterMigrate__check.sql`, …: Flyway's callbacks, run on each
     /// tenant at that point of its run; never recorded in the log, never planned.
     Callback(Callback),
+    /// `U<version>__…` (Flyway's undo migration): reverts that version; run only by a
+    /// wave started with `--undo-to` (or `--rehearse-undo`), which marks the version's
+    /// log row `undone` in the same transaction.
+    Undo(Version),
 }
 
 /// When a callback runs (Flyway's event names).
@@ -133,6 +137,15 @@ impl ScriptKind {
             ScriptKind::Versioned(_) => "versioned",
             ScriptKind::Repeatable => "repeatable",
             ScriptKind::Callback(_) => "callback",
+            ScriptKind::Undo(_) => "undo",
+        }
+    }
+
+    /// The version an undo script reverts.
+    pub fn undo_version(&self) -> Option<&Version> {
+        match self {
+            ScriptKind::Undo(v) => Some(v),
+            _ => None,
         }
     }
 
@@ -140,7 +153,10 @@ impl ScriptKind {
     pub fn version(&self) -> Option<&Version> {
         match self {
             ScriptKind::Versioned(v) => Some(v),
-            ScriptKind::Baseline(_) | ScriptKind::Repeatable | ScriptKind::Callback(_) => None,
+            ScriptKind::Baseline(_)
+            | ScriptKind::Repeatable
+            | ScriptKind::Callback(_)
+            | ScriptKind::Undo(_) => None,
         }
     }
 
@@ -352,6 +368,9 @@ pub struct BundleOptions {
     /// written, as they did when it was stored (its id says nothing about
     /// replacement, so it must not start replacing now).
     pub as_written: bool,
+    /// A bundle stored before Flotilla ran undo scripts: its `U…` files are left out
+    /// as they were then (they are not in its id).
+    pub leaves_out_undo: bool,
 }
 
 /// One thing wrong with a bundle, located as precisely as it can be.
@@ -535,12 +554,14 @@ impl Bundle {
                 continue;
             }
             seen_scripts.insert(file.name.clone());
-            if let Some(undo) = undo_version(&file.name, &config.naming) {
+            if options.leaves_out_undo
+                && let Some(undo) = undo_version(&file.name, &config.naming)
+            {
                 notes.push(Problem {
                     file: file.name.clone(),
                     line: None,
                     message: format!(
-                        "undo script for version {undo}: Flotilla does not run undo scripts; left out"
+                        "undo script for version {undo}: stored by a daemon that did not run undo scripts; left out"
                     ),
                 });
                 continue;
@@ -580,7 +601,8 @@ impl Bundle {
         for pair in scripts.windows(2) {
             let same = match (&pair[0].kind, &pair[1].kind) {
                 (ScriptKind::Versioned(a), ScriptKind::Versioned(b))
-                | (ScriptKind::Baseline(a), ScriptKind::Baseline(b)) => a == b,
+                | (ScriptKind::Baseline(a), ScriptKind::Baseline(b))
+                | (ScriptKind::Undo(a), ScriptKind::Undo(b)) => a == b,
                 _ => false,
             };
             if same {
@@ -588,6 +610,7 @@ impl Bundle {
                     .kind
                     .version()
                     .or(pair[1].kind.baseline_version())
+                    .or(pair[1].kind.undo_version())
                     .map(|v| v.to_string())
                     .unwrap_or_default();
                 problems.push(Problem {
@@ -637,6 +660,23 @@ impl Bundle {
             .iter()
             .filter(move |s| s.kind.callback() == Some(event))
             .map(|s| &**s)
+    }
+
+    /// The undo script of `version`, if the bundle has one.
+    pub fn undo_of(&self, version: &Version) -> Option<&Script> {
+        self.scripts
+            .iter()
+            .find(|s| s.kind.undo_version() == Some(version))
+            .map(|s| &**s)
+    }
+
+    /// The versions of the bundle without an undo script, in order.
+    pub fn versions_without_undo(&self) -> Vec<&Version> {
+        self.scripts
+            .iter()
+            .filter_map(|s| s.kind.version())
+            .filter(|v| self.undo_of(v).is_none())
+            .collect()
     }
 
     /// Whether the bundle has any callback.
@@ -1092,19 +1132,23 @@ fn parse_name(name: &str, naming: &flyway::Naming) -> Result<(ScriptKind, String
         return Ok((ScriptKind::Repeatable, describe(desc)?));
     }
     // The longest prefix first, as Flyway matches them (`V` and `VB` can both be set).
-    let mut kinds = [(&naming.versioned, false), (&naming.baseline, true)];
+    let mut kinds = [
+        (&naming.versioned, 'v'),
+        (&naming.baseline, 'b'),
+        (&naming.undo, 'u'),
+    ];
     kinds.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
-    for (prefix, baseline) in kinds {
+    for (prefix, which) in kinds {
         if let Some(rest) = stem.strip_prefix(prefix.as_str())
             && let Some((version, desc)) = rest.split_once(naming.separator.as_str())
         {
             let version: Version = version
                 .parse()
                 .map_err(|e| format!("malformed version {version:?}: {e}"))?;
-            let kind = if baseline {
-                ScriptKind::Baseline(version)
-            } else {
-                ScriptKind::Versioned(version)
+            let kind = match which {
+                'b' => ScriptKind::Baseline(version),
+                'u' => ScriptKind::Undo(version),
+                _ => ScriptKind::Versioned(version),
             };
             return Ok((kind, describe(desc)?));
         }
@@ -1342,7 +1386,7 @@ fn parse_script(
     if let Some(d) = &directives
         && d.precondition.is_some()
         && (d.transaction == TransactionUse::NoTransaction
-            || matches!(kind, ScriptKind::Baseline(_)))
+            || matches!(kind, ScriptKind::Baseline(_) | ScriptKind::Undo(_)))
     {
         problems.push(problem(
             None,
@@ -2113,14 +2157,16 @@ mod tests {
                 ("B2__base.pgsql", "baseline"),
                 ("M1__a.pgsql", "versioned"),
                 ("M2__b.pgsql", "versioned"),
-                ("R__v.pgsql", "repeatable")
+                ("R__v.pgsql", "repeatable"),
+                ("U2__undo_b.pgsql", "undo")
             ]
         );
-        let w: Vec<String> = b.warnings().iter().map(|p| p.to_string()).collect();
-        assert!(
-            w.iter()
-                .any(|w| w.starts_with("U2__undo_b.pgsql: undo script for version 2")),
-            "{w:?}"
+        assert_eq!(
+            b.versions_without_undo()
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>(),
+            ["1"]
         );
         // A baseline script cannot be no-transaction: it records what it covers with it.
         let p = problem_texts(bundle(&[(

@@ -159,9 +159,12 @@ pub fn waived_by_wave<'a>(allow: &'a [String], f: &Finding) -> Option<&'a str> {
 
 /// Every finding of `bundle`, scripts in apply order.
 pub fn lint(bundle: &Bundle) -> Vec<Finding> {
+    // Undo scripts are destructive by nature (they drop what a version made) and run
+    // only when an operator asks for an undo: they are not linted.
     bundle
         .scripts()
         .iter()
+        .filter(|s| s.kind.undo_version().is_none())
         .flat_map(|s| lint_script(s))
         .collect()
 }

@@ -662,7 +662,7 @@ impl Engine {
         let engine = self.clone();
         let wave = wave.clone();
         // A child of the dispatcher's wave span, with what a trace needs to find a tenant.
-        let (span, policy, retries_used) = {
+        let (span, policy, retries_used, canary) = {
             let slot = wave.lock();
             let Body::Active(machine) = &slot.body else {
                 return;
@@ -681,7 +681,12 @@ impl Engine {
                 failed_script = tracing::field::Empty,
                 error = tracing::field::Empty,
             );
-            (span, machine.record().policy.clone(), t.retries_used)
+            (
+                span,
+                machine.record().policy.clone(),
+                t.retries_used,
+                t.canary,
+            )
         };
         let task = async move {
             let outcome = match engine
@@ -702,6 +707,7 @@ impl Engine {
                         prior: policy.prior(),
                         guard: Some(engine.inner.guard.clone()),
                         max_block: std::time::Duration::from_millis(policy.max_block_ms),
+                        undo: policy.undo_for(canary),
                     };
                     // A panic in the applier is a bug; it must not leave the tenant
                     // RUNNING for ever: it fails, and its log says what ran.
