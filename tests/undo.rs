@@ -249,3 +249,43 @@ async fn a_rehearsal_runs_forward_undo_forward_and_catches_a_wrong_undo() {
         "column already exists: {error}"
     );
 }
+
+/// A `no-transaction` version (its `started` row committed before it runs) undone and
+/// applied again: the `undone` row is replaced in the transaction that writes the new
+/// `started` row, not left to collide with it.
+#[tokio::test]
+async fn a_no_transaction_version_undone_applies_again() {
+    let cluster = shared();
+    let b = bundle(&[
+        V1,
+        (
+            "V2__index.sql",
+            "-- flotilla:no-transaction\nCREATE INDEX CONCURRENTLY accounts_id2 ON accounts (id);",
+        ),
+        ("U2__index.sql", "DROP INDEX accounts_id2;"),
+    ]);
+    let (db, dsn) = tenants(cluster, "undo_ntx_", 1).await.remove(0);
+    assert!(matches!(
+        run(&b, &dsn, Undo::None).await,
+        Outcome::Applied { .. }
+    ));
+    let undone = run(&b, &dsn, Undo::To("1".parse().expect("v"))).await;
+    assert!(matches!(undone, Outcome::Applied { .. }), "{undone:?}");
+    let again = run(&b, &dsn, Undo::None).await;
+    let Outcome::Applied { scripts, .. } = &again else {
+        panic!("{again:?}")
+    };
+    assert_eq!(scripts[0].script, "V2__index.sql");
+    let statuses: Vec<(String, String)> = log(cluster, &db)
+        .await
+        .into_iter()
+        .map(|r| (r.0, r.4))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("1".to_string(), "applied".to_string()),
+            ("2".into(), "applied".into())
+        ]
+    );
+}

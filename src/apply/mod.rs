@@ -1417,12 +1417,7 @@ impl Runner<'_, '_> {
                     message.push(log::BASELINE_SHAPE_SQL);
                     message.push("\n");
                 }
-                if self.replaced_rows.contains(&script.name)
-                    && let Some(version) = script.version()
-                {
-                    message.push(&log::delete_replaced_sql(&version.to_string()));
-                    message.push("\n");
-                }
+                message.push(&self.replaced_row_sql(script));
                 if let Some(p) = &script.directives.precondition
                     && self.unmet.contains(&script.name)
                 {
@@ -1683,6 +1678,18 @@ impl Runner<'_, '_> {
         sql
     }
 
+    /// Deletes the `skipped` or `undone` row of the script's version, if the plan saw
+    /// one, before a new row of that version is written in the same transaction (one
+    /// row per version: the log's unique index). Empty otherwise.
+    fn replaced_row_sql(&self, script: &Script) -> String {
+        match script.version() {
+            Some(version) if self.replaced_rows.contains(&script.name) => {
+                format!("{}\n", log::delete_replaced_sql(&version.to_string()))
+            }
+            _ => String::new(),
+        }
+    }
+
     /// The row of a script whose precondition is not true: `skipped`, or `baselined`
     /// for `on-fail=mark-applied`; `source` names the precondition.
     fn unmet_row_sql(&self, script: &Script, p: &crate::bundle::Precondition) -> String {
@@ -1775,7 +1782,8 @@ impl Runner<'_, '_> {
                 // The row first: its id is the first value of the answer, whatever a
                 // callback returns.
                 let sql = format!(
-                    "{}\n{}",
+                    "{}{}\n{}",
+                    self.replaced_row_sql(script),
                     log::insert_started_sql(&self.identity(script, version.as_deref())),
                     self.each_callbacks_sql(Callback::BeforeEachMigrate),
                 );
@@ -1920,7 +1928,8 @@ impl Runner<'_, '_> {
                 // beforeEachMigrate commits with the started row (one implicit
                 // transaction); a resumed script does not run it again.
                 let sql = format!(
-                    "{overrides}{}\n{}",
+                    "{overrides}{}{}\n{}",
+                    self.replaced_row_sql(script),
                     log::insert_started_sql(&self.identity(script, version.as_deref())),
                     self.each_callbacks_sql(Callback::BeforeEachMigrate),
                 );
